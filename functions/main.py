@@ -1,0 +1,70 @@
+"""pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
+
+  register  (HTTP)        clients register / unregister their FCM device tokens
+  send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously
+  deliver   (CloudEvent)  Pub/Sub-triggered: sends a job through FCM
+
+Run locally from the repo root, e.g.:
+  functions-framework --source functions/main.py --target register --port 8081
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:  # Deployed, shared/ sits beside this file; in the repo, one level up.
+    import shared  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import flask
+import functions_framework
+
+from shared import auth, config, instance, logs, registration, web
+
+SETTINGS = config.settings()
+config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
+logs.setup(SETTINGS.log_level)
+
+REGISTER_MAX_BODY = 16 * 1024
+
+
+def _caller(request: flask.Request) -> str:
+    try:
+        return auth.verify(web.bearer_token(request))
+    except auth.AuthError as exc:
+        raise web.HttpError(401, str(exc), {"WWW-Authenticate": "Bearer"}) from None
+
+
+def _body(request: flask.Request, max_bytes: int) -> object:
+    return web.read_json(request, max_bytes)
+
+
+def _register_device(request: flask.Request) -> tuple[int, dict]:
+    user_id = _caller(request)
+    try:
+        device = registration.parse_device(_body(request, REGISTER_MAX_BODY))
+    except registration.InvalidRegistration as exc:
+        raise web.HttpError(400, str(exc)) from None
+    result = registration.register(instance.token_store(), user_id, device)
+    return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
+
+
+def _unregister_device(request: flask.Request) -> tuple[int, dict]:
+    user_id = _caller(request)
+    try:
+        token = registration.parse_removal(_body(request, REGISTER_MAX_BODY))
+    except registration.InvalidRegistration as exc:
+        raise web.HttpError(400, str(exc)) from None
+    removed = registration.unregister(instance.token_store(), user_id, token)
+    return 200, {"removed": removed}
+
+
+@functions_framework.http
+def register(request: flask.Request) -> flask.Response:
+    return web.serve(
+        request,
+        {"POST": _register_device, "DELETE": _unregister_device},
+        cors_origins=SETTINGS.cors_allowed_origins,
+    )

@@ -1,0 +1,1 @@
+"""Developer-machine tools (fake FCM, console). Never imported by shared/ or functions/."""

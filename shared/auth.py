@@ -1,0 +1,63 @@
+"""Who is calling: a Firebase ID token, verified with firebase-admin.
+
+With ``FIREBASE_AUTH_EMULATOR_HOST`` set, firebase-admin accepts the Auth emulator's unsigned
+tokens (``alg: none``) and still checks audience, issuer and subject: that is how local runs and
+tests authenticate. ``config.check_cloud_safety`` refuses that switch in the cloud.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import firebase_admin
+from firebase_admin import auth
+
+from shared.config import settings
+
+APP_NAME = "pushline-auth"
+
+
+class AuthError(Exception):
+    """The ID token is missing, malformed, expired, revoked or not for this project."""
+
+
+@functools.cache
+def _app() -> firebase_admin.App:
+    project = settings().google_cloud_project
+    try:
+        return firebase_admin.get_app(APP_NAME)
+    except ValueError:
+        # No credential needed to verify ID tokens: only the project id and Google's public certs.
+        return firebase_admin.initialize_app(
+            credential=_NoCredential(), options={"projectId": project}, name=APP_NAME
+        )
+
+
+class _NoCredential(firebase_admin.credentials.Base):
+    """Verifying ID tokens needs no credential; this keeps firebase-admin from looking for one."""
+
+    def get_credential(self):  # type: ignore[no-untyped-def]
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+
+
+def verify(id_token: str) -> str:
+    """The Firebase uid the ID token names, or AuthError."""
+    try:
+        claims = auth.verify_id_token(id_token, app=_app())
+    except (ValueError, auth.InvalidIdTokenError, auth.ExpiredIdTokenError, auth.RevokedIdTokenError) as exc:
+        raise AuthError(f"invalid ID token: {type(exc).__name__}") from None
+    except auth.CertificateFetchError as exc:
+        raise AuthError("could not fetch Google's token certificates") from exc
+    uid = claims.get("uid") or claims.get("sub")
+    if not isinstance(uid, str) or not uid:
+        raise AuthError("ID token has no subject")
+    return uid
+
+
+def reset() -> None:
+    """Drop the firebase-admin app (tests change the project between cases)."""
+    if _app.cache_info().currsize:
+        firebase_admin.delete_app(_app())
+    _app.cache_clear()

@@ -1,0 +1,159 @@
+"""PostgreSQL connections: ``DATABASE_URL`` (or the Cloud SQL connector), a small pool, migrations.
+
+pg8000 connections are not thread-safe, and a function instance may serve several requests at
+once (``THREADS``), so connections live in a small pool: each request borrows one. A connection
+that fails is dropped, not returned. Every failure to reach PostgreSQL is ``DatabaseUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pg8000.dbapi
+import pg8000.native
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "infra" / "schema.sql"
+_CONNECT_TIMEOUT = 5
+
+
+class DatabaseUnavailable(RuntimeError):
+    """PostgreSQL could not be reached or failed mid-statement."""
+
+
+def connect_kwargs(url: str) -> dict[str, Any]:
+    """pg8000 keyword arguments from ``postgresql://user:pass@host:port/db[?unix_sock=...&sslmode=...]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("DATABASE_URL must start with postgresql://")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    kwargs: dict[str, Any] = {
+        "user": unquote(parts.username or "postgres"),
+        "database": unquote(parts.path.lstrip("/") or "postgres"),
+        "timeout": _CONNECT_TIMEOUT,
+    }
+    if parts.password is not None:
+        kwargs["password"] = unquote(parts.password)
+    if "unix_sock" in query:
+        kwargs["unix_sock"] = query["unix_sock"]
+    elif query.get("host", "").startswith("/"):  # libpq style: a socket directory
+        kwargs["unix_sock"] = f"{query['host']}/.s.PGSQL.{parts.port or 5432}"
+    else:
+        kwargs["host"] = parts.hostname or "127.0.0.1"
+        kwargs["port"] = parts.port or 5432
+    if query.get("sslmode") in ("require", "verify-ca", "verify-full"):
+        context = ssl.create_default_context()
+        if query["sslmode"] == "require":
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        kwargs["ssl_context"] = context
+    return kwargs
+
+
+class Database:
+    """A pool of pg8000 connections to one database."""
+
+    def __init__(self, url: str, *, cloud_sql_instance: str | None = None, size: int = 8) -> None:
+        self._url = url
+        self._cloud_sql_instance = cloud_sql_instance
+        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def _connect(self) -> pg8000.native.Connection:
+        kwargs = connect_kwargs(self._url)
+        try:
+            if self._cloud_sql_instance:
+                return self._connect_cloud_sql(kwargs)
+            return pg8000.native.Connection(**kwargs)
+        except (pg8000.native.InterfaceError, OSError) as exc:
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+
+    def _connect_cloud_sql(self, kwargs: dict[str, Any]) -> pg8000.native.Connection:
+        # Cloud SQL Python Connector (optional dependency, only with CLOUD_SQL_INSTANCE).
+        from google.cloud.sql.connector import Connector
+
+        connector = Connector()
+        raw = connector.connect(
+            self._cloud_sql_instance,
+            "pg8000",
+            user=kwargs["user"],
+            password=kwargs.get("password"),
+            db=kwargs["database"],
+        )
+        # The connector returns a DB-API connection: give it the same small interface.
+        return _DbApiAdapter(raw)  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[pg8000.native.Connection]:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        ok = False
+        try:
+            yield conn
+            ok = True
+        except (pg8000.native.InterfaceError, OSError, ConnectionError) as exc:
+            raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
+        finally:
+            if ok and self._idle.qsize() < self._size:
+                self._idle.put(conn)
+            else:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def run(self, sql: str, **params: Any) -> list[list[Any]]:
+        """Run one statement (autocommit) and return its rows."""
+        with self.connection() as conn:
+            try:
+                return conn.run(sql, **params) or []
+            except pg8000.native.DatabaseError:
+                # A statement error leaves the connection usable only after a rollback.
+                with contextlib.suppress(Exception):
+                    conn.run("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class _DbApiAdapter:
+    """Gives a DB-API connection (from the Cloud SQL connector) pg8000.native's ``run``."""
+
+    def __init__(self, conn: pg8000.dbapi.Connection) -> None:
+        self._conn = conn
+        self._conn.autocommit = True
+
+    def run(self, sql: str, **params: Any) -> list[list[Any]]:
+        statement, values = pg8000.dbapi.convert_paramstyle("named", sql, params)
+        context = self._conn.execute_unnamed(statement, vals=values)
+        return context.rows or []
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def migrate(database: Database, schema_file: Path = SCHEMA_FILE) -> None:
+    """Apply ``infra/schema.sql`` (idempotent: safe to run any number of times)."""
+    sql = schema_file.read_text()
+    with database.connection() as conn:
+        for statement in _statements(sql):
+            conn.run(statement)
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

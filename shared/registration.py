@@ -1,0 +1,79 @@
+"""The register use case: validate a device registration and apply it to the store."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from shared.store import PLATFORMS, Registration, TokenStore
+
+MAX_TOKEN_LENGTH = 4096
+_BAD_CHARACTERS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+class InvalidRegistration(ValueError):
+    """The request body is not a valid registration; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Device:
+    token: str
+    platform: str | None = None
+
+
+def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRegistration("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidRegistration(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return body
+
+
+def _token(body: dict[str, Any]) -> str:
+    token = body.get("token")
+    if token is None:
+        raise InvalidRegistration("'token' is required")
+    if not isinstance(token, str):
+        raise InvalidRegistration("'token' must be a string")
+    if not token:
+        raise InvalidRegistration("'token' must not be empty")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidRegistration(f"'token' is {len(token)} characters; the limit is {MAX_TOKEN_LENGTH}")
+    if _BAD_CHARACTERS.search(token):
+        raise InvalidRegistration("'token' must not contain whitespace or control characters")
+    return token
+
+
+def parse_device(body: Any) -> Device:
+    """A POST body: ``{"token": "...", "platform": "android"|"ios"|"web"}`` (platform optional)."""
+    body = _check_fields(body, {"token", "platform"})
+    token = _token(body)
+    platform = body.get("platform")
+    if platform is not None and platform not in PLATFORMS:
+        raise InvalidRegistration(f"'platform' must be one of {', '.join(PLATFORMS)} (or left out)")
+    return Device(token, platform)
+
+
+def parse_removal(body: Any) -> str | None:
+    """A DELETE body: exactly one of ``{"token": "..."}`` or ``{"all": true}``; None means all."""
+    body = _check_fields(body, {"token", "all"})
+    if ("token" in body) == ("all" in body):
+        raise InvalidRegistration("give exactly one of 'token' or 'all': true")
+    if "all" in body:
+        if body["all"] is not True:
+            raise InvalidRegistration("'all' must be true")
+        return None
+    return _token(body)
+
+
+def register(store: TokenStore, user_id: str, device: Device) -> Registration:
+    return store.register(user_id, device.token, device.platform)
+
+
+def unregister(store: TokenStore, user_id: str, token: str | None) -> int:
+    """Remove one device (or all, when token is None); returns how many were removed."""
+    if token is None:
+        return store.unregister_all(user_id)
+    return int(store.unregister(user_id, token))

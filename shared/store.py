@@ -1,0 +1,511 @@
+"""``TokenStore``: device tokens in PostgreSQL (the source of truth) and Redis (the cache).
+
+The only code that knows token key names and token SQL.
+
+Redis, per user (all with the same sliding TTL, ``TOKEN_TTL_SECONDS``):
+  ``notif:token:{user_id}``     Set of the user's device tokens (the public key name)
+  ``notif:platform:{user_id}``  Hash token -> platform ("" when registered without one), so a
+                                platform-filtered send needs nothing but Redis
+  ``notif:tokenver:{user_id}``  a counter bumped by every write: a rebuild from PostgreSQL only
+                                lands if no write happened since it began (no stale resurrection)
+  ``notif:ratelimit:register:{user_id}:{minute}``  registrations this minute
+  ``notif:deadtokens``          dead tokens whose PostgreSQL deletion is still owed (it was down)
+
+Rules:
+- Writes go to PostgreSQL first (one statement), then Redis (one script call). A write whose Redis
+  part fails marks the user in ``token_cache_dirty``; the next read of that user rebuilds the set
+  from PostgreSQL, so a stale cached set never hides a new token nor resurrects a removed one.
+- A register never creates a partial set: if the user's set is absent it is created from the
+  whole of the user's live rows, which the register statement returns.
+- Reads come from Redis; an absent (or dirty) set is rebuilt from rows younger than the TTL
+  window and given the remaining life of its newest row. With Redis unreachable, reads come from
+  PostgreSQL (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pg8000.native
+import redis
+
+from shared import logs
+from shared.db import Database, DatabaseUnavailable
+from shared.errors import Unavailable
+
+log = logs.get("store")
+
+PLATFORMS = ("android", "ios", "web")
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError, OSError)
+
+DEAD_TOKENS_KEY = "notif:deadtokens"
+
+
+def token_key(user_id: str) -> str:
+    return f"notif:token:{user_id}"
+
+
+def platform_key(user_id: str) -> str:
+    return f"notif:platform:{user_id}"
+
+
+def version_key(user_id: str) -> str:
+    return f"notif:tokenver:{user_id}"
+
+
+def rate_key(user_id: str, minute: int) -> str:
+    return f"notif:ratelimit:register:{user_id}:{minute}"
+
+
+class StoreUnavailable(Unavailable):
+    """PostgreSQL (the source of truth) cannot be reached: nothing was written."""
+
+    what = "the token database"
+
+
+class RateLimited(RuntimeError):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many registrations; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Registration:
+    user_id: str
+    token: str
+    platform: str | None
+    moved_from: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+    cached: bool = True  # False when Redis could not be updated (the user is marked dirty)
+
+
+# --- Redis scripts -------------------------------------------------------------------------------
+
+# KEYS: set, platforms, version of the registering user, then (set, platforms, version) of each
+# user the token moved away from.
+# ARGV: ttl, token, platform, expected version ("" = unknown), n_snapshot, snapshot token/platform
+# pairs..., then evicted tokens.
+_REGISTER = """
+local ttl, token, platform, expected = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local n = tonumber(ARGV[5])
+local version = redis.call('GET', KEYS[3])
+redis.call('INCR', KEYS[3]); redis.call('EXPIRE', KEYS[3], ttl)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SADD', KEYS[1], token); redis.call('HSET', KEYS[2], token, platform)
+  for i = 6 + 2 * n, #ARGV do
+    redis.call('SREM', KEYS[1], ARGV[i]); redis.call('HDEL', KEYS[2], ARGV[i])
+  end
+  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl)
+elseif expected ~= '' and (version or '') == (expected == '-' and '' or expected) then
+  redis.call('DEL', KEYS[2])
+  for i = 0, n - 1 do
+    redis.call('SADD', KEYS[1], ARGV[6 + 2 * i]); redis.call('HSET', KEYS[2], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+  end
+  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl)
+end
+for k = 4, #KEYS, 3 do
+  redis.call('SREM', KEYS[k], token); redis.call('HDEL', KEYS[k + 1], token); redis.call('INCR', KEYS[k + 2])
+end
+return 1
+"""
+
+# KEYS: (set, platforms, version) per user. ARGV: token, then nothing. Removes token from each.
+_REMOVE = """
+for k = 1, #KEYS, 3 do
+  redis.call('SREM', KEYS[k], ARGV[1]); redis.call('HDEL', KEYS[k + 1], ARGV[1]); redis.call('INCR', KEYS[k + 2])
+end
+return 1
+"""
+
+# KEYS: set, platforms, version. ARGV: expected version ("-" = absent), pexpireat ms, token/platform
+# pairs. Replaces the user's cached set with PostgreSQL's rows, unless a write happened meanwhile.
+_REBUILD = """
+local version = redis.call('GET', KEYS[3]) or '-'
+if version ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 3, #ARGV, 2 do
+  redis.call('SADD', KEYS[1], ARGV[i]); redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+if #ARGV >= 3 then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2]); redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# --- SQL -----------------------------------------------------------------------------------------
+
+# One statement: take the token from its other owners, upsert it, evict the least recently
+# refreshed devices beyond the per-user limit, and return the user's live devices.
+_SQL_REGISTER = """
+WITH moved AS (
+    DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id RETURNING user_id
+), upserted AS (
+    INSERT INTO device_tokens (user_id, token, platform, updated_at)
+    VALUES (:user_id, :token, :platform, now())
+    ON CONFLICT (user_id, token) DO UPDATE SET platform = EXCLUDED.platform, updated_at = now()
+    RETURNING token
+), evicted AS (
+    DELETE FROM device_tokens WHERE user_id = :user_id AND token IN (
+        SELECT token FROM device_tokens WHERE user_id = :user_id AND token <> :token
+        ORDER BY updated_at DESC, token OFFSET :keep
+    ) RETURNING token
+)
+SELECT 'moved', user_id, NULL FROM moved
+UNION ALL SELECT 'evicted', token, NULL FROM evicted
+UNION ALL SELECT 'live', token, platform FROM device_tokens
+    WHERE user_id = :user_id AND token <> :token
+      AND updated_at > now() - make_interval(secs => :ttl)
+      AND token NOT IN (SELECT token FROM evicted)
+UNION ALL SELECT 'done', (SELECT count(*) FROM upserted)::text, NULL
+"""
+
+_SQL_MARK_DIRTY = """
+INSERT INTO token_cache_dirty (user_id) SELECT unnest(CAST(:users AS text[]))
+ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
+"""
+
+# Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks.
+_SQL_READ = """
+WITH dirty AS (
+    SELECT user_id, marked_at FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[]))
+)
+SELECT 'dirty', user_id, NULL, NULL FROM dirty
+UNION ALL
+SELECT 'row', user_id, token, coalesce(platform, '') || '|' || (extract(epoch FROM updated_at) * 1000)::bigint::text
+FROM device_tokens
+WHERE (user_id = ANY(CAST(:absent AS text[])) OR user_id IN (SELECT user_id FROM dirty))
+  AND updated_at > now() - make_interval(secs => :ttl)
+UNION ALL SELECT 'now', (extract(epoch FROM now()) * 1000)::bigint::text, NULL, NULL
+"""
+
+
+class TokenStore:
+    """Device tokens per user, in PostgreSQL and Redis."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        database: Database,
+        *,
+        ttl_seconds: int,
+        max_tokens_per_user: int = 50,
+        register_rate_per_minute: int = 0,
+    ) -> None:
+        self.redis = redis_client
+        self.db = database
+        self.ttl = ttl_seconds
+        self.max_tokens = max_tokens_per_user
+        self.rate = register_rate_per_minute
+        self._register = redis_client.register_script(_REGISTER)
+        self._remove = redis_client.register_script(_REMOVE)
+        self._rebuild = redis_client.register_script(_REBUILD)
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def register(self, user_id: str, token: str, platform: str | None = None) -> Registration:
+        """Register or refresh a device; it is taken away from any other user.
+
+        Raises ``RateLimited`` beyond ``REGISTER_RATE_PER_MINUTE`` and ``StoreUnavailable`` when
+        PostgreSQL cannot be reached (then nothing is written anywhere).
+        """
+        expected = self._before_register(user_id)
+        rows = self._sql(
+            _SQL_REGISTER, user_id=user_id, token=token, platform=platform, keep=self.max_tokens - 1, ttl=self.ttl
+        )
+        result = Registration(user_id, token, platform)
+        snapshot: list[str] = []
+        for kind, value, plat in rows:
+            if kind == "moved":
+                result.moved_from.append(value)
+            elif kind == "evicted":
+                result.evicted.append(value)
+            elif kind == "live":
+                snapshot += [value, plat or ""]
+        snapshot += [token, platform or ""]
+        keys = [token_key(user_id), platform_key(user_id), version_key(user_id)]
+        for other in result.moved_from:
+            keys += [token_key(other), platform_key(other), version_key(other)]
+        args = [self.ttl, token, platform or "", expected, len(snapshot) // 2, *snapshot, *result.evicted]
+        try:
+            self._register(keys=keys, args=args)
+        except REDIS_ERRORS:
+            result.cached = False
+            self._mark_dirty([user_id, *result.moved_from])
+        return result
+
+    def _before_register(self, user_id: str) -> str:
+        """One Redis round trip: the rate limit, and the user's cache version (for the script)."""
+        minute = int(time.time() // 60)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if self.rate:
+                pipe.incr(rate_key(user_id, minute))
+                pipe.expire(rate_key(user_id, minute), 120)
+            pipe.get(version_key(user_id))
+            replies = pipe.execute()
+        except REDIS_ERRORS:
+            # Redis down: registrations go on (PostgreSQL is the source); the limit is not enforced.
+            return ""
+        if self.rate and replies[0] > self.rate:
+            raise RateLimited(retry_after=60 - int(time.time()) % 60 or 1)
+        version = replies[-1]
+        return version.decode() if version is not None else "-"
+
+    def unregister(self, user_id: str, token: str) -> bool:
+        """Remove one of the user's devices from both stores. False if the user did not hold it."""
+        rows = self._sql(
+            "DELETE FROM device_tokens WHERE user_id = :user_id AND token = :token RETURNING 1",
+            user_id=user_id,
+            token=token,
+        )
+        self._remove_cached([user_id], token)
+        return bool(rows)
+
+    def unregister_all(self, user_id: str) -> int:
+        """Remove every device of the user (sign out everywhere); returns how many."""
+        rows = self._sql("DELETE FROM device_tokens WHERE user_id = :user_id RETURNING token", user_id=user_id)
+        try:
+            pipe = self.redis.pipeline()
+            pipe.delete(token_key(user_id), platform_key(user_id))
+            pipe.incr(version_key(user_id))
+            pipe.expire(version_key(user_id), self.ttl)
+            pipe.execute()
+        except REDIS_ERRORS:
+            self._mark_dirty([user_id])
+        return len(rows)
+
+    def remove_dead(self, token: str, holders: Iterable[str] = ()) -> list[str]:
+        """Remove a token FCM called dead, from every user that holds it, in both stores.
+
+        With PostgreSQL down the token still leaves the cached sets of ``holders`` at once, and its
+        PostgreSQL deletion is owed in ``notif:deadtokens`` (``settle_dead_tokens`` pays it).
+        """
+        holders = list(holders)
+        try:
+            rows = self._sql("DELETE FROM device_tokens WHERE token = :token RETURNING user_id", token=token)
+        except StoreUnavailable:
+            self._remove_cached(holders, token, mark_dirty=False)
+            try:
+                self.redis.sadd(DEAD_TOKENS_KEY, token)
+            except REDIS_ERRORS:
+                log.warning("dead token kept: PostgreSQL and Redis unreachable", extra={"token": logs.short(token)})
+            return holders
+        users = sorted({r[0] for r in rows} | set(holders))
+        self._remove_cached(users, token)
+        return users
+
+    def settle_dead_tokens(self, limit: int = 1000) -> int:
+        """Delete from PostgreSQL the dead tokens it missed while it was down. Returns how many."""
+        try:
+            tokens = [t.decode() for t in self.redis.srandmember(DEAD_TOKENS_KEY, limit) or []]
+        except REDIS_ERRORS:
+            return 0
+        if not tokens:
+            return 0
+        rows = self._sql(
+            "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+            tokens=tokens,
+        )
+        for user_id, token in rows:
+            self._remove_cached([user_id], token)
+        self.redis.srem(DEAD_TOKENS_KEY, *tokens)
+        return len(tokens)
+
+    def _remove_cached(self, users: Sequence[str], token: str, *, mark_dirty: bool = True) -> None:
+        if not users:
+            return
+        keys: list[str] = []
+        for user_id in users:
+            keys += [token_key(user_id), platform_key(user_id), version_key(user_id)]
+        try:
+            self._remove(keys=keys, args=[token])
+        except REDIS_ERRORS:
+            if mark_dirty:
+                self._mark_dirty(list(users))
+
+    def _mark_dirty(self, users: list[str]) -> None:
+        log.warning("Redis unreachable: token cache marked for rebuild", extra={"users": len(users)})
+        try:
+            self._sql(_SQL_MARK_DIRTY, users=users)
+        except StoreUnavailable:
+            log.error("could not mark token cache dirty: PostgreSQL unreachable too")
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def tokens(self, user_id: str) -> dict[str, str | None]:
+        """The user's live devices: token -> platform (None when registered without one)."""
+        return self.tokens_for_users([user_id], extend_ttl=False)[user_id]
+
+    def tokens_for_users(
+        self, user_ids: Sequence[str], *, extend_ttl: bool = False
+    ) -> dict[str, dict[str, str | None]]:
+        """Devices of many users at once (one Redis round trip, at most one SQL statement).
+
+        ``extend_ttl`` slides each user's cached set to the full TTL (a send keeps it warm).
+        Raises ``StoreUnavailable`` only when both Redis and PostgreSQL fail for users that need
+        PostgreSQL; users whose sets are cached are still answered when PostgreSQL is down.
+        """
+        users = list(dict.fromkeys(user_ids))
+        try:
+            cached, versions = self._read_cached(users, extend_ttl)
+        except REDIS_ERRORS:
+            log.warning("Redis unreachable: reading tokens from PostgreSQL", extra={"users": len(users)})
+            return self._read_db(users)
+        absent = [u for u in users if u not in cached]
+        try:
+            rows = self._sql(_SQL_READ, users=users, absent=absent, ttl=self.ttl)
+        except StoreUnavailable:
+            if absent:
+                raise
+            log.warning("PostgreSQL unreachable: answering from the token cache", extra={"users": len(users)})
+            return cached
+        dirty: set[str] = set()
+        rebuilt: dict[str, dict[str, str | None]] = {u: {} for u in absent}
+        newest: dict[str, int] = {}
+        now_ms = 0
+        for kind, a, b, c in rows:
+            if kind == "dirty":
+                dirty.add(a)
+                rebuilt.setdefault(a, {})
+            elif kind == "row":
+                platform, _, updated_ms = c.rpartition("|")
+                rebuilt.setdefault(a, {})[b] = platform or None
+                newest[a] = max(newest.get(a, 0), int(updated_ms))
+            elif kind == "now":
+                now_ms = int(a)
+        if not rebuilt:
+            return cached
+        self._write_rebuilt(rebuilt, newest, versions)
+        if dirty:
+            self._clear_dirty(sorted(dirty), now_ms)
+        return {u: rebuilt[u] if u in rebuilt else cached[u] for u in users}
+
+    def _read_cached(
+        self, users: list[str], extend_ttl: bool
+    ) -> tuple[dict[str, dict[str, str | None]], dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in users:
+            pipe.hgetall(platform_key(user_id))
+            pipe.smembers(token_key(user_id))
+            pipe.get(version_key(user_id))
+            if extend_ttl:
+                pipe.expire(token_key(user_id), self.ttl)
+                pipe.expire(platform_key(user_id), self.ttl)
+        replies = pipe.execute()
+        step = 5 if extend_ttl else 3
+        cached: dict[str, dict[str, str | None]] = {}
+        versions: dict[str, str] = {}
+        for i, user_id in enumerate(users):
+            platforms, members, version = replies[i * step : i * step + 3]
+            versions[user_id] = version.decode() if version is not None else "-"
+            if members:
+                cached[user_id] = {m.decode(): (platforms.get(m) or b"").decode() or None for m in members}
+        return cached, versions
+
+    def _write_rebuilt(
+        self, rebuilt: dict[str, dict[str, str | None]], newest: dict[str, int], versions: dict[str, str]
+    ) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for user_id, devices in rebuilt.items():
+                expire_at = newest.get(user_id, 0) + self.ttl * 1000
+                args: list[str | int] = [versions.get(user_id, "-"), expire_at]
+                for token, platform in devices.items():
+                    args += [token, platform or ""]
+                self._rebuild(
+                    keys=[token_key(user_id), platform_key(user_id), version_key(user_id)], args=args, client=pipe
+                )
+            pipe.execute()
+        except REDIS_ERRORS:
+            log.warning("Redis unreachable: token cache not rebuilt")
+
+    def _clear_dirty(self, users: list[str], read_at_ms: int) -> None:
+        try:
+            self._sql(
+                "DELETE FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[])) "
+                "AND marked_at <= to_timestamp(:at / 1000.0)",
+                users=users,
+                at=read_at_ms,
+            )
+        except StoreUnavailable:
+            pass
+
+    def _read_db(self, users: list[str]) -> dict[str, dict[str, str | None]]:
+        rows = self._sql(
+            "SELECT user_id, token, platform FROM device_tokens WHERE user_id = ANY(CAST(:users AS text[])) "
+            "AND updated_at > now() - make_interval(secs => :ttl)",
+            users=users,
+            ttl=self.ttl,
+        )
+        result: dict[str, dict[str, str | None]] = {u: {} for u in users}
+        for user_id, token, platform in rows:
+            result[user_id][token] = platform
+        return result
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def db_tokens(self, user_id: str) -> dict[str, str | None]:
+        """The user's rows in PostgreSQL, live or not (for operators and the console)."""
+        rows = self._sql("SELECT token, platform FROM device_tokens WHERE user_id = :u", u=user_id)
+        return {t: p for t, p in rows}
+
+    def cached_tokens(self, user_id: str) -> set[str] | None:
+        """The user's cached set as it is in Redis (None when absent)."""
+        members = self.redis.smembers(token_key(user_id))
+        return {m.decode() for m in members} if members else None
+
+    def prune(self, batch: int = 1000) -> int:
+        """Delete tokens past the TTL window from PostgreSQL and from their users' cached sets."""
+        total = 0
+        while True:
+            rows = self._sql(
+                "DELETE FROM device_tokens WHERE (user_id, token) IN (SELECT user_id, token FROM device_tokens "
+                "WHERE updated_at <= now() - make_interval(secs => :ttl) LIMIT :batch) RETURNING user_id, token",
+                ttl=self.ttl,
+                batch=batch,
+            )
+            for user_id, token in rows:
+                self._remove_cached([user_id], token)
+            total += len(rows)
+            if len(rows) < batch:
+                return total
+
+    def rebuild_all(self, batch: int = 500, progress: object = None) -> int:
+        """Reload every user's cached set from PostgreSQL; returns the number of users."""
+        done = 0
+        last = ""
+        while True:
+            rows = self._sql(
+                "SELECT DISTINCT user_id FROM device_tokens WHERE user_id > :last ORDER BY user_id LIMIT :batch",
+                last=last,
+                batch=batch,
+            )
+            users = [r[0] for r in rows]
+            if not users:
+                return done
+            pipe = self.redis.pipeline(transaction=False)
+            for user_id in users:
+                pipe.delete(token_key(user_id), platform_key(user_id), version_key(user_id))
+            pipe.execute()
+            self.tokens_for_users(users)
+            done += len(users)
+            last = users[-1]
+            if callable(progress):
+                progress(done)
+
+    def forget(self, user_id: str) -> int:
+        """Account deletion: every device of the user, from both stores."""
+        return self.unregister_all(user_id)
+
+    def _sql(self, sql: str, **params: object) -> list[list]:
+        try:
+            return self.db.run(sql, **params)
+        except DatabaseUnavailable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except pg8000.native.DatabaseError as exc:
+            code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
+            if code[:2] in ("08", "57", "53"):  # connection, shutdown, resources
+                raise StoreUnavailable(f"PostgreSQL unavailable ({code})") from exc
+            raise

@@ -1,0 +1,234 @@
+"""The register function over HTTP: auth, registration, removal, bad input, CORS, outages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import instance
+from tests.conftest import ORIGIN, bearer
+
+TOKEN = "fcm-token-abc123"
+
+
+def post(client, uid="alice", body=None, raw=None, headers=None):
+    h = {**bearer(uid), "Content-Type": "application/json", **(headers or {})}
+    return client.post("/", data=raw if raw is not None else json.dumps(body), headers=h)
+
+
+def delete(client, uid="alice", body=None):
+    return client.delete("/", data=json.dumps(body), headers={**bearer(uid), "Content-Type": "application/json"})
+
+
+def db_rows(store):
+    return sorted(tuple(r) for r in store.db.run("SELECT user_id, token, platform FROM device_tokens"))
+
+
+def test_register_stores_token_in_both_stores(register_client, store):
+    r = post(register_client, body={"token": TOKEN, "platform": "android"})
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["registered"] is True
+    assert db_rows(store) == [("alice", TOKEN, "android")]
+    assert store.redis.smembers("notif:token:alice") == {TOKEN.encode()}
+    assert store.tokens("alice") == {TOKEN: "android"}
+
+
+def test_registration_is_idempotent(register_client, store):
+    for _ in range(3):
+        assert post(register_client, body={"token": TOKEN}).status_code == 200
+    assert db_rows(store) == [("alice", TOKEN, None)]
+    assert store.redis.scard("notif:token:alice") == 1
+
+
+def test_reregister_refreshes_updated_at_and_ttl(register_client, store, monkeypatch):
+    post(register_client, body={"token": TOKEN})
+    store.db.run("UPDATE device_tokens SET updated_at = now() - interval '10 days'")
+    store.redis.expire("notif:token:alice", 100)
+    post(register_client, body={"token": TOKEN})
+    age = store.db.run("SELECT extract(epoch FROM now() - updated_at) FROM device_tokens")[0][0]
+    assert float(age) < 60
+    assert store.redis.ttl("notif:token:alice") > 60 * 86400 - 60
+
+
+def test_delete_unregisters_from_both_stores(register_client, store):
+    post(register_client, body={"token": TOKEN})
+    post(register_client, body={"token": "other-token"})
+    r = delete(register_client, body={"token": TOKEN})
+    assert r.status_code == 200 and r.get_json() == {"removed": 1}
+    assert db_rows(store) == [("alice", "other-token", None)]
+    assert store.redis.smembers("notif:token:alice") == {b"other-token"}
+
+
+def test_delete_unknown_token_is_not_an_error(register_client, store):
+    r = delete(register_client, body={"token": "never-registered"})
+    assert r.status_code == 200 and r.get_json() == {"removed": 0}
+
+
+def test_delete_all_signs_out_everywhere(register_client, store):
+    for t in ("t1", "t2", "t3"):
+        post(register_client, body={"token": t})
+    post(register_client, uid="bob", body={"token": "bob-token"})
+    r = delete(register_client, body={"all": True})
+    assert r.get_json() == {"removed": 3}
+    assert db_rows(store) == [("bob", "bob-token", None)]
+    assert store.redis.exists("notif:token:alice") == 0
+
+
+def test_a_user_cannot_remove_another_users_token(register_client, store):
+    post(register_client, uid="bob", body={"token": TOKEN})
+    r = delete(register_client, uid="mallory", body={"token": TOKEN})
+    assert r.status_code == 200 and r.get_json() == {"removed": 0}
+    assert store.tokens("bob") == {TOKEN: None}
+
+
+def test_token_moves_to_the_new_user(register_client, store):
+    post(register_client, uid="alice", body={"token": TOKEN})
+    store.tokens("alice")
+    r = post(register_client, uid="bob", body={"token": TOKEN, "platform": "ios"})
+    assert r.get_json()["moved_from_other_user"] is True
+    assert db_rows(store) == [("bob", TOKEN, "ios")]
+    assert store.redis.sismember("notif:token:alice", TOKEN) == 0
+    assert store.tokens("alice") == {}
+    assert store.tokens("bob") == {TOKEN: "ios"}
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "'token' is required"),
+        ({"token": 42}, "must be a string"),
+        ({"token": ""}, "must not be empty"),
+        ({"token": "x" * 4097}, "limit is 4096"),
+        ({"token": "has space"}, "whitespace or control"),
+        ({"token": "tab\there"}, "whitespace or control"),
+        ({"token": "nul\x00x"}, "whitespace or control"),
+        ({"token": "ok", "platform": "windows"}, "'platform' must be one of"),
+        ({"token": "ok", "user_id": "bob"}, "unknown field"),
+        (["token"], "JSON object"),
+        ("token", "JSON object"),
+    ],
+)
+def test_bad_registration_is_400_and_stores_nothing(register_client, store, body, fragment):
+    r = post(register_client, body=body)
+    assert r.status_code == 400
+    assert fragment in r.get_json()["error"]
+    assert db_rows(store) == []
+    assert store.redis.keys("notif:token:*") == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"\xff\xfe", b"null"])
+def test_malformed_json_is_400(register_client, store, raw):
+    r = post(register_client, raw=raw)
+    assert r.status_code == 400
+    assert "error" in r.get_json()
+    assert db_rows(store) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [({}, "exactly one"), ({"token": "a", "all": True}, "exactly one"), ({"all": False}, "must be true"),
+     ({"all": "yes"}, "must be true"), ({"token": 1}, "must be a string")],
+)
+def test_bad_removal_is_400(register_client, store, body, fragment):
+    post(register_client, body={"token": TOKEN})
+    r = delete(register_client, body=body)
+    assert r.status_code == 400 and fragment in r.get_json()["error"]
+    assert db_rows(store) == [("alice", TOKEN, None)]
+
+
+def test_body_over_16_kib_is_413(register_client, store):
+    r = post(register_client, raw=json.dumps({"token": "a", "pad": "x" * 17000}))
+    assert r.status_code == 413 and "error" in r.get_json()
+    assert db_rows(store) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer not-a-jwt"},
+     bearer("alice", project="someone-elses-project")],
+)
+def test_missing_or_invalid_auth_is_401(register_client, store, headers):
+    r = register_client.post("/", data=json.dumps({"token": TOKEN}),
+                             headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == 401
+    assert "error" in r.get_json()
+    assert db_rows(store) == []
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH"])
+def test_other_methods_are_405(register_client, method):
+    r = register_client.open("/", method=method, headers=bearer("alice"))
+    assert r.status_code == 405
+    assert "error" in r.get_json() and "POST" in r.headers["Allow"]
+
+
+def test_cors_preflight_and_headers_for_allowed_origin(register_client):
+    r = register_client.options("/", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+    r = post(register_client, body={"token": TOKEN}, headers={"Origin": ORIGIN})
+    assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+def test_cors_refuses_other_origins(register_client):
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    r = register_client.options("/", headers=preflight)
+    assert r.status_code == 403
+    assert "Access-Control-Allow-Origin" not in r.headers
+    r = post(register_client, body={"token": TOKEN}, headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_postgres_down_is_503_and_redis_untouched(register_client, store, monkeypatch, env):
+    from local.servers import free_port
+
+    post(register_client, body={"token": "existing"})
+    before = {k: store.redis.dump(k) for k in store.redis.keys("*")}
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    instance.reset()
+    r = post(register_client, body={"token": TOKEN})
+    assert r.status_code == 503
+    assert r.headers["Retry-After"]
+    assert "error" in r.get_json()
+    after = {k: store.redis.dump(k) for k in store.redis.keys("*")}
+    assert after == before
+    r = delete(register_client, body={"token": "existing"})
+    assert r.status_code == 503
+    assert {k: store.redis.dump(k) for k in store.redis.keys("*")} == before
+
+
+def test_redis_down_still_registers(register_client, store, monkeypatch, env):
+    from local.servers import free_port
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    instance.reset()
+    r = post(register_client, body={"token": TOKEN})
+    assert r.status_code == 200
+    assert db_rows(store) == [("alice", TOKEN, None)]
+
+
+def test_register_rate_limit(register_client, store, monkeypatch):
+    monkeypatch.setenv("REGISTER_RATE_PER_MINUTE", "3")
+    instance.reset()
+    codes = [post(register_client, body={"token": f"t{i}"}).status_code for i in range(5)]
+    assert codes[:3] == [200, 200, 200]
+    assert 429 in codes[3:]
+    r = post(register_client, body={"token": "t9"})
+    if r.status_code == 429:
+        assert int(r.headers["Retry-After"]) >= 1
+    assert post(register_client, uid="bob", body={"token": "b1"}).status_code == 200  # per user
+
+
+def test_tokens_per_user_are_capped_evicting_least_recently_refreshed(register_client, store, monkeypatch):
+    monkeypatch.setenv("MAX_TOKENS_PER_USER", "3")
+    instance.reset()
+    for i, t in enumerate(["t1", "t2", "t3"]):
+        post(register_client, body={"token": t})
+        store.db.run("UPDATE device_tokens SET updated_at = now() - make_interval(mins => :m) WHERE token = :t",
+                     m=10 - i, t=t)
+    post(register_client, body={"token": "t4"})
+    assert sorted(store.tokens("alice")) == ["t2", "t3", "t4"]
+    assert sorted(r[1] for r in db_rows(store)) == ["t2", "t3", "t4"]
+    assert store.redis.smembers("notif:token:alice") == {b"t2", b"t3", b"t4"}

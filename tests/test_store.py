@@ -1,0 +1,151 @@
+"""TokenStore: the Redis cache and the PostgreSQL source agree, through wipes, outages and moves."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from local.servers import RedisServer
+from shared import instance
+from shared.store import TokenStore
+
+
+def set_of(store: TokenStore, user: str) -> set[str]:
+    return {m.decode() for m in store.redis.smembers(f"notif:token:{user}")}
+
+
+def db_of(store: TokenStore, user: str) -> set[str]:
+    return set(store.db_tokens(user))
+
+
+def test_wiped_cache_is_rebuilt_from_postgres_with_remaining_life(store):
+    store.register("alice", "t1", "android")
+    store.register("alice", "t2", "web")
+    store.db.run("UPDATE device_tokens SET updated_at = now() - interval '20 days'")
+    store.redis.flushdb()
+    assert store.tokens("alice") == {"t1": "android", "t2": "web"}
+    assert set_of(store, "alice") == {"t1", "t2"}
+    ttl = store.redis.ttl("notif:token:alice")
+    assert 40 * 86400 - 120 < ttl <= 40 * 86400  # the newest row's remaining life, not a fresh 60 days
+
+
+def test_register_after_wipe_does_not_create_a_partial_set(store):
+    store.register("alice", "t1")
+    store.redis.flushdb()
+    store.register("alice", "t2")
+    assert set_of(store, "alice") == {"t1", "t2"}
+
+
+def test_expired_rows_are_not_rebuilt_and_prune_removes_them(store):
+    store.register("alice", "old")
+    store.register("alice", "fresh")
+    store.register("bob", "bob-old")
+    store.db.run("UPDATE device_tokens SET updated_at = now() - interval '61 days' WHERE token LIKE '%old'")
+    store.redis.flushdb()
+    assert store.tokens("alice") == {"fresh": None}
+    assert store.tokens("bob") == {}
+    store.redis.sadd("notif:token:bob", "bob-old")  # a cached set still naming the expired token
+    assert store.prune() == 2
+    assert db_of(store, "alice") == {"fresh"}
+    assert db_of(store, "bob") == set()
+    assert set_of(store, "bob") == set()
+
+
+def test_sending_extends_every_users_ttl(store):
+    store.register("alice", "t1")
+    store.redis.expire("notif:token:alice", 50)
+    store.tokens_for_users(["alice"], extend_ttl=True)
+    assert store.redis.ttl("notif:token:alice") > 59 * 86400
+
+
+def test_platforms_are_kept_beside_the_set(store):
+    store.register("alice", "a", "android")
+    store.register("alice", "i", "ios")
+    store.register("alice", "n")
+    store.db.run("UPDATE device_tokens SET platform = 'web'")  # PostgreSQL is not read on a cached set
+    assert store.tokens("alice") == {"a": "android", "i": "ios", "n": None}
+
+
+@pytest.fixture
+def private_redis(env, monkeypatch):
+    server = RedisServer(persistent=True).start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    instance.reset()
+    yield server
+    server.cleanup()
+    instance.reset()
+
+
+def test_redis_down_registrations_succeed_and_reads_fall_back(private_redis):
+    store = instance.token_store()
+    store.register("alice", "before")
+    assert store.tokens("alice") == {"before": None}
+    private_redis.stop()
+    result = store.register("alice", "during")
+    assert result.cached is False
+    store.register("bob", "before")  # moves the token away from alice while Redis is down
+    assert store.tokens("alice") == {"during": None}  # answered from PostgreSQL
+    private_redis.start()  # comes back with its (now stale) data
+    assert set_of(store, "alice") == {"before"}  # stale on disk...
+    assert store.tokens("alice") == {"during": None}  # ...but never used
+    assert set_of(store, "alice") == {"during"}
+    assert store.tokens("bob") == {"before": None}
+
+
+def test_unregister_while_redis_down_is_not_resurrected(private_redis):
+    store = instance.token_store()
+    store.register("alice", "t1")
+    store.register("alice", "t2")
+    store.tokens("alice")
+    private_redis.stop()
+    assert store.unregister("alice", "t1") is True
+    private_redis.start()
+    assert store.tokens("alice") == {"t2": None}
+
+
+user_ids = st.sampled_from(["u1", "u2", "u3"])
+tokens = st.sampled_from(["ta", "tb", "tc", "td"])
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("register"), user_ids, tokens, st.sampled_from([None, "android", "ios", "web"])),
+        st.tuples(st.just("unregister"), user_ids, tokens),
+        st.tuples(st.just("unregister_all"), user_ids),
+        st.tuples(st.just("read"), user_ids),
+        st.tuples(st.just("wipe"),),
+        st.tuples(st.just("drop_user_key"), user_ids),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=operations)
+def test_any_sequence_leaves_redis_and_postgres_agreeing(store, ops):
+    store.redis.flushdb()
+    store.db.run("TRUNCATE device_tokens, token_cache_dirty")
+    for op in ops:
+        kind = op[0]
+        if kind == "register":
+            store.register(op[1], op[2], op[3])
+        elif kind == "unregister":
+            store.unregister(op[1], op[2])
+        elif kind == "unregister_all":
+            store.unregister_all(op[1])
+        elif kind == "read":
+            store.tokens(op[1])
+        elif kind == "wipe":
+            store.redis.flushdb()
+        elif kind == "drop_user_key":
+            store.redis.delete(f"notif:token:{op[1]}", f"notif:platform:{op[1]}")
+    owners: dict[str, str] = {}
+    for user in ("u1", "u2", "u3"):
+        truth = {t: p for t, p in store.db.run("SELECT token, platform FROM device_tokens WHERE user_id = :u", u=user)}
+        for token in truth:
+            assert token not in owners, "a token has two owners"
+            owners[token] = user
+        cached = set_of(store, user)
+        if cached:  # a present set must be exactly PostgreSQL's
+            assert cached == set(truth)
+        assert store.tokens(user) == truth
+        assert set_of(store, user) == set(truth)
