@@ -20,8 +20,9 @@ except ImportError:
 
 import flask
 import functions_framework
+from cloudevents.http import CloudEvent
 
-from shared import auth, config, instance, logs, registration, web
+from shared import accept, auth, config, delivery, instance, jobs, logs, registration, web
 
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
@@ -37,14 +38,10 @@ def _caller(request: flask.Request) -> str:
         raise web.HttpError(401, str(exc), {"WWW-Authenticate": "Bearer"}) from None
 
 
-def _body(request: flask.Request, max_bytes: int) -> object:
-    return web.read_json(request, max_bytes)
-
-
 def _register_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
-        device = registration.parse_device(_body(request, REGISTER_MAX_BODY))
+        device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
     result = registration.register(instance.token_store(), user_id, device)
@@ -54,7 +51,7 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
-        token = registration.parse_removal(_body(request, REGISTER_MAX_BODY))
+        token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
     removed = registration.unregister(instance.token_store(), user_id, token)
@@ -68,3 +65,39 @@ def register(request: flask.Request) -> flask.Response:
         {"POST": _register_device, "DELETE": _unregister_device},
         cors_origins=SETTINGS.cors_allowed_origins,
     )
+
+
+SEND_MAX_BODY = 1024 * 1024
+
+
+def _accept(request: flask.Request) -> tuple[int, dict, dict]:
+    body = web.read_json(request, SEND_MAX_BODY)
+    try:
+        answer = accept.accept(
+            body,
+            instance.claims(),
+            users_per_part=SETTINGS.fanout_users_per_part,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+        )
+    except jobs.JobError as exc:
+        raise web.HttpError(exc.status, exc.message) from None
+    return answer.status, answer.body, answer.headers
+
+
+def _status(request: flask.Request) -> tuple[int, dict, dict]:
+    answer = accept.status(request.path.strip("/"), instance.claims())
+    return answer.status, answer.body, answer.headers
+
+
+@functions_framework.http
+def send(request: flask.Request) -> flask.Response:
+    return web.serve(request, {"POST": _accept, "GET": _status})
+
+
+@functions_framework.cloud_event
+def deliver(cloud_event: CloudEvent) -> None:
+    try:
+        delivery.handle(cloud_event.data)
+    except delivery.RetryLater as exc:
+        # Raising makes functions-framework answer 500, and the bus redelivers the message later.
+        raise RuntimeError(f"not finished, redeliver later: {exc}") from None

@@ -28,9 +28,7 @@ def _app() -> firebase_admin.App:
         return firebase_admin.get_app(APP_NAME)
     except ValueError:
         # No credential needed to verify ID tokens: only the project id and Google's public certs.
-        return firebase_admin.initialize_app(
-            credential=_NoCredential(), options={"projectId": project}, name=APP_NAME
-        )
+        return firebase_admin.initialize_app(credential=_NoCredential(), options={"projectId": project}, name=APP_NAME)
 
 
 class _NoCredential(firebase_admin.credentials.Base):

@@ -6,10 +6,15 @@ Tests call ``reset()`` after changing the environment.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import redis
 
+from shared.claims import Claims
 from shared.config import settings
 from shared.db import Database
 from shared.store import TokenStore
@@ -46,9 +51,72 @@ def token_store() -> TokenStore:
     )
 
 
+@functools.cache
+def claims() -> Claims:
+    s = settings()
+    return Claims(
+        redis_client(),
+        ledger_ttl=s.ledger_ttl_seconds,
+        once_ttl=s.once_ttl_seconds,
+        idempotency_ttl=s.idempotency_ttl_seconds,
+        max_attempts=s.max_attempts,
+        rate_per_minute=s.fcm_rate_per_minute,
+    )
+
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """One event loop per instance, in a daemon thread: the FCM client's connections live on it
+    across invocations (an aiohttp session is bound to the loop that made it)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pushline-loop", daemon=True)
+        self.thread.start()
+        self.fcm: Any = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self.fcm is not None:
+                await self.fcm.close()
+
+        try:
+            self.run(close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
+@functools.cache
+def _loop() -> _Loop:
+    return _Loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on the instance's event loop and wait for its result."""
+    return _loop().run(coro)
+
+
+async def fcm_client() -> Any:
+    """The instance's FCM client (FCM_CLIENT), made on the instance's loop on first use."""
+    holder = _loop()
+    if holder.fcm is None:
+        from shared.fcm import make_client
+
+        holder.fcm = make_client(settings())
+    return holder.fcm
+
+
 def reset() -> None:
     """Forget every client and the settings (tests change the environment between cases)."""
     if database.cache_info().currsize:
         database().close()
-    for cached in (redis_client, database, token_store, settings):
+    if _loop.cache_info().currsize:
+        _loop().stop()
+    for cached in (redis_client, database, token_store, claims, _loop, settings):
         cached.cache_clear()

@@ -25,7 +25,7 @@ Rules:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pg8000.native
@@ -277,24 +277,38 @@ class TokenStore:
         return len(rows)
 
     def remove_dead(self, token: str, holders: Iterable[str] = ()) -> list[str]:
-        """Remove a token FCM called dead, from every user that holds it, in both stores.
+        """Remove a token FCM called dead, from every user that holds it, in both stores."""
+        return self.remove_dead_many({token: list(holders)}).get(token, [])
 
-        With PostgreSQL down the token still leaves the cached sets of ``holders`` at once, and its
-        PostgreSQL deletion is owed in ``notif:deadtokens`` (``settle_dead_tokens`` pays it).
+    def remove_dead_many(self, holders: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+        """Remove dead tokens (token -> users known to hold it) from every user, in both stores.
+
+        One SQL statement for the batch. With PostgreSQL down the tokens still leave the cached
+        sets of their known holders at once, and their PostgreSQL deletion is owed in
+        ``notif:deadtokens`` (``settle_dead_tokens`` pays it later).
         """
-        holders = list(holders)
+        tokens = list(holders)
+        if not tokens:
+            return {}
+        removed: dict[str, set[str]] = {t: set(holders[t]) for t in tokens}
         try:
-            rows = self._sql("DELETE FROM device_tokens WHERE token = :token RETURNING user_id", token=token)
+            rows = self._sql(
+                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                tokens=tokens,
+            )
         except StoreUnavailable:
-            self._remove_cached(holders, token, mark_dirty=False)
+            for token in tokens:
+                self._remove_cached(sorted(removed[token]), token, mark_dirty=False)
             try:
-                self.redis.sadd(DEAD_TOKENS_KEY, token)
+                self.redis.sadd(DEAD_TOKENS_KEY, *tokens)
             except REDIS_ERRORS:
-                log.warning("dead token kept: PostgreSQL and Redis unreachable", extra={"token": logs.short(token)})
-            return holders
-        users = sorted({r[0] for r in rows} | set(holders))
-        self._remove_cached(users, token)
-        return users
+                log.warning("dead tokens kept: PostgreSQL and Redis unreachable", extra={"tokens": len(tokens)})
+            return {t: sorted(u) for t, u in removed.items()}
+        for user_id, token in rows:
+            removed[token].add(user_id)
+        for token in tokens:
+            self._remove_cached(sorted(removed[token]), token)
+        return {t: sorted(u) for t, u in removed.items()}
 
     def settle_dead_tokens(self, limit: int = 1000) -> int:
         """Delete from PostgreSQL the dead tokens it missed while it was down. Returns how many."""
@@ -336,7 +350,10 @@ class TokenStore:
 
     def tokens(self, user_id: str) -> dict[str, str | None]:
         """The user's live devices: token -> platform (None when registered without one)."""
-        return self.tokens_for_users([user_id], extend_ttl=False)[user_id]
+        found = self.tokens_for_users([user_id], extend_ttl=False)
+        if user_id not in found:
+            raise StoreUnavailable("PostgreSQL unreachable and the user's tokens are not cached")
+        return found[user_id]
 
     def tokens_for_users(
         self, user_ids: Sequence[str], *, extend_ttl: bool = False
@@ -344,8 +361,9 @@ class TokenStore:
         """Devices of many users at once (one Redis round trip, at most one SQL statement).
 
         ``extend_ttl`` slides each user's cached set to the full TTL (a send keeps it warm).
-        Raises ``StoreUnavailable`` only when both Redis and PostgreSQL fail for users that need
-        PostgreSQL; users whose sets are cached are still answered when PostgreSQL is down.
+        With PostgreSQL down, users whose sets are cached are answered and the others are absent
+        from the result; with Redis down, everything comes from PostgreSQL (``StoreUnavailable``
+        if that fails too).
         """
         users = list(dict.fromkeys(user_ids))
         try:
@@ -357,9 +375,12 @@ class TokenStore:
         try:
             rows = self._sql(_SQL_READ, users=users, absent=absent, ttl=self.ttl)
         except StoreUnavailable:
-            if absent:
-                raise
-            log.warning("PostgreSQL unreachable: answering from the token cache", extra={"users": len(users)})
+            # Cached users are answered; the others are left out of the result (the caller sees
+            # who is missing and tries them again later).
+            log.warning(
+                "PostgreSQL unreachable: answering from the token cache",
+                extra={"users": len(users), "unanswered": len(absent)},
+            )
             return cached
         dirty: set[str] = set()
         rebuilt: dict[str, dict[str, str | None]] = {u: {} for u in absent}

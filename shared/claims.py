@@ -1,0 +1,404 @@
+"""Redis claims: what makes each device get a notification once. Owns these keys (all ``notif:``):
+
+  notif:ledger:{id}        Hash token -> state, per notification (kept LEDGER_TTL_SECONDS):
+                             N                     registered, not yet sent
+                             L:{attempts}:{until}  leased by a sender until `until` (ms)
+                             W:{attempts}:{at}     waiting to be retried at `at` (ms)
+                             F:{outcome}           final: delivered, dead_removed, payload_rejected,
+                                                   config_error or failed
+  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
+                           tokens, final, the per-outcome counts, retrying, parts_total, answers,
+                           mismatches, valve
+  notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
+  notif:fanout:{id}        the job's parts are published
+  notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
+  notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
+  notif:budget:{second}    FCM sends granted in that second, across all instances
+  notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
+
+Every state change is one Lua script over one notification, so copies of an event running in
+parallel on many instances never lease the same token twice, and each token is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
+VALVE_MIN_ANSWERS = 50
+VALVE_PERCENT = 20
+
+# Lease answers.
+LEASED, FINAL, BUSY, NOT_DUE, NO_BUDGET = 1, 2, 3, 4, 5
+
+
+def ledger_key(nid: str) -> str:
+    return f"notif:ledger:{nid}"
+
+
+def status_key(nid: str) -> str:
+    return f"notif:status:{nid}"
+
+
+def parts_key(nid: str) -> str:
+    return f"notif:parts:{nid}"
+
+
+def fanout_key(nid: str) -> str:
+    return f"notif:fanout:{nid}"
+
+
+def once_key(user_id: str, key: str) -> str:
+    return f"notif:onetime:{user_id}:{key}"
+
+
+def idempotency_key(key: str) -> str:
+    return f"notif:idem:{key}"
+
+
+def budget_key(second: int) -> str:
+    return f"notif:budget:{second}"
+
+
+STATS_KEY = "notif:stats"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
+# without_tokens, skipped_once, tokens...
+_REGISTER_PART = """
+local first = 0
+if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
+local added = 0
+for i = 6, #ARGV do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
+end
+if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
+if first == 1 then
+  redis.call('HINCRBY', KEYS[2], 'without_tokens', ARGV[4])
+  redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
+end
+redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
+for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+return first
+"""
+
+# KEYS: ledger, status, budget. ARGV: now, lease_ms, max_attempts, budget (0: none), tokens...
+# Returns a flat list: code, value per token (attempt number, or the time it is busy / due until).
+_LEASE = """
+local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
+local room = 1e15
+if limit > 0 then room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0')) end
+local out, leased, left_waiting, failed = {}, 0, 0, 0
+for i = 5, #ARGV do
+  local t = ARGV[i]
+  local s = redis.call('HGET', KEYS[1], t)
+  if not s then
+    redis.call('HSET', KEYS[1], t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
+  end
+  local kind = string.sub(s, 1, 1)
+  local attempts, when = 0, 0
+  if kind == 'L' or kind == 'W' then
+    local a, b = string.match(s, '^.:(%d+):(%d+)$')
+    attempts, when = tonumber(a), tonumber(b)
+  end
+  if kind == 'F' then
+    out[#out + 1] = 2; out[#out + 1] = 0
+  elseif kind == 'L' and when > now then
+    out[#out + 1] = 3; out[#out + 1] = when
+  elseif kind == 'W' and when > now then
+    out[#out + 1] = 4; out[#out + 1] = when
+  elseif kind == 'L' and attempts >= maxa then
+    -- its holder died after the last allowed attempt: that attempt's answer is unknown
+    redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
+    out[#out + 1] = 2; out[#out + 1] = 0
+  elseif leased >= room then
+    out[#out + 1] = 5; out[#out + 1] = 0
+  else
+    if kind == 'W' then left_waiting = left_waiting + 1 end
+    attempts = attempts + 1
+    redis.call('HSET', KEYS[1], t, 'L:' .. attempts .. ':' .. (now + lease))
+    leased = leased + 1
+    out[#out + 1] = 1; out[#out + 1] = attempts
+  end
+end
+if left_waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', -left_waiting) end
+if failed > 0 then
+  redis.call('HINCRBY', KEYS[2], 'failed', failed); redis.call('HINCRBY', KEYS[2], 'final', failed)
+end
+if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.call('EXPIRE', KEYS[3], 5) end
+return out
+"""
+
+# KEYS: ledger, status. ARGV: now, max_attempts, valve_min, valve_pct, ttl, then per token:
+# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms.
+# Returns {valve_tripped_now, config_error_first, tokens to remove...}.
+_CONFIRM = """
+local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
+local answers, mismatches = 0, 0
+for i = 6, #ARGV, 3 do
+  answers = answers + 1
+  if ARGV[i + 1] == 'mismatch' then mismatches = mismatches + 1 end
+end
+local total = redis.call('HINCRBY', KEYS[2], 'answers', answers)
+local mism = redis.call('HINCRBY', KEYS[2], 'mismatches', mismatches)
+local tripped = 0
+if total >= tonumber(ARGV[3]) and mism * 100 >= tonumber(ARGV[4]) * total then
+  tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
+end
+local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
+local out = {tripped, 0}
+local finals, waiting = 0, 0
+for i = 6, #ARGV, 3 do
+  local t, r = ARGV[i], ARGV[i + 1]
+  local s = redis.call('HGET', KEYS[1], t)
+  if s and string.sub(s, 1, 1) == 'L' then
+    local attempts = tonumber(string.match(s, '^L:(%d+):'))
+    local final = nil
+    if r == 'retry' then
+      if attempts >= maxa then final = 'failed'
+      else redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. ARGV[i + 2]); waiting = waiting + 1 end
+    elseif r == 'dead' or r == 'mismatch' then
+      if valve then final = 'config_error' else final = 'dead_removed'; out[#out + 1] = t end
+    else
+      final = r
+    end
+    if final then
+      if final == 'config_error' and redis.call('HSETNX', KEYS[2], 'config_logged', now) == 1 then out[2] = 1 end
+      redis.call('HSET', KEYS[1], t, 'F:' .. final)
+      redis.call('HINCRBY', KEYS[2], final, 1)
+      finals = finals + 1
+    end
+  end
+end
+if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
+if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
+redis.call('HSET', KEYS[2], 'updated_at', now)
+redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
+return out
+"""
+
+# KEYS: once keys. ARGV: notification id. Releases the claims this notification holds.
+_RELEASE_ONCE = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]); n = n + 1 end
+end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    leased: dict[str, int]  # token -> attempt number
+    final: list[str]
+    busy: dict[str, int]  # token -> lease end (ms), held by another live sender
+    not_due: dict[str, int]  # token -> when its retry is due (ms)
+    no_budget: list[str]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    remove: list[str]  # dead tokens to remove from the stores
+    valve_tripped: bool  # this batch tripped the safety valve
+    config_error_first: bool  # the job's first configuration error
+
+
+class Claims:
+    """Ledger, one-time claims, idempotency keys, statuses and the FCM budget, in Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ledger_ttl: int,
+        once_ttl: int,
+        idempotency_ttl: int,
+        max_attempts: int,
+        rate_per_minute: int,
+    ) -> None:
+        self.redis = client
+        self.ledger_ttl = ledger_ttl
+        self.once_ttl = once_ttl
+        self.idempotency_ttl = idempotency_ttl
+        self.max_attempts = max_attempts
+        self.rate_per_second = max(1, rate_per_minute // 60) if rate_per_minute else 0
+        self._register_part = client.register_script(_REGISTER_PART)
+        self._lease = client.register_script(_LEASE)
+        self._confirm = client.register_script(_CONFIRM)
+        self._release_once = client.register_script(_RELEASE_ONCE)
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def create_status(self, nid: str, targeted: int, parts_total: int | None = None) -> None:
+        now = now_ms()
+        pipe = self.redis.pipeline()
+        for field, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
+            pipe.hsetnx(status_key(nid), field, value)
+        if parts_total is not None:
+            pipe.hsetnx(status_key(nid), "parts_total", parts_total)
+        pipe.expire(status_key(nid), self.ledger_ttl)
+        pipe.execute()
+
+    def delete_status(self, nid: str) -> None:
+        self.redis.delete(status_key(nid))
+
+    def set_parts_total(self, nid: str, parts_total: int) -> None:
+        self.redis.hset(status_key(nid), "parts_total", parts_total)
+
+    def status(self, nid: str) -> dict[str, Any] | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(status_key(nid))
+        pipe.scard(parts_key(nid))
+        raw, parts_seen = pipe.execute()
+        if not raw:
+            return None
+        fields = {k.decode(): int(v) for k, v in raw.items()}
+        tokens, final = fields.get("tokens", 0), fields.get("final", 0)
+        parts_total = fields.get("parts_total", 1)
+        if parts_seen == 0:
+            state = "accepted"
+        elif parts_seen >= parts_total and final >= tokens:
+            state = "done"
+        else:
+            state = "delivering"
+        return {
+            "id": nid,
+            "state": state,
+            "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
+            "users": {
+                "targeted": fields.get("targeted", 0),
+                "without_tokens": fields.get("without_tokens", 0),
+                "skipped_once": fields.get("skipped_once", 0),
+            },
+            "tokens": tokens,
+            "created_at": _iso(fields.get("created_at", 0)),
+            "updated_at": _iso(fields.get("updated_at", 0)),
+        }
+
+    def count(self, name: str, by: int = 1) -> None:
+        self.redis.hincrby(STATS_KEY, name, by)
+
+    def stats(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+
+    # --- fan-out ---------------------------------------------------------------------------------
+
+    def fanout_done(self, nid: str) -> bool:
+        return bool(self.redis.exists(fanout_key(nid)))
+
+    def mark_fanout(self, nid: str) -> None:
+        self.redis.set(fanout_key(nid), 1, ex=self.ledger_ttl)
+
+    # --- ledger ----------------------------------------------------------------------------------
+
+    def register_part(
+        self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
+    ) -> bool:
+        """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
+        (``complete`` is False while some of the part's users could not be read)."""
+        keys = [ledger_key(nid), status_key(nid), parts_key(nid)]
+        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
+        return bool(self._register_part(keys=keys, args=args))
+
+    def lease(self, nid: str, tokens: list[str], lease_ms: int) -> Lease:
+        second = int(time.time())
+        keys = [ledger_key(nid), status_key(nid), budget_key(second)]
+        reply = self._lease(keys=keys, args=[now_ms(), lease_ms, self.max_attempts, self.rate_per_second, *tokens])
+        leased: dict[str, int] = {}
+        final: list[str] = []
+        busy: dict[str, int] = {}
+        not_due: dict[str, int] = {}
+        no_budget: list[str] = []
+        for i, token in enumerate(tokens):
+            code, value = int(reply[2 * i]), int(reply[2 * i + 1])
+            if code == LEASED:
+                leased[token] = value
+            elif code == FINAL:
+                final.append(token)
+            elif code == BUSY:
+                busy[token] = value
+            elif code == NOT_DUE:
+                not_due[token] = value
+            else:
+                no_budget.append(token)
+        return Lease(leased, final, busy, not_due, no_budget)
+
+    def confirm(self, nid: str, results: list[tuple[str, str, int]]) -> Confirmation:
+        """Record answers (token, result, retry-at ms) in one round trip; each token counted once."""
+        args: list[Any] = [now_ms(), self.max_attempts, VALVE_MIN_ANSWERS, VALVE_PERCENT, self.ledger_ttl]
+        for token, result, retry_at in results:
+            args += [token, result, retry_at]
+        reply = self._confirm(keys=[ledger_key(nid), status_key(nid)], args=args)
+        return Confirmation(
+            remove=[t.decode() for t in reply[2:]], valve_tripped=bool(reply[0]), config_error_first=bool(reply[1])
+        )
+
+    def ledger_states(self, nid: str, tokens: list[str]) -> dict[str, str]:
+        values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
+        return {t: (v.decode() if v else "") for t, v in zip(tokens, values, strict=True)}
+
+    # --- one-time claims -------------------------------------------------------------------------
+
+    def claim_once(self, nid: str, key: str, users: list[str]) -> tuple[list[str], list[str]]:
+        """Claim ``key`` for each user for this notification: (users it may go to, users skipped)."""
+        if not users:
+            return [], []
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in users:
+            pipe.set(once_key(user_id, key), nid, nx=True, ex=self.once_ttl)
+            pipe.get(once_key(user_id, key))
+        replies = pipe.execute()
+        allowed, skipped = [], []
+        for i, user_id in enumerate(users):
+            holder = replies[2 * i + 1]
+            (allowed if holder is not None and holder.decode() == nid else skipped).append(user_id)
+        return allowed, skipped
+
+    def release_once(self, nid: str, key: str, users: list[str]) -> int:
+        if not users:
+            return 0
+        return int(self._release_once(keys=[once_key(u, key) for u in users], args=[nid]))
+
+    def forget_once(self, user_id: str) -> int:
+        """Account deletion: drop every one-time claim of the user."""
+        keys = list(self.redis.scan_iter(match=f"notif:onetime:{_glob_escape(user_id)}:*", count=500))
+        return int(self.redis.delete(*keys)) if keys else 0
+
+    # --- idempotency keys ------------------------------------------------------------------------
+
+    def idempotency_begin(self, key: str, fingerprint: str) -> dict[str, Any] | None:
+        """None if this request may go on (it now holds the key); else what the key holds."""
+        marker = json.dumps({"state": "in_flight", "fingerprint": fingerprint})
+        if self.redis.set(idempotency_key(key), marker, nx=True, ex=self.idempotency_ttl):
+            return None
+        raw = self.redis.get(idempotency_key(key))
+        if raw is None:  # expired between the two calls: try once more
+            return self.idempotency_begin(key, fingerprint)
+        return json.loads(raw)
+
+    def idempotency_finish(self, key: str, fingerprint: str, status: int, body: Any) -> None:
+        value = json.dumps({"state": "done", "fingerprint": fingerprint, "status": status, "body": body})
+        self.redis.set(idempotency_key(key), value, ex=self.idempotency_ttl)
+
+    def idempotency_abort(self, key: str) -> None:
+        self.redis.delete(idempotency_key(key))
+
+
+def _iso(ms: int) -> str | None:
+    if not ms:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _glob_escape(value: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in value)

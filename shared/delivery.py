@@ -1,0 +1,234 @@
+"""The deliver use case: a Pub/Sub message in, notifications out.
+
+A message is either a public v1 job (``send``'s body plus ``"version": 1``; any service may
+publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
+job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus redeliver":
+
+- a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
+  topic; the job is acknowledged only after every part is published;
+- a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
+  takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
+- it acknowledges only when every token is final; tokens leased by another live copy, retries
+  not due within this instance's wait, users whose tokens could not be read, and Redis being
+  unreachable all raise ``RetryLater`` (the ledger makes the redelivery skip what is final);
+- a malformed message is logged and acknowledged: it would never become valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from shared import bus, instance, jobs, logs
+from shared.config import settings
+from shared.dispatch import dispatch
+from shared.errors import Unavailable
+from shared.fcm_message import MessageTemplate
+
+log = logs.get("deliver")
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+class RetryLater(Exception):
+    """Not finished: the bus must redeliver this message later (the function raises)."""
+
+
+class Malformed(ValueError):
+    """The message can never be delivered: logged and acknowledged."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    payload: bytes
+    attributes: dict[str, str]
+    message_id: str
+
+
+def envelope(event_data: Any) -> Envelope:
+    """The Pub/Sub message inside a CloudEvent's data (``{"message": {...}, "subscription": ...}``)."""
+    if not isinstance(event_data, Mapping) or not isinstance(event_data.get("message"), Mapping):
+        raise Malformed("event data has no Pub/Sub message")
+    message = event_data["message"]
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, Mapping):
+        raise Malformed("message attributes are not an object")
+    message_id = str(message.get("messageId") or message.get("message_id") or "")
+    try:
+        payload = base64.b64decode(message.get("data") or "", validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise Malformed("message data is not base64") from None
+    return Envelope(payload, {str(k): str(v) for k, v in attributes.items()}, message_id)
+
+
+def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
+    """The notification id of a published job without an ``id``: from its idempotency key, else
+    its message id (so a redelivered or re-published message is the same notification)."""
+    basis = attributes.get("idempotency_key") or f"msg:{message_id}"
+    digest = hashlib.sha256(basis.encode()).digest()
+    return "j-" + base64.urlsafe_b64encode(digest).decode().rstrip("=")[:30]
+
+
+def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
+    """(job, part index, parts) of a message; Malformed when it can never be delivered."""
+    try:
+        payload = json.loads(env.payload)
+    except (ValueError, UnicodeDecodeError):
+        raise Malformed("message data is not JSON") from None
+    if not isinstance(payload, dict):
+        raise Malformed("message data is not a JSON object")
+    kind = payload.get("kind")
+    try:
+        if kind is None:
+            return jobs.parse_v1(payload, default_id=derived_id(env.attributes, env.message_id)), 0, 0
+        if kind == "part":
+            part, parts = payload.get("part"), payload.get("parts")
+            if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
+                raise Malformed("part message without a valid part/parts")
+            job = jobs.parse_v1(payload.get("job"))
+            return job, part, parts
+    except jobs.JobError as exc:
+        raise Malformed(f"invalid job: {exc.message}") from None
+    raise Malformed(f"unknown message kind {kind!r}")
+
+
+def part_messages(job: jobs.Job, per_part: int) -> list[dict[str, Any]]:
+    users = job.user_ids
+    chunks = [users[i : i + per_part] for i in range(0, len(users), per_part)]
+    return [
+        {"kind": "part", "part": i, "parts": len(chunks), "job": jobs.to_v1(jobs.with_users(job, chunk))}
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def handle(event_data: Any) -> str:
+    """Process one Pub/Sub message; returns what happened, raises RetryLater to be redelivered."""
+    try:
+        env = envelope(event_data)
+        job, part, parts = decode(env)
+    except Malformed as exc:
+        log.error("malformed message acknowledged without sending", extra={"reason": str(exc)})
+        _count("invalid_jobs")
+        return "malformed"
+    try:
+        if parts == 0:  # a whole job
+            return _whole_job(job)
+        return _part(job, part, parts)
+    except REDIS_ERRORS as exc:
+        raise RetryLater(f"Redis unreachable ({type(exc).__name__}): nothing sent without a claim") from None
+    except Unavailable as exc:
+        raise RetryLater(f"{exc.what} unavailable") from None
+
+
+def _whole_job(job: jobs.Job) -> str:
+    s = settings()
+    claims = instance.claims()
+    per_part = s.fanout_users_per_part
+    parts = -(-len(job.user_ids) // per_part)
+    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+    if parts <= 1:
+        return _part(job, 0, 1)
+    if claims.fanout_done(job.id):
+        return "fanned-out-before"
+    claims.set_parts_total(job.id, parts)
+    for message in part_messages(job, per_part):
+        bus.publish(message, {"notification_id": job.id, "kind": "part"})
+    claims.mark_fanout(job.id)
+    log.info("job fanned out", extra={"notification_id": job.id, "parts": parts, "users": len(job.user_ids)})
+    return "fanned-out"
+
+
+def _part(job: jobs.Job, part: int, parts: int) -> str:
+    s = settings()
+    store, claims = instance.token_store(), instance.claims()
+    store.settle_dead_tokens()
+    devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
+    unresolved = [u for u in job.user_ids if u not in devices]
+    holders: dict[str, str] = {}
+    per_user: dict[str, list[str]] = {}
+    for user_id, user_devices in devices.items():
+        tokens = [t for t, p in user_devices.items() if not job.platforms or p in job.platforms]
+        if tokens:
+            per_user[user_id] = tokens
+    without_tokens = len(devices) - len(per_user)
+    skipped: list[str] = []
+    if job.once:
+        allowed, skipped = claims.claim_once(job.id, job.once, sorted(per_user))
+        per_user = {u: per_user[u] for u in allowed}
+    for user_id, tokens in per_user.items():
+        for token in tokens:
+            holders.setdefault(token, user_id)
+    tokens = list(holders)
+    claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
+    template = MessageTemplate(job)
+
+    def remove_dead(dead: list[str]) -> None:
+        store.remove_dead_many({t: [holders[t]] for t in dead if t in holders})
+
+    async def run() -> Any:
+        client = await instance.fcm_client()
+        return await dispatch(
+            job.id,
+            tokens,
+            message_for=template.for_token,
+            send=client.send,
+            claims=claims,
+            remove_dead=remove_dead,
+            max_in_flight=s.fcm_max_in_flight,
+            lease_ms=(s.fcm_timeout_seconds + 20) * 1000,
+        )
+
+    outcome = instance.run(run())
+    if job.once:
+        _release_undelivered_once(job, per_user)
+    log.info(
+        "part processed",
+        extra={
+            "notification_id": job.id,
+            "part": part,
+            "parts": parts,
+            "tokens": len(tokens),
+            "sent": outcome.sent,
+            "dead_removed": len(outcome.removed),
+            "busy": len(outcome.busy),
+            "later": len(outcome.later),
+            "unresolved_users": len(unresolved),
+        },
+    )
+    if unresolved:
+        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
+    if outcome.busy:
+        states = claims.ledger_states(job.id, list(outcome.busy))
+        if any(not v.startswith("F") for v in states.values()):
+            raise RetryLater(f"{len(outcome.busy)} tokens held by another copy of this message")
+    if outcome.later:
+        raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
+    return "delivered"
+
+
+def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> None:
+    """Give back the one-time claim of users none of whose devices got the notification."""
+    claims = instance.claims()
+    tokens = [t for ts in per_user.values() for t in ts]
+    states = claims.ledger_states(job.id, tokens)
+    release = []
+    for user_id, user_tokens in per_user.items():
+        finished = all(states[t].startswith("F") for t in user_tokens)
+        if finished and not any(states[t] == "F:delivered" for t in user_tokens):
+            release.append(user_id)
+    if release:
+        claims.release_once(job.id, job.once or "", release)
+
+
+def _count(name: str) -> None:
+    try:
+        instance.claims().count(name)
+    except REDIS_ERRORS:
+        pass

@@ -1,0 +1,170 @@
+"""Send one part of a notification to its tokens: hundreds of requests in flight, each token once.
+
+The loop keeps at most ``FCM_MAX_IN_FLIGHT`` tokens between their lease and the confirmation of
+their answer, so a crash (or a Redis outage) can leave at most that many answers unknown, and
+only those may be sent once more. Leases and confirmations go to Redis in batches, one round
+trip each. A transient failure comes back as a retry time; retries due within
+``IN_PROCESS_WAIT_MS`` are waited for here, later ones go back to the bus (the caller raises, and
+the subscription's retry policy redelivers the part while the ledger holds what is not yet due).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import logs
+from shared.claims import Claims, now_ms
+from shared.outcomes import Kind, Outcome
+
+log = logs.get("dispatch")
+
+LEASE_MIN = 50  # lease when at least this much room is free (or fewer tokens are left)
+LEASE_MAX = 500  # tokens per lease round trip
+CONFIRM_BATCH = 100  # answers per confirmation round trip
+IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 300.0
+
+
+def retry_delay(attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with jitter, never sooner than FCM's Retry-After."""
+    backoff = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    return max(backoff, retry_after or 0.0)
+
+
+def result_name(outcome: Outcome) -> str:
+    if outcome.kind is Kind.DELIVERED:
+        return "delivered"
+    if outcome.kind is Kind.DEAD_TOKEN:
+        return "mismatch" if outcome.sender_mismatch else "dead"
+    if outcome.kind is Kind.RETRY:
+        return "retry"
+    return outcome.kind.value  # payload_rejected, config_error
+
+
+@dataclass
+class PartOutcome:
+    busy: dict[str, int] = field(default_factory=dict)  # token -> lease end, held by another copy
+    later: dict[str, int] = field(default_factory=dict)  # token -> retry time beyond this instance's wait
+    removed: list[str] = field(default_factory=list)  # dead tokens removed from the stores
+    sent: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.busy and not self.later
+
+
+Send = Callable[[dict[str, Any]], Awaitable[Outcome]]
+MessageFor = Callable[[str], dict[str, Any]]
+RemoveDead = Callable[[list[str]], None]
+
+
+async def dispatch(
+    nid: str,
+    tokens: list[str],
+    *,
+    message_for: MessageFor,
+    send: Send,
+    claims: Claims,
+    remove_dead: RemoveDead,
+    max_in_flight: int,
+    lease_ms: int,
+) -> PartOutcome:
+    """Send the notification to every token that is not final yet; see the module docstring."""
+    result = PartOutcome()
+    queue: deque[str] = deque(tokens)
+    deferred: list[tuple[int, str]] = []  # (due ms, token): retries this instance will make
+    tasks: dict[asyncio.Task[Outcome], tuple[str, int]] = {}
+    answers: list[tuple[str, Outcome, int]] = []
+    unconfirmed = 0  # leased and not yet confirmed
+    logged_messages: set[str] = set()
+
+    def confirm() -> None:
+        nonlocal unconfirmed
+        batch: list[tuple[str, str, int]] = []
+        now = now_ms()
+        for token, outcome, attempt in answers:
+            retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000) if outcome.kind is Kind.RETRY else 0
+            batch.append((token, result_name(outcome), retry_at))
+            if outcome.kind is Kind.PAYLOAD_REJECTED and outcome.message not in logged_messages:
+                logged_messages.add(outcome.message)
+                log.error(
+                    "FCM rejected the payload",
+                    extra={"notification_id": nid, "fcm_code": outcome.code, "fcm_message": outcome.message},
+                )
+        confirmation = claims.confirm(nid, batch)
+        unconfirmed -= len(batch)
+        answers.clear()
+        if confirmation.valve_tripped:
+            log.critical(
+                "safety valve: at least 20% of FCM answers are SENDER_ID_MISMATCH; dead-token removal stopped "
+                "for this notification (is the FCM service account from the right project?)",
+                extra={"notification_id": nid},
+            )
+        if confirmation.config_error_first:
+            log.critical(
+                "FCM configuration error (APNs / web push credentials, or FCM permissions)",
+                extra={"notification_id": nid},
+            )
+        if confirmation.remove:
+            remove_dead(confirmation.remove)
+            result.removed += confirmation.remove
+        for token, name, retry_at in batch:
+            if name == "retry":
+                if retry_at - now <= IN_PROCESS_WAIT_MS:
+                    heapq.heappush(deferred, (retry_at, token))
+                else:
+                    result.later[token] = retry_at
+
+    while queue or deferred or tasks or answers:
+        now = now_ms()
+        while deferred and deferred[0][0] <= now:
+            queue.append(heapq.heappop(deferred)[1])
+        room = max_in_flight - unconfirmed
+        if queue and room >= min(LEASE_MIN, len(queue)):
+            chunk = [queue.popleft() for _ in range(min(room, LEASE_MAX, len(queue)))]
+            lease = claims.lease(nid, chunk, lease_ms)
+            for token, attempt in lease.leased.items():
+                unconfirmed += 1
+                task = asyncio.ensure_future(send(message_for(token)))
+                tasks[task] = (token, attempt)
+            result.sent += len(lease.leased)
+            result.busy.update(lease.busy)
+            for token, due in lease.not_due.items():
+                if due - now <= IN_PROCESS_WAIT_MS:
+                    heapq.heappush(deferred, (due, token))
+                else:
+                    result.later[token] = due
+            for token in lease.no_budget:  # the project's FCM budget for this second is spent
+                heapq.heappush(deferred, (now + 1000 - now % 1000, token))
+            if lease.leased:
+                continue  # fill the window before waiting
+        if tasks:
+            timeout = None
+            if answers:
+                timeout = 0.005  # do not hold answers back long when few requests are left
+            elif deferred:
+                timeout = max(0.0, (deferred[0][0] - now_ms()) / 1000)
+            done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                token, attempt = tasks.pop(task)
+                answers.append((token, task.result(), attempt))
+            starved = bool(queue) and max_in_flight - unconfirmed < LEASE_MIN
+            if answers and (len(answers) >= CONFIRM_BATCH or not tasks or starved or not done):
+                confirm()
+        elif answers:
+            confirm()
+        elif deferred:
+            await asyncio.sleep(max(0.0, (deferred[0][0] - now_ms()) / 1000))
+    return result
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)

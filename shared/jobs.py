@@ -1,0 +1,487 @@
+"""The job model: parse, validate and encode a notification job. Pure Python, no I/O.
+
+A job asks for one notification to be sent to many users. It reaches the pipeline two ways:
+
+* ``send``'s HTTP request body, read by :func:`parse_request` (the id is generated here);
+* the public **v1 job** on the Pub/Sub topic: the same body plus ``"version": 1`` and an
+  optional ``"id"``, read by :func:`parse_v1` and written by :func:`to_v1`. Any service may
+  publish one, so it is validated exactly as ``send`` validates (the same code).
+
+``infra/job.schema.json`` describes the v1 job as a JSON Schema; ``tests/test_jobs.py`` keeps the
+two in agreement. What the schema cannot say: duplicate user ids are removed, strings must be
+valid Unicode (no lone surrogates), and notification + data must fit FCM's 4,096 bytes.
+
+Every rule failure is a :class:`JobError` whose message names the field path and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+__all__ = [
+    "ID_PATTERN",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_USER_IDS",
+    "PLATFORMS",
+    "Job",
+    "JobError",
+    "new_id",
+    "parse_request",
+    "parse_v1",
+    "to_v1",
+    "with_users",
+]
+
+VERSION = 1
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+ONCE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+MAX_USER_IDS = 10_000
+MAX_USER_ID_CHARS = 256
+MAX_PAYLOAD_BYTES = 4096
+MAX_OPTION_CHARS = 1024  # android/apns/webpush strings: not counted in the payload, so capped here
+MAX_URL_CHARS = 2048
+MAX_BADGE = 2**31 - 1
+MAX_TTL_SECONDS = 28 * 86_400  # FCM keeps a message at most 4 weeks
+PLATFORMS = ("android", "ios", "web")
+
+# FCM's documented reserved data keys: "from", "notification", "message_type", and any key starting
+# with "google." or "gcm.". ("collapse_key" is not reserved in HTTP v1: it lives in android.collapse_key.)
+RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
+RESERVED_DATA_PREFIXES = ("google.", "gcm.")
+
+REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
+V1_FIELDS = ("version", "id", *REQUEST_FIELDS)
+
+_ID_RE = re.compile(ID_PATTERN)
+_ONCE_RE = re.compile(ONCE_PATTERN)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DIGITS_RE = re.compile(r"[0-9]{1,10}")
+_DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
+# An absolute URL with a lowercase http(s) scheme, a non-empty host part, and no spaces or controls.
+_HTTP_URL_RE = re.compile(r"https?://[^/?#\x00-\x20\x7f-\x9f]+(?:[/?#][^\x00-\x20\x7f-\x9f]*)?")
+_HTTPS_URL_RE = re.compile(r"https://[^/?#\x00-\x20\x7f-\x9f]+(?:[/?#][^\x00-\x20\x7f-\x9f]*)?")
+
+
+class JobError(ValueError):
+    """A job (or ``send`` body) breaks a rule. ``message`` says what is wrong and where."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job. Treat the dicts as read-only: they are shared with the messages built from it."""
+
+    id: str
+    user_ids: tuple[str, ...]
+    notification: dict | None = None
+    data: dict[str, str] | None = None
+    platforms: tuple[str, ...] | None = None
+    once: str | None = None
+    android: dict | None = None
+    apns: dict | None = None
+    webpush: dict | None = None
+
+
+def new_id() -> str:
+    """A fresh random job id: 22 URL-safe characters (128 bits), matching ``ID_PATTERN``."""
+    return secrets.token_urlsafe(16)
+
+
+# --- small checks ------------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: JSON-like for short scalars, else its type."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if (isinstance(value, int) and abs(value) < 10**15) or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str) and len(value) <= 100:
+        return repr(value)
+    return _type_name(value)
+
+
+def _shown_text(value: object) -> str:
+    """A string value (quoted, if short) or the type of a non-string, for an error message."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 100 else f"a string of {len(value)} characters"
+    return _type_name(value)
+
+
+def _valid_unicode(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _string(value: object, path: str, *, max_chars: int | None = MAX_OPTION_CHARS) -> str:
+    if not isinstance(value, str):
+        raise JobError(f"{path} must be a string, got {_type_name(value)}")
+    if max_chars is not None and len(value) > max_chars:
+        raise JobError(f"{path} must be at most {max_chars} characters, got {len(value)}")
+    if not _valid_unicode(value):
+        raise JobError(f"{path} must be valid Unicode text (it contains a lone surrogate)")
+    return value
+
+
+def _object(value: object, path: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise JobError(f"{path} must be an object, got {_type_name(value)}")
+    return value
+
+
+def _key_list(keys: Iterable[object]) -> str:
+    return ", ".join(repr(k) for k in keys)
+
+
+def _no_unknown(obj: Mapping, allowed: Iterable[str], path: str) -> None:
+    """Refuse keys outside ``allowed``, naming them by their full path (``android.foo``)."""
+    allowed = tuple(allowed)
+    unknown = [k for k in obj if k not in allowed]
+    if not unknown:
+        return
+    names = ", ".join(f"{path}.{k}" if isinstance(k, str) else repr(k) for k in unknown)
+    noun = "field" if len(unknown) == 1 else "fields"
+    raise JobError(f"unknown {noun} {names}; allowed in {path}: {', '.join(allowed)}")
+
+
+def _enum(*choices: str) -> Callable[[object, str], str]:
+    def check(value: object, path: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            shown = _shown_text(value)
+            raise JobError(f"{path} must be one of {', '.join(repr(c) for c in choices)}, got {shown}")
+        return value
+
+    return check
+
+
+def _option_string(value: object, path: str) -> str:
+    return _string(value, path)
+
+
+def _digits(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _DIGITS_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f'{path} must be a string of 1 to 10 digits (e.g. "3600"), got {shown}')
+    return value
+
+
+def _duration(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _DURATION_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f'{path} must be a duration in seconds like "3600s" or "1.5s", got {shown}')
+    if Decimal(value[:-1]) > MAX_TTL_SECONDS:
+        raise JobError(f"{path} is {value}; FCM allows at most {MAX_TTL_SECONDS}s (28 days)")
+    return value
+
+
+def _url(value: object, path: str, pattern: re.Pattern[str], what: str) -> str:
+    text = _string(value, path, max_chars=MAX_URL_CHARS)
+    if not pattern.fullmatch(text):
+        raise JobError(f"{path} must be {what}, got {_shown_text(text)}")
+    return text
+
+
+def _http_url(value: object, path: str) -> str:
+    return _url(value, path, _HTTP_URL_RE, "an absolute http:// or https:// URL without spaces")
+
+
+def _https_url(value: object, path: str) -> str:
+    return _url(value, path, _HTTPS_URL_RE, "an absolute https:// URL without spaces")
+
+
+def _badge(value: object, path: str) -> int:
+    # JSON has one number type: 3.0 is the whole number 3 (as in JSON Schema's "integer").
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BADGE:
+        shown = _type_name(value) if isinstance(value, bool | str) else _shown(value)
+        raise JobError(f"{path} must be a whole number from 0 to {MAX_BADGE}, got {shown}")
+    return value
+
+
+# --- android / apns / webpush: an allow-list of FCM v1 fields ----------------------------------
+
+_Spec = dict[str, "Callable[[object, str], Any] | _Spec"]
+
+OPTION_SPECS: dict[str, _Spec] = {
+    "android": {
+        "priority": _enum("normal", "high"),
+        "ttl": _duration,
+        "collapse_key": _option_string,
+        "notification": {
+            "sound": _option_string,
+            "channel_id": _option_string,
+            "click_action": _option_string,
+        },
+    },
+    "apns": {
+        "headers": {
+            "apns-priority": _enum("5", "10"),
+            "apns-expiration": _digits,
+        },
+        "payload": {
+            "aps": {
+                "sound": _option_string,
+                "badge": _badge,
+                "category": _option_string,
+                "thread-id": _option_string,
+            },
+        },
+    },
+    "webpush": {
+        "headers": {
+            "TTL": _digits,
+            "Urgency": _enum("very-low", "low", "normal", "high"),
+        },
+        "fcm_options": {"link": _https_url},
+    },
+}
+
+
+def _options(value: object, spec: _Spec, path: str) -> dict:
+    obj = _object(value, path)
+    _no_unknown(obj, spec, path)
+    out: dict = {}
+    for key, item in obj.items():
+        rule = spec[key]
+        sub = f"{path}.{key}"
+        out[key] = _options(item, rule, sub) if isinstance(rule, dict) else rule(item, sub)
+    return out
+
+
+# --- the fields ------------------------------------------------------------------------------
+
+
+def _user_ids(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise JobError(f"user_ids must be a list of 1 to {MAX_USER_IDS} user ids, got {_type_name(value)}")
+    if not value:
+        raise JobError("user_ids must not be empty")
+    if len(value) > MAX_USER_IDS:
+        raise JobError(f"user_ids has {len(value)} entries; at most {MAX_USER_IDS} are allowed per job")
+    seen: dict[str, None] = {}
+    for i, uid in enumerate(value):
+        if not isinstance(uid, str) or not uid or len(uid) > MAX_USER_ID_CHARS:
+            raise JobError(f"user_ids[{i}] must be a non-empty string of at most {MAX_USER_ID_CHARS} characters")
+        if _CONTROL_RE.search(uid):
+            raise JobError(f"user_ids[{i}] must not contain control characters")
+        if not _valid_unicode(uid):
+            raise JobError(f"user_ids[{i}] must be valid Unicode text (it contains a lone surrogate)")
+        seen[uid] = None
+    return tuple(seen)
+
+
+def _notification(value: object) -> dict:
+    obj = _object(value, "notification")
+    _no_unknown(obj, ("title", "body", "image"), "notification")
+    out: dict = {}
+    for key in ("title", "body"):
+        if key in obj:
+            out[key] = _string(obj[key], f"notification.{key}", max_chars=None)  # the payload limit applies
+    if not out.get("title") and not out.get("body"):
+        raise JobError("notification must have a non-empty title or body")
+    if "image" in obj:
+        out["image"] = _http_url(obj["image"], "notification.image")
+    return out
+
+
+def _data(value: object) -> dict[str, str]:
+    obj = _object(value, "data")
+    if not obj:
+        raise JobError("data must have at least one key (leave data out to send none)")
+    out: dict[str, str] = {}
+    for key, item in obj.items():
+        if not isinstance(key, str) or not key:
+            raise JobError(f"data keys must be non-empty strings, got {key!r}")
+        if not _valid_unicode(key):
+            raise JobError(f"data key {key!r} must be valid Unicode text (it contains a lone surrogate)")
+        if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
+            raise JobError(f"data key {key!r} is reserved by FCM")
+        if not isinstance(item, str):
+            raise JobError(f"data[{key!r}] must be a string, got {_type_name(item)} (FCM data values are strings)")
+        out[key] = _string(item, f"data[{key!r}]", max_chars=None)  # the payload limit applies
+    return out
+
+
+def _platforms(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise JobError(f"platforms must be a non-empty list of {', '.join(repr(p) for p in PLATFORMS)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or item not in PLATFORMS:
+            shown = _shown_text(item)
+            raise JobError(f"platforms[{i}] must be one of {', '.join(repr(p) for p in PLATFORMS)}, got {shown}")
+        if item in value[:i]:
+            raise JobError(f"platforms[{i}] repeats {item!r}")
+    return tuple(p for p in PLATFORMS if p in value)
+
+
+def _once(value: object) -> str:
+    if not isinstance(value, str) or not _ONCE_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f"once must be 1 to 64 characters of A-Z a-z 0-9 _ . : -, got {shown}")
+    return value
+
+
+def _id(value: object) -> str:
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f"id must be 1 to 32 characters of A-Z a-z 0-9 _ -, got {shown}")
+    return value
+
+
+def payload_size(notification: dict | None, data: dict | None) -> int:
+    """Bytes of the compact UTF-8 JSON of ``{"notification": ..., "data": ...}`` (present ones only)."""
+    payload = {}
+    if notification is not None:
+        payload["notification"] = notification
+    if data is not None:
+        payload["data"] = data
+    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def _build(obj: Mapping, job_id: str) -> Job:
+    if "user_ids" not in obj:
+        raise JobError("user_ids is required")
+    user_ids = _user_ids(obj["user_ids"])
+    notification = _notification(obj["notification"]) if "notification" in obj else None
+    data = _data(obj["data"]) if "data" in obj else None
+    if notification is None and data is None:
+        raise JobError("a job needs a notification, data, or both")
+    platforms = _platforms(obj["platforms"]) if "platforms" in obj else None
+    once = _once(obj["once"]) if "once" in obj else None
+    options = {name: _options(obj[name], OPTION_SPECS[name], name) for name in OPTION_SPECS if name in obj}
+
+    if notification is None:
+        if "notification" in options.get("android", {}):
+            raise JobError(
+                "android.notification needs a notification: a data-only message must not carry one "
+                "(Android would display it)"
+            )
+        if options.get("apns", {}).get("headers", {}).get("apns-priority") == "10":
+            raise JobError('apns.headers.apns-priority must be "5" for a data-only message (FCM rejects "10")')
+
+    size = payload_size(notification, data)
+    if size > MAX_PAYLOAD_BYTES:
+        raise JobError(
+            f"payload is {size} bytes; FCM allows at most {MAX_PAYLOAD_BYTES} (compact JSON of notification and data)"
+        )
+    return Job(
+        id=job_id,
+        user_ids=user_ids,
+        notification=notification,
+        data=data,
+        platforms=platforms,
+        once=once,
+        android=options.get("android"),
+        apns=options.get("apns"),
+        webpush=options.get("webpush"),
+    )
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def parse_request(body: object) -> Job:
+    """Validate ``send``'s request body (decoded JSON) and return a Job with a new id.
+
+    ``version`` and ``id`` are not accepted here (they are fields of the published v1 job).
+    Duplicate ``user_ids`` are removed, keeping the first occurrence's order.
+    """
+    obj = _object(body, "the request body")
+    unknown = [k for k in obj if k not in REQUEST_FIELDS]
+    if unknown:
+        hint = ""
+        if "version" in unknown or "id" in unknown:
+            hint = " (version and id belong to a job published on the topic, not to send's body)"
+        noun = "field" if len(unknown) == 1 else "fields"
+        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
+    return _build(obj, new_id())
+
+
+def parse_v1(payload: object, default_id: str | None = None) -> Job:
+    """Validate a public v1 job (decoded JSON): ``send``'s body plus ``"version": 1`` and an optional ``"id"``.
+
+    The id is the payload's ``id``, else ``default_id``, else a new one. Duplicate ``user_ids`` are
+    removed, keeping order. Raises JobError for anything else, including another version.
+    """
+    obj = _object(payload, "the job")
+    if "version" not in obj:
+        raise JobError('version is required: a job must say "version": 1')
+    version = obj["version"]
+    if isinstance(version, bool) or version != VERSION or not isinstance(version, int | float):
+        shown = json.dumps(version) if isinstance(version, str) and len(version) <= 100 else _shown(version)
+        raise JobError(f"unsupported job version {shown}; this service reads version {VERSION}")
+    unknown = [k for k in obj if k not in V1_FIELDS]
+    if unknown:
+        noun = "field" if len(unknown) == 1 else "fields"
+        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(V1_FIELDS)}")
+    if "id" in obj:
+        job_id = _id(obj["id"])
+    elif default_id is not None:
+        job_id = _id(default_id)
+    else:
+        job_id = new_id()
+    return _build(obj, job_id)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+def to_v1(job: Job) -> dict:
+    """Encode a Job as a public v1 job (a JSON-ready dict); ``parse_v1(to_v1(job)) == job``."""
+    out: dict[str, Any] = {"version": VERSION, "id": job.id, "user_ids": list(job.user_ids)}
+    if job.notification is not None:
+        out["notification"] = _copy(job.notification)
+    if job.data is not None:
+        out["data"] = dict(job.data)
+    if job.platforms is not None:
+        out["platforms"] = list(job.platforms)
+    if job.once is not None:
+        out["once"] = job.once
+    for name in ("android", "apns", "webpush"):
+        value = getattr(job, name)
+        if value is not None:
+            out[name] = _copy(value)
+    return out
+
+
+def with_users(job: Job, user_ids: Iterable[str]) -> Job:
+    """A copy of ``job`` (same id, so the same collapse identity) for one fan-out part's users.
+
+    The users are validated like ``user_ids`` (1 to 10,000, duplicates removed keeping order).
+    """
+    if isinstance(user_ids, str | bytes):
+        raise JobError("user_ids must be a list of user ids, got a string")
+    return replace(job, user_ids=_user_ids(list(user_ids)))

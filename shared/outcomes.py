@@ -1,0 +1,240 @@
+"""The closed set of FCM send outcomes, and the one table from FCM errors to them.
+
+This is the only module that looks at FCM error codes. Everything else reads ``Outcome.kind``.
+The code is FCM's ``errorCode`` from the ``error.details[]`` entry of type
+``type.googleapis.com/google.firebase.fcm.v1.FcmError`` (the HTTP status alone is ambiguous:
+a 400 can be a bad token or a bad payload).
+
+| answer from FCM                                               | kind               |
+|---------------------------------------------------------------|--------------------|
+| 2xx                                                           | DELIVERED          |
+| UNREGISTERED (404)                                            | DEAD_TOKEN         |
+| SENDER_ID_MISMATCH (403)                                      | DEAD_TOKEN, sender_mismatch=True |
+| INVALID_ARGUMENT whose message names the registration token   | DEAD_TOKEN         |
+| INVALID_ARGUMENT, any other (payload, TTL, data key, size...) | PAYLOAD_REJECTED   |
+| THIRD_PARTY_AUTH_ERROR (APNs / web push credentials)          | CONFIG_ERROR       |
+| 401 / 403 without a token-level code (our OAuth token, IAM)   | CONFIG_ERROR       |
+| QUOTA_EXCEEDED (429), UNAVAILABLE (503), INTERNAL (500)       | RETRY (+Retry-After) |
+| any other 5xx, 429 or 408                                     | RETRY (+Retry-After) |
+| timeout, connection refused/reset (no HTTP answer)            | RETRY, code TIMEOUT / CONNECTION |
+| message cannot be encoded (TypeError/ValueError, never sent)  | PAYLOAD_REJECTED, code INVALID_MESSAGE |
+| any other 4xx (unknown code)                                  | PAYLOAD_REJECTED   |
+| anything else (1xx/3xx, unparseable)                          | RETRY              |
+
+``retry_after`` is taken from a ``Retry-After`` header (delta-seconds or an HTTP date) on every
+RETRY answer that has one. ``maybe_sent`` is True when the request may have reached FCM although
+no answer came back (read timeout, connection lost mid-answer): the caller may then deliver twice
+if it retries. ``message`` is FCM's text with the token (when known) redacted, never the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import enum
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+# Codes that say the registration token itself is finished: delete it, never retry it.
+TOKEN_FATAL_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+# Codes that say this message can never be delivered as it is (the token may be fine).
+MESSAGE_FATAL_CODES = frozenset({"INVALID_ARGUMENT"})
+# Codes that say our project's configuration is broken (not the token, not the message).
+CONFIG_FATAL_CODES = frozenset({"THIRD_PARTY_AUTH_ERROR", "APNS_AUTH_ERROR"})
+# Codes worth another attempt later.
+RETRYABLE_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+# An INVALID_ARGUMENT whose message contains one of these is about the token, not the payload.
+TOKEN_INVALID_MARKERS = ("registration token", "message.token")
+
+_MAX_MESSAGE = 300
+
+
+class Kind(enum.Enum):
+    DELIVERED = "delivered"
+    DEAD_TOKEN = "dead_token"
+    PAYLOAD_REJECTED = "payload_rejected"
+    CONFIG_ERROR = "config_error"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Kind
+    code: str = ""  # FCM errorCode (or the gRPC status when FCM gave none), or 'TIMEOUT'/'CONNECTION'
+    message: str = ""  # FCM's message text, never the token
+    retry_after: float | None = None
+    sender_mismatch: bool = False
+    maybe_sent: bool = False  # True when the request may have reached FCM without an answer coming back
+
+
+DELIVERED = Outcome(Kind.DELIVERED)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header value (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_dict(body: bytes | str | dict | None) -> dict[str, Any]:
+    if isinstance(body, bytes | bytearray):
+        try:
+            body = body.decode("utf-8", "replace")
+        except (AttributeError, ValueError):
+            return {}
+    if isinstance(body, str):
+        try:
+            body = json.loads(body) if body.strip() else None
+        except ValueError:
+            return {}
+    if not isinstance(body, dict):
+        return {}
+    error = body.get("error")
+    return error if isinstance(error, dict) else {}
+
+
+def _fcm_code(error: Mapping[str, Any]) -> str:
+    for detail in error.get("details") or ():
+        if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
+            return str(detail.get("errorCode") or "")
+    return ""
+
+
+def _clean(message: str, token: str | None) -> str:
+    if token:
+        message = message.replace(token, "<token>")
+    return message[:_MAX_MESSAGE]
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name.lower()), None)
+    return value
+
+
+def from_response(
+    status: int,
+    body: bytes | str | dict | None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    token: str | None = None,
+) -> Outcome:
+    """The outcome of one FCM HTTP v1 answer. ``token`` (optional) is redacted from the message."""
+    if 200 <= status < 300:
+        return DELIVERED
+    error = _error_dict(body)
+    fcm_code = _fcm_code(error)
+    code = fcm_code or str(error.get("status") or f"HTTP_{status}")
+    message = _clean(str(error.get("message") or ""), token)
+
+    if fcm_code in TOKEN_FATAL_CODES:
+        return Outcome(Kind.DEAD_TOKEN, code, message, sender_mismatch=fcm_code == "SENDER_ID_MISMATCH")
+    if fcm_code in MESSAGE_FATAL_CODES or (not fcm_code and code == "INVALID_ARGUMENT"):
+        lowered = message.lower()
+        if any(marker in lowered for marker in TOKEN_INVALID_MARKERS):
+            return Outcome(Kind.DEAD_TOKEN, code, message)
+        return Outcome(Kind.PAYLOAD_REJECTED, code, message)
+    if fcm_code in CONFIG_FATAL_CODES:
+        return Outcome(Kind.CONFIG_ERROR, code, message)
+    if fcm_code in RETRYABLE_CODES or status >= 500 or status in (408, 429):
+        return Outcome(Kind.RETRY, code, message, retry_after=parse_retry_after(_header(headers, "Retry-After")))
+    if status in (401, 403):
+        return Outcome(Kind.CONFIG_ERROR, code, message)
+    if 400 <= status < 500:
+        return Outcome(Kind.PAYLOAD_REJECTED, code, message)
+    return Outcome(Kind.RETRY, code, message, retry_after=parse_retry_after(_header(headers, "Retry-After")))
+
+
+def from_exception(exc: BaseException) -> Outcome:
+    """The outcome of a request that got no HTTP answer (aiohttp / asyncio / OS errors)."""
+    if isinstance(exc, TypeError | ValueError):  # raised while encoding, before anything was sent
+        return Outcome(Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE", f"message cannot be encoded: {exc}"[:_MAX_MESSAGE])
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return Outcome(Kind.RETRY, "TIMEOUT", "timed out connecting to FCM")
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError on 3.11
+        return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=True)
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return Outcome(Kind.RETRY, "CONNECTION", f"cannot connect to FCM: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        # Server disconnected, connection reset, truncated answer: the request may have arrived.
+        return Outcome(Kind.RETRY, "CONNECTION", f"connection to FCM lost: {type(exc).__name__}", maybe_sent=True)
+    return Outcome(Kind.RETRY, "UNKNOWN", f"unexpected error: {type(exc).__name__}", maybe_sent=True)
+
+
+def _requests_maybe_sent(cause: BaseException | None) -> bool:
+    """For a requests ConnectionError: False only when no connection was ever made."""
+    with contextlib.suppress(ImportError):
+        import urllib3.exceptions
+
+        reason = getattr(cause.args[0], "reason", None) if cause is not None and cause.args else None
+        if isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+            return False
+        if isinstance(cause, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
+            return False
+    return True
+
+
+# gRPC-style codes of firebase_admin.exceptions.FirebaseError when there is no HTTP answer to read.
+_SDK_CODE_KINDS = {
+    "INVALID_ARGUMENT": Kind.PAYLOAD_REJECTED,
+    "FAILED_PRECONDITION": Kind.PAYLOAD_REJECTED,
+    "OUT_OF_RANGE": Kind.PAYLOAD_REJECTED,
+    "NOT_FOUND": Kind.PAYLOAD_REJECTED,
+    "ALREADY_EXISTS": Kind.PAYLOAD_REJECTED,
+    "CONFLICT": Kind.PAYLOAD_REJECTED,
+    "UNAUTHENTICATED": Kind.CONFIG_ERROR,
+    "PERMISSION_DENIED": Kind.CONFIG_ERROR,
+}
+
+
+def from_sdk_exception(exc: Exception) -> Outcome:
+    """The outcome of a firebase-admin failure (``FirebaseError``, a refresh error, a ValueError)."""
+    from firebase_admin import exceptions as fb  # imported here: only the SDK client needs it
+    from google.auth import exceptions as auth_exc
+
+    if isinstance(exc, auth_exc.RefreshError):
+        kind = Kind.RETRY if exc.retryable else Kind.CONFIG_ERROR
+        return Outcome(kind, "CREDENTIALS", f"cannot refresh the FCM access token: {type(exc).__name__}")
+    if isinstance(exc, auth_exc.TransportError):
+        return Outcome(Kind.RETRY, "CONNECTION", "cannot reach the OAuth token endpoint")
+    if isinstance(exc, ValueError):  # the SDK refused the message before sending it
+        return Outcome(Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE", str(exc)[:_MAX_MESSAGE])
+    if not isinstance(exc, fb.FirebaseError):
+        return Outcome(Kind.RETRY, "UNKNOWN", f"unexpected error: {type(exc).__name__}", maybe_sent=True)
+
+    response = exc.http_response
+    if response is not None:
+        return from_response(response.status_code, response.content, response.headers)
+    cause = exc.cause
+    if isinstance(cause, auth_exc.GoogleAuthError):
+        return from_sdk_exception(cause)
+    if isinstance(exc, fb.DeadlineExceededError):
+        return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=_requests_maybe_sent(cause))
+    if isinstance(exc, fb.UnavailableError):
+        maybe_sent = _requests_maybe_sent(cause)
+        text = "connection to FCM lost" if maybe_sent else "cannot connect to FCM"
+        return Outcome(Kind.RETRY, "CONNECTION", text, maybe_sent=maybe_sent)
+    kind = _SDK_CODE_KINDS.get(str(exc.code), Kind.RETRY)
+    return Outcome(kind, str(exc.code), str(exc)[:_MAX_MESSAGE], maybe_sent=kind is Kind.RETRY)

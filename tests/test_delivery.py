@@ -1,0 +1,103 @@
+"""deliver's use case in-process: real Redis, PostgreSQL and FCM client, the fake FCM over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+
+import pytest
+
+from local.fake_fcm import FakeFcm
+from shared import delivery, instance, jobs
+
+
+@pytest.fixture(scope="session")
+def fake_fcm_server():
+    server = FakeFcm()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fcm(fake_fcm_server, env, monkeypatch):
+    fake_fcm_server.reset()
+    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
+    instance.reset()
+    return fake_fcm_server
+
+
+def event(payload: dict, message_id: str = "m-1", attributes: dict | None = None) -> dict:
+    data = base64.b64encode(json.dumps(payload).encode()).decode()
+    return {"message": {"data": data, "attributes": attributes or {}, "messageId": message_id}, "subscription": "s"}
+
+
+def job(**fields) -> dict:
+    body = {"version": 1, "notification": {"title": "Hi", "body": "there"}, **fields}
+    return body
+
+
+def received(fcm) -> Counter:
+    return Counter(m["message"]["token"] for m in fcm.messages() if m.get("status", 200) == 200)
+
+
+def test_register_then_deliver(fcm, store):
+    store.register("alice", "tok-a1", "android")
+    store.register("alice", "tok-a2", "ios")
+    store.register("bob", "tok-b1", "web")
+    assert delivery.handle(event(job(id="n1", user_ids=["alice", "bob", "nobody"]))) == "delivered"
+    tokens = Counter(m["message"]["token"] for m in fcm.messages())
+    assert tokens == Counter({"tok-a1": 1, "tok-a2": 1, "tok-b1": 1})
+    status = instance.claims().status("n1")
+    assert status["state"] == "done"
+    assert status["counts"]["delivered"] == 3
+    assert status["users"] == {"targeted": 3, "without_tokens": 1, "skipped_once": 0}
+
+
+def test_same_event_twice_sends_nothing_twice(fcm, store):
+    store.register("alice", "tok-a1")
+    payload = job(id="n2", user_ids=["alice"])
+    delivery.handle(event(payload))
+    delivery.handle(event(payload))
+    assert len(fcm.messages()) == 1
+    assert instance.claims().status("n2")["counts"]["delivered"] == 1
+
+
+def test_dead_tokens_removed(fcm, store):
+    store.register("alice", "dead-1")
+    store.register("alice", "malformed-1")
+    store.register("alice", "mismatch-1")
+    store.register("alice", "good-1")
+    delivery.handle(event(job(id="n3", user_ids=["alice"])))
+    assert store.tokens("alice") == {"good-1": None}
+    assert set(store.db_tokens("alice")) == {"good-1"}
+    counts = instance.claims().status("n3")["counts"]
+    assert counts["dead_removed"] == 3 and counts["delivered"] == 1
+
+
+def test_transient_failures_retried(fcm, store):
+    store.register("alice", "flaky-1")
+    store.register("alice", "quota-1")
+    delivery.handle(event(job(id="n4", user_ids=["alice"])))
+    attempts = Counter(m["message"]["token"] for m in fcm.messages())
+    assert attempts == Counter({"flaky-1": 3, "quota-1": 2})
+    assert instance.claims().status("n4")["counts"]["delivered"] == 2
+
+
+def test_malformed_event_acknowledged(fcm, store):
+    assert delivery.handle({"message": {"data": "!!!"}}) == "malformed"
+    assert delivery.handle(event({"version": 2, "user_ids": ["a"]})) == "malformed"
+    assert fcm.messages() == []
+
+
+def test_1200_tokens(fcm, store):
+    users = [f"u{i}" for i in range(30)]
+    for u in users:
+        for k in range(40):
+            store.register(u, f"{u}-t{k}")
+    delivery.handle(event(job(id="n5", user_ids=users)))
+    got = Counter(m["message"]["token"] for m in fcm.messages())
+    assert len(got) == 1200 and set(got.values()) == {1}
+    assert instance.claims().status("n5")["counts"]["delivered"] == 1200
+    _ = jobs

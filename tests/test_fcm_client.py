@@ -1,0 +1,288 @@
+"""The real FCM clients (HTTP and SDK) against the fake FCM over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from local.fake_fcm import FakeFcm
+from shared import config
+from shared.credentials import AccessTokenProvider, StaticTokenCredentials
+from shared.fcm import HttpFcmClient, SdkFcmClient, make_client
+from shared.outcomes import Kind, Outcome
+
+PROJECT = "demo-fcm-test"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeFcm]:
+    fake = FakeFcm()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(server: FakeFcm) -> FakeFcm:
+    server.configure(delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True)
+    server.reset()
+    return server
+
+
+class CountingCredentials(StaticTokenCredentials):
+    """A credential that hands out a new token on every refresh (tok-1, tok-2, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__("tok-0")
+        self.count = 0
+
+    def refresh(self, request: Any) -> None:
+        self.count += 1
+        self.token = f"tok-{self.count}"
+
+
+def http_client(url: str, creds: Any = None, timeout: float = 5.0, max_connections: int = 500) -> HttpFcmClient:
+    tokens = AccessTokenProvider(creds or StaticTokenCredentials())
+    return HttpFcmClient(PROJECT, url, tokens=tokens, max_connections=max_connections, timeout=timeout)
+
+
+def sdk_client(url: str, creds: Any = None, timeout: float = 5.0) -> SdkFcmClient:
+    return SdkFcmClient(PROJECT, credentials=creds or StaticTokenCredentials(), endpoint=url, timeout=timeout)
+
+
+def make(kind: str, url: str, **kwargs: Any) -> HttpFcmClient | SdkFcmClient:
+    return http_client(url, **kwargs) if kind == "http" else sdk_client(url, **kwargs)
+
+
+def send_all(client: HttpFcmClient | SdkFcmClient, messages: list[dict[str, Any]]) -> list[Outcome]:
+    async def run() -> list[Outcome]:
+        try:
+            return list(await asyncio.gather(*(client.send(m) for m in messages)))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+CLIENTS = ["http", "sdk"]
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_success_sends_the_message_as_given(fake: FakeFcm, kind: str) -> None:
+    message = {
+        "token": "healthy-1",
+        "notification": {"title": "Hi", "body": "there"},
+        "data": {"k": "v"},
+        "apns": {"headers": {"apns-collapse-id": "job1"}, "payload": {"aps": {"sound": "default"}}},
+        "android": {"notification": {"tag": "job1"}},
+    }
+    assert send_all(make(kind, fake.url), [message]) == [Outcome(Kind.DELIVERED)]
+    [received] = fake.messages("healthy-1")
+    assert received["message"] == message
+    assert received["attempt"] == 1
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_each_error_kind(fake: FakeFcm, kind: str) -> None:
+    tokens = ["dead-1", "malformed-1", "mismatch-1", "payload-1", "flaky-1", "quota-1", "fine-1"]
+    results = send_all(make(kind, fake.url), [{"token": t} for t in tokens])
+    got = {t: (o.kind, o.code) for t, o in zip(tokens, results, strict=True)}
+    assert got == {
+        "dead-1": (Kind.DEAD_TOKEN, "UNREGISTERED"),
+        "malformed-1": (Kind.DEAD_TOKEN, "INVALID_ARGUMENT"),
+        "mismatch-1": (Kind.DEAD_TOKEN, "SENDER_ID_MISMATCH"),
+        "payload-1": (Kind.PAYLOAD_REJECTED, "INVALID_ARGUMENT"),
+        "flaky-1": (Kind.RETRY, "UNAVAILABLE"),
+        "quota-1": (Kind.RETRY, "QUOTA_EXCEEDED"),
+        "fine-1": (Kind.DELIVERED, ""),
+    }
+    by_token = dict(zip(tokens, results, strict=True))
+    assert by_token["mismatch-1"].sender_mismatch
+    assert by_token["flaky-1"].retry_after == 1.0
+    assert by_token["quota-1"].retry_after == 1.0
+    # One send is one attempt: the SDK's own retries on 503 are switched off.
+    assert fake.stats()["received"] == len(tokens)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_flaky_token_recovers_on_the_third_attempt(fake: FakeFcm, kind: str) -> None:
+    kinds = []
+    for _ in range(3):
+        [outcome] = send_all(make(kind, fake.url), [{"token": "flaky-7"}])
+        kinds.append(outcome.kind)
+    assert kinds == [Kind.RETRY, Kind.RETRY, Kind.DELIVERED]
+    assert [m["attempt"] for m in fake.messages("flaky-7")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_scripted_answers(fake: FakeFcm, kind: str) -> None:
+    fake.script("s-1", ["INTERNAL", "PERMISSION_DENIED", "OK"])
+    outcomes = [send_all(make(kind, fake.url), [{"token": "s-1"}])[0] for _ in range(4)]
+    assert [(o.kind, o.code) for o in outcomes] == [
+        (Kind.RETRY, "INTERNAL"),
+        (Kind.CONFIG_ERROR, "PERMISSION_DENIED"),
+        (Kind.DELIVERED, ""),
+        (Kind.DELIVERED, ""),
+    ]
+    assert [m["attempt"] for m in fake.messages("s-1")] == [1, 2, 3, 4]
+
+
+def test_http_third_party_auth_error_is_config_error(fake: FakeFcm) -> None:
+    fake.script("apns-1", ["THIRD_PARTY_AUTH_ERROR"])
+    [outcome] = send_all(http_client(fake.url), [{"token": "apns-1"}])
+    assert (outcome.kind, outcome.code) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR")
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_many_in_flight_at_once(fake: FakeFcm, kind: str) -> None:
+    fake.configure(delay_ms=50)
+    results = send_all(make(kind, fake.url), [{"token": f"c-{i}"} for i in range(300)])
+    assert all(o.kind is Kind.DELIVERED for o in results)
+    stats = fake.stats()
+    assert stats["received"] == 300
+    # Serial sending would never have more than one request open at the fake. (The SDK starts a
+    # thread per message, so its requests open more slowly.)
+    assert stats["max_in_flight"] >= (100 if kind == "http" else 20)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_unencodable_message_is_rejected_alone(fake: FakeFcm, kind: str) -> None:
+    bad, good = send_all(make(kind, fake.url), [{"token": "enc-1", "data": {"k": {1, 2}}}, {"token": "enc-2"}])
+    assert (bad.kind, bad.code) == (Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE")
+    assert good.kind is Kind.DELIVERED
+    assert fake.stats()["received"] == 1
+
+
+def test_http_concurrency_is_bounded_by_max_connections(fake: FakeFcm) -> None:
+    fake.configure(delay_ms=20)
+    results = send_all(http_client(fake.url, max_connections=10), [{"token": f"b-{i}"} for i in range(100)])
+    assert all(o.kind is Kind.DELIVERED for o in results)
+    assert 2 <= fake.stats()["max_in_flight"] <= 10
+
+
+def test_sdk_sends_slices_of_at_most_500(fake: FakeFcm) -> None:
+    client = sdk_client(fake.url)
+    results = send_all(client, [{"token": f"m-{i}"} for i in range(1200)])
+    assert all(o.kind is Kind.DELIVERED for o in results)
+    assert client.largest_batch <= 500
+    assert client.batches >= 3
+    assert fake.stats()["received"] == 1200
+
+
+def test_http_401_invalidates_the_token_and_only_fails_that_send(fake: FakeFcm) -> None:
+    creds = CountingCredentials()
+    client = http_client(fake.url, creds=creds)
+    fake.script("auth-1", ["UNAUTHENTICATED"])
+
+    async def run() -> tuple[list[Outcome], Outcome, int]:
+        try:
+            first = await asyncio.gather(*(client.send({"token": t}) for t in ["auth-1", "ok-1", "ok-2"]))
+            refreshes_before = creds.count
+            after = await client.send({"token": "ok-3"})
+            return list(first), after, creds.count - refreshes_before
+        finally:
+            await client.close()
+
+    first, after, refreshes = asyncio.run(run())
+    assert [o.kind for o in first] == [Kind.CONFIG_ERROR, Kind.DELIVERED, Kind.DELIVERED]
+    assert first[0].code == "UNAUTHENTICATED"
+    assert after.kind is Kind.DELIVERED
+    assert refreshes == 1  # the next request fetched a new token
+
+
+def test_sdk_401_refreshes_the_credential_once(fake: FakeFcm) -> None:
+    creds = CountingCredentials()
+    fake.script("auth-2", ["UNAUTHENTICATED"])
+    fake.script("auth-3", ["THIRD_PARTY_AUTH_ERROR", "THIRD_PARTY_AUTH_ERROR", "THIRD_PARTY_AUTH_ERROR"])
+    client = sdk_client(fake.url, creds=creds)
+    recovered, failed = send_all(client, [{"token": "auth-2"}, {"token": "auth-3"}])
+    # google-auth's session refreshes and repeats a request after a 401 — bounded to once.
+    assert recovered.kind is Kind.DELIVERED
+    assert (failed.kind, failed.code) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR")
+    assert len(fake.messages("auth-3")) == 2
+    assert creds.count >= 1
+
+
+def test_fake_requires_a_bearer_token(fake: FakeFcm) -> None:
+    request = urllib.request.Request(
+        f"{fake.url}/v1/projects/{PROJECT}/messages:send",
+        data=json.dumps({"message": {"token": "x"}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=5)
+    assert err.value.code == 401
+    assert json.loads(err.value.read())["error"]["status"] == "UNAUTHENTICATED"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_connection_refused_is_retry(kind: str) -> None:
+    [outcome] = send_all(make(kind, f"http://127.0.0.1:{_closed_port()}"), [{"token": "t"}])
+    assert (outcome.kind, outcome.code, outcome.maybe_sent) == (Kind.RETRY, "CONNECTION", False)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_timeout_is_retry_and_maybe_sent(fake: FakeFcm, kind: str) -> None:
+    fake.configure(delay_ms=1500)
+    [outcome] = send_all(make(kind, fake.url, timeout=0.2), [{"token": "slow-1"}])
+    assert (outcome.kind, outcome.code, outcome.maybe_sent) == (Kind.RETRY, "TIMEOUT", True)
+    assert len(fake.messages("slow-1")) == 1  # it did reach FCM
+
+
+def test_dropped_connection_is_retry_and_maybe_sent(fake: FakeFcm) -> None:
+    fake.script("drop-1", ["DROP"])
+    [outcome] = send_all(http_client(fake.url), [{"token": "drop-1"}])
+    assert (outcome.kind, outcome.maybe_sent) == (Kind.RETRY, True)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_make_client_from_settings(fake: FakeFcm, kind: str) -> None:
+    s = config.load({"FCM_ENDPOINT": fake.url, "GOOGLE_CLOUD_PROJECT": PROJECT, "FCM_CLIENT": kind})
+    client = make_client(s)
+    assert isinstance(client, HttpFcmClient if kind == "http" else SdkFcmClient)
+    assert send_all(client, [{"token": "cfg-1"}]) == [Outcome(Kind.DELIVERED)]
+
+
+def test_injected_failures_repeat_for_the_same_seed(fake: FakeFcm) -> None:
+    messages = [{"token": f"r-{i}"} for i in range(60)]
+
+    def run() -> list[Kind]:
+        fake.reset()
+        fake.configure(fail_rate=0.5, seed=42, fail_codes=["UNAVAILABLE", "QUOTA_EXCEEDED"])
+        return [o.kind for o in send_all(http_client(fake.url), messages)]
+
+    first, second = run(), run()
+    assert first == second
+    assert 10 < first.count(Kind.RETRY) < 50
+
+
+def test_control_api_over_http(fake: FakeFcm) -> None:
+    def call(method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{fake.url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    assert call("GET", "/healthz") == {"ok": True}
+    call("POST", "/_fake/script", {"token": "api-1", "responses": ["UNREGISTERED"]})
+    [outcome] = send_all(http_client(fake.url), [{"token": "api-1"}])
+    assert outcome.kind is Kind.DEAD_TOKEN
+    found = call("GET", "/_fake/messages?token=api-1")["messages"]
+    assert [m["message"]["token"] for m in found] == ["api-1"]
+    assert call("GET", "/_fake/stats")["answers"] == {"UNREGISTERED": 1}
+    call("DELETE", "/_fake/messages")
+    assert call("GET", "/_fake/messages")["messages"] == []
