@@ -22,7 +22,7 @@ import flask
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from shared import accept, auth, config, delivery, instance, jobs, logs, registration, web
+from shared import accept, auth, config, delivery, domain, instance, jobs, logs, registration, web
 
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
@@ -101,3 +101,19 @@ def deliver(cloud_event: CloudEvent) -> None:
     except delivery.RetryLater as exc:
         # Raising makes functions-framework answer 500, and the bus redelivers the message later.
         raise RuntimeError(f"not finished, redeliver later: {exc}") from None
+
+
+@functions_framework.cloud_event
+def on_event(cloud_event: CloudEvent) -> None:
+    # Raising (rules unusable, bus or Redis down) makes the bus redeliver the event later.
+    domain.handle(cloud_event.data)
+
+
+def _prune(request: flask.Request) -> tuple[int, dict]:
+    return 200, {"pruned": instance.token_store().prune()}
+
+
+@functions_framework.http
+def prune(request: flask.Request) -> flask.Response:
+    """Deletes tokens past the TTL window (Cloud Scheduler calls it; deployed private)."""
+    return web.serve(request, {"POST": _prune})

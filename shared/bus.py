@@ -321,7 +321,10 @@ def local_bus() -> LocalBus | None:
         return None
     with _lock:
         if _local_bus is None:
-            _local_bus = LocalBus({s.topic_path: s.deliver_url}, project=s.google_cloud_project)
+            subscriptions = {s.topic_path: s.deliver_url}
+            if s.on_event_url:
+                subscriptions[s.events_topic_path] = s.on_event_url
+            _local_bus = LocalBus(subscriptions, project=s.google_cloud_project)
         return _local_bus
 
 

@@ -20,6 +20,7 @@ LOCAL_ONLY_VARIABLES = (
     "FCM_ENDPOINT",
     "DELIVER_URL",
     "PUBSUB_EMULATOR_HOST",
+    "ON_EVENT_URL",
 )
 
 
@@ -62,6 +63,8 @@ class Settings:
     pubsub_topic: str = "pushline-jobs"
     pubsub_emulator_host: str | None = None
     deliver_url: str | None = None
+    events_topic: str = "pushline-events"
+    on_event_url: str | None = None
     # FCM
     fcm_credentials_secret: str | None = None
     fcm_endpoint: str | None = None
@@ -88,9 +91,16 @@ class Settings:
 
     @property
     def topic_path(self) -> str:
-        if self.pubsub_topic.startswith("projects/"):
-            return self.pubsub_topic
-        return f"projects/{self.google_cloud_project}/topics/{self.pubsub_topic}"
+        return self.full_topic(self.pubsub_topic)
+
+    @property
+    def events_topic_path(self) -> str:
+        return self.full_topic(self.events_topic)
+
+    def full_topic(self, topic: str) -> str:
+        if topic.startswith("projects/"):
+            return topic
+        return f"projects/{self.google_cloud_project}/topics/{topic}"
 
 
 def load(env: dict[str, str] | None = None) -> Settings:
@@ -114,6 +124,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         pubsub_topic=_str(env, "PUBSUB_TOPIC", Settings.pubsub_topic),
         pubsub_emulator_host=_str(env, "PUBSUB_EMULATOR_HOST"),
         deliver_url=_str(env, "DELIVER_URL"),
+        events_topic=_str(env, "EVENTS_TOPIC", Settings.events_topic),
+        on_event_url=_str(env, "ON_EVENT_URL"),
         fcm_credentials_secret=_str(env, "FCM_CREDENTIALS_SECRET"),
         fcm_endpoint=_str(env, "FCM_ENDPOINT"),
         fcm_client=fcm_client,
@@ -141,7 +153,7 @@ def check_cloud_safety(s: Settings) -> None:
     """Refuse to run in the cloud with a switch that is only safe on a developer's machine."""
     if not s.in_cloud:
         return
-    values = (s.firebase_auth_emulator_host, s.fcm_endpoint, s.deliver_url, s.pubsub_emulator_host)
+    values = (s.firebase_auth_emulator_host, s.fcm_endpoint, s.deliver_url, s.pubsub_emulator_host, s.on_event_url)
     found = [name for name, value in zip(LOCAL_ONLY_VARIABLES, values, strict=True) if value]
     if found:
         raise ConfigError(

@@ -21,7 +21,7 @@ import pytest
 
 from shared import bus
 from shared.config import settings
-from tests.pubsub_emulator import PubSubEmulator, free_port, port_is_open
+from local.pubsub_emulator import PubSubEmulator, free_port, port_is_open
 
 PROJECT = "demo-pushline"
 TOPIC = "pushline-jobs"

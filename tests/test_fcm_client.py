@@ -85,7 +85,7 @@ def test_success_sends_the_message_as_given(fake: FakeFcm, kind: str) -> None:
     assert send_all(make(kind, fake.url), [message]) == [Outcome(Kind.DELIVERED)]
     [received] = fake.messages("healthy-1")
     assert received["message"] == message
-    assert received["attempt"] == 1
+    assert (received["attempt"], received["status"], received["answer"]) == (1, 200, "OK")
 
 
 @pytest.mark.parametrize("kind", CLIENTS)

@@ -1,0 +1,506 @@
+#!/usr/bin/env bash
+# Stand pushline up in a Google Cloud project: APIs, Pub/Sub topics and dead letters, one service
+# account per function with least privilege, secrets, the schema, the five functions, their
+# subscriptions' retry / dead-letter policy, and the nightly prune.
+#
+#   bash infra/deploy.sh --project P --region R [--dry-run] [--fcm-key-file PATH]
+#        [--rules-file PATH] [--redis-secret NAME] [--database-secret NAME] [--max-instances N]
+#
+# --dry-run prints every command ("+ ..." one per line) and runs none of them: it needs no Google
+# account, no gcloud and no network. It still builds the package directory (local, harmless).
+#
+# Secrets never appear on a command line, in the repository or in this script's output:
+# DATABASE_URL and REDIS_URL must already be Secret Manager secrets and reach the functions through
+# --set-secrets; the FCM key is uploaded from the file the operator names (--data-file=PATH).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROG="deploy.sh"
+
+JOBS_TOPIC="pushline-jobs"
+EVENTS_TOPIC="pushline-events"
+JOBS_DEAD="pushline-jobs-dead"
+EVENTS_DEAD="pushline-events-dead"
+FCM_ROLE_ID="pushlineFcmSender"
+PRUNE_JOB="pushline-prune"
+PRUNE_SCHEDULE="17 3 * * *"
+# Deploy timeout of the event functions: under the subscriptions' ack deadline (540 s < 600 s), so
+# Pub/Sub never redelivers a job that is still being worked on.
+EVENT_TIMEOUT="540s"
+ACK_DEADLINE="600"
+
+usage() {
+    cat <<'EOF'
+usage: bash infra/deploy.sh --project P --region R [options]
+
+required:
+  --project P               Google Cloud / Firebase project id
+  --region R                region of the functions, connector, triggers and scheduler job
+
+options:
+  --dry-run                 print every command without running any (no gcloud, no network)
+  --fcm-key-file PATH       service-account JSON key for FCM, uploaded to Secret Manager
+                            (without it, deliver sends as its own service account)
+  --fcm-secret NAME         secret holding that key (default pushline-fcm-key)
+  --rules-file PATH         domain-event rules for on_event: validated, then packaged
+  --database-secret NAME    existing secret holding DATABASE_URL (default pushline-database-url)
+  --redis-secret NAME       existing secret holding REDIS_URL (default pushline-redis-url)
+  --max-instances N         deliver's max instances (default 4: FCM's 10,000 msg/s quota over a
+                            measured ~5,000 msg/s per instance, rounded up with headroom)
+  --cloud-sql-instance P:R:I  attach this Cloud SQL instance (unix socket under /cloudsql)
+  --vpc-connector NAME      Serverless VPC Access connector for Memorystore (default pushline-connector)
+  --vpc-network NAME        network of a connector this script creates (default default)
+  --vpc-range CIDR          /28 range of a connector this script creates (default 10.8.0.0/28)
+  --build-service-account EMAIL  service account Cloud Build uses to build the functions
+  --build-dir DIR           where the package is built (default .run/build)
+  --skip-migrate            do not apply infra/schema.sql
+  -h, --help                this text
+EOF
+}
+
+die_usage() {
+    printf '%s: %s\n' "$PROG" "$1" >&2
+    printf 'run "bash infra/deploy.sh --help" for usage\n' >&2
+    exit 2
+}
+
+die() {
+    printf '%s: error: %s\n' "$PROG" "$1" >&2
+    exit 1
+}
+
+need_value() {  # need_value FLAG "$#"
+    if [[ $2 -lt 2 ]]; then
+        die_usage "$1 needs a value"
+    fi
+}
+
+PROJECT=""
+REGION=""
+DRY_RUN=0
+FCM_KEY_FILE=""
+FCM_SECRET="pushline-fcm-key"
+RULES_FILE=""
+DATABASE_SECRET="pushline-database-url"
+REDIS_SECRET="pushline-redis-url"
+MAX_INSTANCES="4"
+CLOUD_SQL_INSTANCE=""
+CONNECTOR="pushline-connector"
+VPC_NETWORK="default"
+VPC_RANGE="10.8.0.0/28"
+BUILD_SA=""
+BUILD_DIR="$ROOT/.run/build"
+SKIP_MIGRATE=0
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --project) need_value "$1" "$#"; PROJECT="$2"; shift 2 ;;
+        --project=*) PROJECT="${1#*=}"; shift ;;
+        --region) need_value "$1" "$#"; REGION="$2"; shift 2 ;;
+        --region=*) REGION="${1#*=}"; shift ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --fcm-key-file) need_value "$1" "$#"; FCM_KEY_FILE="$2"; shift 2 ;;
+        --fcm-key-file=*) FCM_KEY_FILE="${1#*=}"; shift ;;
+        --fcm-secret) need_value "$1" "$#"; FCM_SECRET="$2"; shift 2 ;;
+        --fcm-secret=*) FCM_SECRET="${1#*=}"; shift ;;
+        --rules-file) need_value "$1" "$#"; RULES_FILE="$2"; shift 2 ;;
+        --rules-file=*) RULES_FILE="${1#*=}"; shift ;;
+        --database-secret) need_value "$1" "$#"; DATABASE_SECRET="$2"; shift 2 ;;
+        --database-secret=*) DATABASE_SECRET="${1#*=}"; shift ;;
+        --redis-secret) need_value "$1" "$#"; REDIS_SECRET="$2"; shift 2 ;;
+        --redis-secret=*) REDIS_SECRET="${1#*=}"; shift ;;
+        --max-instances) need_value "$1" "$#"; MAX_INSTANCES="$2"; shift 2 ;;
+        --max-instances=*) MAX_INSTANCES="${1#*=}"; shift ;;
+        --cloud-sql-instance) need_value "$1" "$#"; CLOUD_SQL_INSTANCE="$2"; shift 2 ;;
+        --cloud-sql-instance=*) CLOUD_SQL_INSTANCE="${1#*=}"; shift ;;
+        --vpc-connector) need_value "$1" "$#"; CONNECTOR="$2"; shift 2 ;;
+        --vpc-connector=*) CONNECTOR="${1#*=}"; shift ;;
+        --vpc-network) need_value "$1" "$#"; VPC_NETWORK="$2"; shift 2 ;;
+        --vpc-network=*) VPC_NETWORK="${1#*=}"; shift ;;
+        --vpc-range) need_value "$1" "$#"; VPC_RANGE="$2"; shift 2 ;;
+        --vpc-range=*) VPC_RANGE="${1#*=}"; shift ;;
+        --build-service-account) need_value "$1" "$#"; BUILD_SA="$2"; shift 2 ;;
+        --build-service-account=*) BUILD_SA="${1#*=}"; shift ;;
+        --build-dir) need_value "$1" "$#"; BUILD_DIR="$2"; shift 2 ;;
+        --build-dir=*) BUILD_DIR="${1#*=}"; shift ;;
+        --skip-migrate) SKIP_MIGRATE=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die_usage "unknown argument: $1" ;;
+    esac
+done
+
+[[ -n "$PROJECT" ]] || die_usage "--project is required (the Google Cloud project id to deploy into)"
+[[ -n "$REGION" ]] || die_usage "--region is required (e.g. europe-west1)"
+[[ "$PROJECT" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die_usage "--project: not a project id: $PROJECT"
+[[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die_usage "--region: not a region: $REGION"
+[[ "$MAX_INSTANCES" =~ ^[1-9][0-9]*$ ]] || die_usage "--max-instances must be a positive whole number, got: $MAX_INSTANCES"
+if [[ -n "$FCM_KEY_FILE" && ! -f "$FCM_KEY_FILE" ]]; then
+    die_usage "--fcm-key-file: no such file: $FCM_KEY_FILE"
+fi
+if [[ -n "$RULES_FILE" && ! -f "$RULES_FILE" ]]; then
+    die_usage "--rules-file: no such file: $RULES_FILE"
+fi
+if [[ -n "$CLOUD_SQL_INSTANCE" && ! "$CLOUD_SQL_INSTANCE" =~ ^[^:]+:[^:]+:[^:]+$ ]]; then
+    die_usage "--cloud-sql-instance must be PROJECT:REGION:INSTANCE, got: $CLOUD_SQL_INSTANCE"
+fi
+
+# The Python that validates rules and applies the schema: the repo's venv when there is one.
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then
+        PYTHON="$ROOT/.venv/bin/python"
+    else
+        PYTHON="python3"
+    fi
+fi
+
+# --- printing and running -------------------------------------------------------------------
+
+quote() {  # a word as it would be typed: bare when safe, single-quoted otherwise (--flag='value')
+    local word="$1" flag=""
+    if [[ "$word" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+        printf '%s' "$word"
+        return
+    fi
+    if [[ "$word" =~ ^(--[a-z0-9-]+=)(.*)$ ]]; then
+        flag="${BASH_REMATCH[1]}"
+        word="${BASH_REMATCH[2]}"
+    fi
+    printf "%s'%s'" "$flag" "${word//\'/\'\\\'\'}"
+}
+
+show() {  # print a command, one line, prefixed "+ "
+    local line="+" word
+    for word in "$@"; do
+        line+=" $(quote "$word")"
+    done
+    printf '%s\n' "$line"
+}
+
+run() {  # print the command; run it unless --dry-run
+    show "$@"
+    if [[ $DRY_RUN -eq 1 ]]; then
+        return 0
+    fi
+    "$@"
+}
+
+exists() {  # exists CMD...: the describe check before a create; under --dry-run, shown and "absent"
+    show "$@"
+    if [[ $DRY_RUN -eq 1 ]]; then
+        return 1
+    fi
+    "$@" >/dev/null 2>&1
+}
+
+capture() {  # capture VAR PLACEHOLDER CMD...: VAR = the command's output (the placeholder under --dry-run)
+    local var="$1" placeholder="$2" value
+    shift 2
+    show "$@"
+    if [[ $DRY_RUN -eq 1 ]]; then
+        value="$placeholder"
+    else
+        value="$("$@")"
+        [[ -n "$value" ]] || die "empty answer from: $*"
+    fi
+    printf -v "$var" '%s' "$value"
+}
+
+step() {
+    printf '\n# %s\n' "$1"
+}
+
+if [[ $DRY_RUN -eq 0 ]]; then
+    command -v gcloud >/dev/null 2>&1 || die "gcloud is not installed (https://cloud.google.com/sdk); --dry-run needs none"
+    export CLOUDSDK_CORE_DISABLE_PROMPTS=1
+fi
+
+P=(--project="$PROJECT")
+sa_email() { printf '%s@%s.iam.gserviceaccount.com' "$1" "$PROJECT"; }
+
+# One service account per function (and one per caller identity).
+SA_REGISTER="$(sa_email pushline-register)"
+SA_SEND="$(sa_email pushline-send)"
+SA_DELIVER="$(sa_email pushline-deliver)"
+SA_ON_EVENT="$(sa_email pushline-on-event)"
+SA_PRUNE="$(sa_email pushline-prune)"
+SA_TRIGGER="$(sa_email pushline-trigger)"      # Eventarc -> deliver / on_event
+SA_SCHEDULER="$(sa_email pushline-scheduler)"  # Cloud Scheduler -> prune
+FUNCTION_SAS=("$SA_REGISTER" "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT" "$SA_PRUNE")
+
+# --- 0. validate the rules file first ---------------------------------------------------------
+
+if [[ -n "$RULES_FILE" ]]; then
+    RULES_FILE="$(cd "$(dirname "$RULES_FILE")" && pwd)/$(basename "$RULES_FILE")"
+    step "validate the event rules (local)"
+    show "$PYTHON" -m shared.cli check-rules "$RULES_FILE"
+    if ! (cd "$ROOT" && "$PYTHON" -m shared.cli check-rules "$RULES_FILE"); then
+        die "rules file $RULES_FILE is invalid; nothing was deployed"
+    fi
+fi
+
+# --- 1. package: the code that runs locally is the code that runs in the cloud --------------------
+
+local_run() {  # packaging is local and harmless: shown and run, --dry-run or not
+    show "$@"
+    "$@"
+}
+
+step "package the functions into $BUILD_DIR (local: built under --dry-run too)"
+if [[ -e "$BUILD_DIR" ]]; then
+    if [[ ! -f "$BUILD_DIR/.pushline-build" ]] && [[ -n "$(ls -A "$BUILD_DIR")" ]]; then
+        die "$BUILD_DIR exists and is not a pushline build directory; refusing to empty it"
+    fi
+    local_run rm -rf "$BUILD_DIR"
+fi
+local_run mkdir -p "$BUILD_DIR"
+BUILD_DIR="$(cd "$BUILD_DIR" && pwd)"
+: >"$BUILD_DIR/.pushline-build"
+# functions/main.py imports shared/ from beside itself when deployed, from one level up in the repo.
+local_run cp "$ROOT/functions/main.py" "$BUILD_DIR/main.py"
+local_run cp -R "$ROOT/shared" "$BUILD_DIR/shared"
+local_run cp "$ROOT/requirements.txt" "$BUILD_DIR/requirements.txt"
+find "$BUILD_DIR" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+RULES_ENV=""
+if [[ -n "$RULES_FILE" ]]; then
+    RULES_NAME="event_rules"
+    if [[ "$(basename "$RULES_FILE")" == *.* ]]; then
+        RULES_NAME+=".${RULES_FILE##*.}"
+    fi
+    local_run cp "$RULES_FILE" "$BUILD_DIR/$RULES_NAME"
+    # Cloud Run functions run from /workspace, where the source is unpacked.
+    RULES_ENV=",EVENT_RULES=/workspace/$RULES_NAME"
+fi
+printf '%s\n' ".pushline-build" "__pycache__/" "*.pyc" >"$BUILD_DIR/.gcloudignore"
+
+# --- 2. APIs ------------------------------------------------------------------------------------
+
+step "enable the APIs"
+run gcloud services enable "${P[@]}" \
+    cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com \
+    artifactregistry.googleapis.com eventarc.googleapis.com pubsub.googleapis.com \
+    secretmanager.googleapis.com sqladmin.googleapis.com redis.googleapis.com \
+    vpcaccess.googleapis.com cloudscheduler.googleapis.com fcm.googleapis.com \
+    firebase.googleapis.com iam.googleapis.com compute.googleapis.com
+
+capture PROJECT_NUMBER PROJECT_NUMBER gcloud projects describe "$PROJECT" --format='value(projectNumber)'
+PUBSUB_AGENT="service-${PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+step "the store URLs must already be secrets (they carry credentials)"
+for secret in "$DATABASE_SECRET" "$REDIS_SECRET"; do
+    if ! exists gcloud secrets describe "$secret" "${P[@]}"; then
+        if [[ $DRY_RUN -eq 0 ]]; then
+            die "secret $secret does not exist; create it first, reading the value from stdin:
+    gcloud secrets create $secret --project=$PROJECT --replication-policy=automatic --data-file=-"
+        fi
+        printf '# (a real run stops here if %s is missing: create it beforehand)\n' "$secret"
+    fi
+done
+
+# --- 3. network: Memorystore is reached through a Serverless VPC Access connector -----------------
+
+step "VPC connector $CONNECTOR"
+if ! exists gcloud compute networks vpc-access connectors describe "$CONNECTOR" --region="$REGION" "${P[@]}"; then
+    run gcloud compute networks vpc-access connectors create "$CONNECTOR" --region="$REGION" "${P[@]}" \
+        --network="$VPC_NETWORK" --range="$VPC_RANGE" --min-instances=2 --max-instances=10
+fi
+CONNECTOR_PATH="projects/$PROJECT/locations/$REGION/connectors/$CONNECTOR"
+
+# --- 4. Pub/Sub: job and event topics, their dead letters -----------------------------------------
+
+step "Pub/Sub topics and dead letters"
+for topic in "$JOBS_TOPIC" "$EVENTS_TOPIC" "$JOBS_DEAD" "$EVENTS_DEAD"; do
+    if ! exists gcloud pubsub topics describe "$topic" "${P[@]}"; then
+        run gcloud pubsub topics create "$topic" "${P[@]}"
+    fi
+done
+for dead in "$JOBS_DEAD" "$EVENTS_DEAD"; do
+    if ! exists gcloud pubsub subscriptions describe "$dead-sub" "${P[@]}"; then
+        run gcloud pubsub subscriptions create "$dead-sub" "${P[@]}" --topic="$dead" \
+            --ack-deadline=60 --message-retention-duration=7d --expiration-period=never
+    fi
+    # The Pub/Sub service agent forwards undeliverable messages here.
+    run gcloud pubsub topics add-iam-policy-binding "$dead" "${P[@]}" \
+        --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.publisher
+done
+
+# --- 5. identities: one service account per function, least privilege ------------------------------
+
+step "service accounts"
+for email in "${FUNCTION_SAS[@]}" "$SA_TRIGGER" "$SA_SCHEDULER"; do
+    id="${email%%@*}"
+    if ! exists gcloud iam service-accounts describe "$email" "${P[@]}"; then
+        run gcloud iam service-accounts create "$id" "${P[@]}" --display-name="$id"
+    fi
+done
+
+step "custom role $FCM_ROLE_ID: send FCM messages, nothing else"
+if ! exists gcloud iam roles describe "$FCM_ROLE_ID" "${P[@]}"; then
+    run gcloud iam roles create "$FCM_ROLE_ID" "${P[@]}" --title="pushline FCM sender" \
+        --description="Send messages through FCM HTTP v1" \
+        --permissions=cloudmessaging.messages.create --stage=GA
+fi
+run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$SA_DELIVER" \
+    --role="projects/$PROJECT/roles/$FCM_ROLE_ID" --condition=None
+
+step "Cloud SQL client for every function"
+for email in "${FUNCTION_SAS[@]}"; do
+    run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$email" \
+        --role=roles/cloudsql.client --condition=None
+done
+
+step "publishers of $JOBS_TOPIC: send, deliver (fan-out parts), on_event"
+for email in "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT"; do
+    run gcloud pubsub topics add-iam-policy-binding "$JOBS_TOPIC" "${P[@]}" \
+        --member="serviceAccount:$email" --role=roles/pubsub.publisher
+done
+
+# Pub/Sub mints the OIDC tokens of the push subscriptions as the trigger's identity.
+run gcloud iam service-accounts add-iam-policy-binding "$SA_TRIGGER" "${P[@]}" \
+    --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator
+
+# --- 6. secrets: values never on a command line ---------------------------------------------------
+
+step "secrets"
+for secret in "$DATABASE_SECRET" "$REDIS_SECRET"; do
+    for email in "${FUNCTION_SAS[@]}"; do
+        run gcloud secrets add-iam-policy-binding "$secret" "${P[@]}" \
+            --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
+    done
+done
+
+FCM_ENV=""
+if [[ -n "$FCM_KEY_FILE" ]]; then
+    if exists gcloud secrets describe "$FCM_SECRET" "${P[@]}"; then
+        run gcloud secrets versions add "$FCM_SECRET" "${P[@]}" --data-file="$FCM_KEY_FILE"
+    else
+        run gcloud secrets create "$FCM_SECRET" "${P[@]}" --replication-policy=automatic \
+            --data-file="$FCM_KEY_FILE"
+    fi
+    run gcloud secrets add-iam-policy-binding "$FCM_SECRET" "${P[@]}" \
+        --member="serviceAccount:$SA_DELIVER" --role=roles/secretmanager.secretAccessor
+    # The secret's resource path, not its value: deliver reads the key itself, once per instance.
+    FCM_ENV=",FCM_CREDENTIALS_SECRET=projects/$PROJECT/secrets/$FCM_SECRET/versions/latest"
+fi
+
+# --- 7. the schema -----------------------------------------------------------------------------
+
+if [[ $SKIP_MIGRATE -eq 0 ]]; then
+    step "apply infra/schema.sql (DATABASE_URL read from Secret Manager into this one process)"
+    # Printed with the $(...) unexpanded; the URL itself is never printed.
+    # shellcheck disable=SC2016  # the $(...) is meant to be printed, not expanded
+    printf '+ DATABASE_URL="$(gcloud secrets versions access latest --secret=%s --project=%s)" %s -m shared.cli migrate\n' \
+        "$DATABASE_SECRET" "$PROJECT" "$(quote "$PYTHON")"
+    if [[ $DRY_RUN -eq 0 ]]; then
+        database_url="$(gcloud secrets versions access latest --secret="$DATABASE_SECRET" "${P[@]}")"
+        (cd "$ROOT" && DATABASE_URL="$database_url" "$PYTHON" -m shared.cli migrate)
+        unset database_url
+    fi
+fi
+
+# --- 8. the functions ----------------------------------------------------------------------------
+
+ENV_COMMON="GOOGLE_CLOUD_PROJECT=$PROJECT,PUBSUB_TOPIC=$JOBS_TOPIC,LOG_LEVEL=INFO"
+SECRETS="DATABASE_URL=$DATABASE_SECRET:latest,REDIS_URL=$REDIS_SECRET:latest"
+COMMON=(--gen2 --runtime=python311 --region="$REGION" "${P[@]}" --source="$BUILD_DIR"
+    --vpc-connector="$CONNECTOR_PATH" --egress-settings=private-ranges-only
+    --set-secrets="$SECRETS")
+if [[ -n "$BUILD_SA" ]]; then
+    COMMON+=(--build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA")
+fi
+
+after_deploy() {  # attach Cloud SQL's unix socket (/cloudsql/...) to the function's Cloud Run service
+    if [[ -n "$CLOUD_SQL_INSTANCE" ]]; then
+        run gcloud run services update "$1" --region="$REGION" "${P[@]}" \
+            --add-cloudsql-instances="$CLOUD_SQL_INSTANCE"
+    fi
+}
+
+step "deploy register (HTTP, public: checks Firebase ID tokens itself)"
+run gcloud functions deploy register "${COMMON[@]}" --entry-point=register \
+    --trigger-http --allow-unauthenticated \
+    --service-account="$SA_REGISTER" --cpu=1 --memory=512Mi --concurrency=80 \
+    --set-env-vars="THREADS=8,$ENV_COMMON"
+after_deploy register
+
+step "deploy send (HTTP, private: IAM invoker only)"
+run gcloud functions deploy send "${COMMON[@]}" --entry-point=send \
+    --trigger-http --no-allow-unauthenticated \
+    --service-account="$SA_SEND" --cpu=1 --memory=512Mi --concurrency=80 \
+    --set-env-vars="THREADS=8,$ENV_COMMON"
+after_deploy send
+
+step "deploy deliver (Pub/Sub $JOBS_TOPIC; max instances $MAX_INSTANCES)"
+run gcloud functions deploy deliver "${COMMON[@]}" --entry-point=deliver \
+    --trigger-topic="$JOBS_TOPIC" --retry --trigger-service-account="$SA_TRIGGER" \
+    --service-account="$SA_DELIVER" --cpu=1 --memory=1Gi --timeout="$EVENT_TIMEOUT" \
+    --concurrency=1 --max-instances="$MAX_INSTANCES" \
+    --set-env-vars="$ENV_COMMON$FCM_ENV"
+after_deploy deliver
+
+step "deploy on_event (Pub/Sub $EVENTS_TOPIC)"
+if [[ -z "$RULES_FILE" ]]; then
+    printf '# note: no --rules-file given: on_event runs without EVENT_RULES\n'
+fi
+run gcloud functions deploy on-event "${COMMON[@]}" --entry-point=on_event \
+    --trigger-topic="$EVENTS_TOPIC" --retry --trigger-service-account="$SA_TRIGGER" \
+    --service-account="$SA_ON_EVENT" --cpu=1 --memory=512Mi --timeout="$EVENT_TIMEOUT" \
+    --concurrency=1 \
+    --set-env-vars="$ENV_COMMON$RULES_ENV"
+after_deploy on-event
+
+step "deploy prune (HTTP, private: called by Cloud Scheduler)"
+run gcloud functions deploy prune "${COMMON[@]}" --entry-point=prune \
+    --trigger-http --no-allow-unauthenticated \
+    --service-account="$SA_PRUNE" --cpu=1 --memory=512Mi --timeout="$EVENT_TIMEOUT" \
+    --concurrency=1 \
+    --set-env-vars="$ENV_COMMON"
+after_deploy prune
+
+# --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters ------------------
+
+configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
+    local function="$1" dead="$2" trigger subscription upper
+    upper="$(printf '%s' "$function" | tr 'a-z-' 'A-Z_')"
+    step "subscription of $function -> dead letters on $dead"
+    run gcloud functions add-invoker-policy-binding "$function" --region="$REGION" "${P[@]}" \
+        --member="serviceAccount:$SA_TRIGGER"
+    capture trigger "projects/$PROJECT/locations/$REGION/triggers/${upper}_TRIGGER" \
+        gcloud functions describe "$function" --gen2 --region="$REGION" "${P[@]}" \
+        --format='value(eventTrigger.trigger)'
+    capture subscription "projects/$PROJECT/subscriptions/${upper}_SUBSCRIPTION" \
+        gcloud eventarc triggers describe "$trigger" --location="$REGION" "${P[@]}" \
+        --format='value(transport.pubsub.subscription)'
+    run gcloud pubsub subscriptions update "$subscription" "${P[@]}" \
+        --ack-deadline="$ACK_DEADLINE" --dead-letter-topic="projects/$PROJECT/topics/$dead" \
+        --max-delivery-attempts=100 --min-retry-delay=10s --max-retry-delay=600s
+    # The service agent acknowledges what it forwards to the dead-letter topic.
+    run gcloud pubsub subscriptions add-iam-policy-binding "$subscription" "${P[@]}" \
+        --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber
+}
+configure_subscription deliver "$JOBS_DEAD"
+configure_subscription on-event "$EVENTS_DEAD"
+
+# --- 10. prune every night -----------------------------------------------------------------------
+
+step "schedule prune"
+run gcloud functions add-invoker-policy-binding prune --region="$REGION" "${P[@]}" \
+    --member="serviceAccount:$SA_SCHEDULER"
+capture PRUNE_URL "https://prune-PLACEHOLDER.$REGION.run.app" \
+    gcloud functions describe prune --gen2 --region="$REGION" "${P[@]}" --format='value(serviceConfig.uri)'
+SCHEDULE_ARGS=(--location="$REGION" "${P[@]}" --schedule="$PRUNE_SCHEDULE" --time-zone=Etc/UTC
+    --uri="$PRUNE_URL" --http-method=POST --attempt-deadline="$EVENT_TIMEOUT"
+    --oidc-service-account-email="$SA_SCHEDULER" --oidc-token-audience="$PRUNE_URL")
+if exists gcloud scheduler jobs describe "$PRUNE_JOB" --location="$REGION" "${P[@]}"; then
+    run gcloud scheduler jobs update http "$PRUNE_JOB" "${SCHEDULE_ARGS[@]}"
+else
+    run gcloud scheduler jobs create http "$PRUNE_JOB" "${SCHEDULE_ARGS[@]}"
+fi
+
+step "done"
+printf '# send is private: grant each backend that calls it the invoker role, e.g.\n'
+printf '#   gcloud functions add-invoker-policy-binding send --region=%s --project=%s --member=serviceAccount:BACKEND_SA\n' \
+    "$REGION" "$PROJECT"
+if [[ $DRY_RUN -eq 1 ]]; then
+    printf '# dry run: nothing was changed in %s (package built in %s)\n' "$PROJECT" "$BUILD_DIR"
+fi

@@ -1,0 +1,74 @@
+"""The on_event use case: a domain event in, a notification job out (through the same pipeline).
+
+The rules file is loaded and validated on the first event an instance handles, never at import,
+so a bad file cannot take down the functions that share ``main.py``. With a bad file every event
+fails (``RulesUnavailable``): the bus retries it, then dead-letters it, and
+``replay-dead-letters`` brings it back once the file is fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from shared import bus, events, instance, logs
+from shared.config import settings
+from shared.delivery import Malformed, envelope
+
+log = logs.get("on_event")
+
+
+class RulesUnavailable(RuntimeError):
+    """The rules file is missing or invalid: fail the event so the bus retries it later."""
+
+
+@functools.cache
+def _rules() -> dict[str, events.Rule]:
+    return events.load_rules(events.rules_path(settings()))
+
+
+def rules() -> dict[str, events.Rule]:
+    try:
+        return _rules()
+    except events.RulesError as exc:
+        log.error("event rules are invalid: every event fails until they are fixed", extra={"reason": str(exc)})
+        raise RulesUnavailable(str(exc)) from None
+
+
+def handle(event_data: Any) -> str:
+    """Turn one domain event into a job published to PUBSUB_TOPIC; returns what happened."""
+    loaded = rules()
+    claims = instance.claims()
+    try:
+        env = envelope(event_data)
+        data = json.loads(env.payload)
+        if not isinstance(data, Mapping):
+            raise Malformed("event data is not a JSON object")
+    except (Malformed, ValueError, UnicodeDecodeError) as exc:
+        log.error("malformed event acknowledged", extra={"reason": str(exc)})
+        claims.count("events_invalid")
+        return "invalid"
+    kind = events.event_type(data, env.attributes)
+    rule = loaded.get(kind or "")
+    if rule is None:
+        log.info("event type without a rule ignored", extra={"event_type": kind})
+        claims.count("events_ignored")
+        return "ignored"
+    event_id = events.event_id(data, env.attributes, env.message_id)
+    nid = events.notification_id(rule.type, event_id)
+    try:
+        job = events.render(rule, data, job_id=nid)
+    except events.EventError as exc:
+        log.error("event rejected", extra={"event_type": kind, "reason": str(exc), "notification_id": nid})
+        claims.count("events_invalid")
+        return "invalid"
+    bus.publish(job, {"notification_id": nid, "event_type": rule.type})
+    claims.count("events_rendered")
+    log.info("event turned into a notification", extra={"event_type": kind, "notification_id": nid})
+    return "rendered"
+
+
+def reset() -> None:
+    _rules.cache_clear()

@@ -1,0 +1,401 @@
+"""infra/deploy.sh --dry-run: every gcloud step printed, none run, no secret anywhere in the output.
+
+A ``gcloud`` that records any call is put first on PATH, so these tests prove the dry run never
+calls gcloud (they need no Google account, no credentials and no network, and pass where gcloud is
+not installed at all).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "infra" / "deploy.sh"
+FAKE_KEY = '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----SECRETVALUE\\n"}\n'
+FUNCTIONS = {  # deployed name -> entry point
+    "register": "register",
+    "send": "send",
+    "deliver": "deliver",
+    "on-event": "on_event",
+    "prune": "prune",
+}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    gcloud_calls: str
+    build_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def commands(self) -> list[list[str]]:
+        """Every printed command ("+ ..." lines), split as a shell would."""
+        return [shlex.split(line[2:]) for line in self.stdout.splitlines() if line.startswith("+ ")]
+
+    def deploy(self, name: str) -> list[str]:
+        found = [c for c in self.commands() if c[:4] == ["gcloud", "functions", "deploy", name]]
+        assert len(found) == 1, f"expected one deploy of {name}, got {found}"
+        return found[0]
+
+
+def flag(command: list[str], name: str) -> str:
+    values = [word.split("=", 1)[1] for word in command if word.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name} appears {len(values)} times in {command}"
+    return values[0]
+
+
+def deploy_sh(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    calls = tmp_path / "gcloud-calls"
+    gcloud = fake_bin / "gcloud"
+    gcloud.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\nexit 97\n')
+    gcloud.chmod(0o755)
+    build_dir = tmp_path / "build"
+    full_env = {
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp_path),  # no gcloud configuration or credentials of the user's
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+        "LANG": "C.UTF-8",
+        **(env or {}),
+    }
+    completed = subprocess.run(
+        ["bash", str(SCRIPT), "--build-dir", str(build_dir), *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return Result(
+        completed.returncode,
+        completed.stdout,
+        completed.stderr,
+        calls.read_text() if calls.exists() else "",
+        build_dir,
+    )
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Result:
+    tmp_path = tmp_path_factory.mktemp("deploy")
+    key = tmp_path / "fcm-key.json"
+    key.write_text(FAKE_KEY)
+    result = deploy_sh(
+        tmp_path, "--project", "demo-p", "--region", "europe-west1", "--dry-run", "--fcm-key-file", str(key)
+    )
+    assert result.returncode == 0, result.output
+    return result
+
+
+def test_dry_run_never_calls_gcloud(dry_run: Result) -> None:
+    assert dry_run.gcloud_calls == ""
+
+
+def test_every_function_deployed_with_its_entry_point_and_trigger(dry_run: Result) -> None:
+    for name, entry in FUNCTIONS.items():
+        command = dry_run.deploy(name)
+        assert "--gen2" in command
+        assert flag(command, "runtime") == "python311"
+        assert flag(command, "region") == "europe-west1"
+        assert flag(command, "entry-point") == entry
+        assert flag(command, "source") == str(dry_run.build_dir)
+        assert flag(command, "service-account").endswith("@demo-p.iam.gserviceaccount.com")
+        assert flag(command, "vpc-connector").endswith("/connectors/pushline-connector")
+    for name in ("register", "send", "prune"):
+        assert "--trigger-http" in dry_run.deploy(name)
+    assert flag(dry_run.deploy("deliver"), "trigger-topic") == "pushline-jobs"
+    assert flag(dry_run.deploy("on-event"), "trigger-topic") == "pushline-events"
+
+
+def test_each_function_has_its_own_service_account(dry_run: Result) -> None:
+    accounts = {flag(dry_run.deploy(name), "service-account") for name in FUNCTIONS}
+    assert len(accounts) == len(FUNCTIONS)
+
+
+def test_event_functions_retry_and_time_out_under_the_ack_deadline(dry_run: Result) -> None:
+    for name in ("deliver", "on-event"):
+        command = dry_run.deploy(name)
+        assert "--retry" in command
+        assert flag(command, "timeout") == "540s"
+        assert flag(command, "trigger-service-account").startswith("pushline-trigger@")
+    for name in ("register", "send", "prune"):
+        assert "--retry" not in dry_run.deploy(name)
+
+
+def test_sizing(dry_run: Result) -> None:
+    deliver = dry_run.deploy("deliver")
+    assert (flag(deliver, "cpu"), flag(deliver, "memory"), flag(deliver, "concurrency")) == ("1", "1Gi", "1")
+    assert flag(deliver, "max-instances") == "4"
+    register = dry_run.deploy("register")
+    assert (flag(register, "cpu"), flag(register, "memory"), flag(register, "concurrency")) == ("1", "512Mi", "80")
+    assert "THREADS=8" in flag(register, "set-env-vars").split(",")
+    assert flag(dry_run.deploy("send"), "concurrency") == "80"
+
+
+def test_max_instances_flag(tmp_path: Path) -> None:
+    result = deploy_sh(tmp_path, "--project", "demo-p", "--region", "europe-west1", "--dry-run", "--max-instances", "7")
+    assert result.returncode == 0, result.output
+    assert flag(result.deploy("deliver"), "max-instances") == "7"
+
+
+def test_register_is_public_and_the_rest_are_not(dry_run: Result) -> None:
+    register = dry_run.deploy("register")
+    assert "--allow-unauthenticated" in register
+    assert "--no-allow-unauthenticated" not in register
+    for name in ("send", "prune"):
+        command = dry_run.deploy(name)
+        assert "--no-allow-unauthenticated" in command
+        assert "--allow-unauthenticated" not in command
+    for name in ("deliver", "on-event"):
+        assert "--allow-unauthenticated" not in dry_run.deploy(name)
+
+
+def test_stores_come_from_secrets_never_env_vars(dry_run: Result) -> None:
+    for name in FUNCTIONS:
+        command = dry_run.deploy(name)
+        secrets = dict(item.split("=", 1) for item in flag(command, "set-secrets").split(","))
+        assert secrets == {"DATABASE_URL": "pushline-database-url:latest", "REDIS_URL": "pushline-redis-url:latest"}
+        env = dict(item.split("=", 1) for item in flag(command, "set-env-vars").split(","))
+        assert "DATABASE_URL" not in env and "REDIS_URL" not in env
+        assert env["GOOGLE_CLOUD_PROJECT"] == "demo-p"
+        assert env["PUBSUB_TOPIC"] == "pushline-jobs"
+    for line in dry_run.stdout.splitlines():
+        for word in line.split():
+            if word.startswith(("--set-env-vars", "--update-env-vars")):
+                assert "DATABASE_URL" not in word and "REDIS_URL" not in word, line
+
+
+def test_fcm_key_is_a_secret_path_read_from_the_operator_file(dry_run: Result) -> None:
+    deliver_env = dict(item.split("=", 1) for item in flag(dry_run.deploy("deliver"), "set-env-vars").split(","))
+    assert deliver_env["FCM_CREDENTIALS_SECRET"] == "projects/demo-p/secrets/pushline-fcm-key/versions/latest"
+    creates = [c for c in dry_run.commands() if c[:3] == ["gcloud", "secrets", "create"]]
+    assert len(creates) == 1
+    assert flag(creates[0], "data-file").endswith("fcm-key.json")
+    for name in ("register", "send", "on-event", "prune"):
+        assert "FCM_CREDENTIALS_SECRET" not in flag(dry_run.deploy(name), "set-env-vars")
+    # Only deliver may read the key.
+    fcm_bindings = [
+        c for c in dry_run.commands() if c[:4] == ["gcloud", "secrets", "add-iam-policy-binding", "pushline-fcm-key"]
+    ]
+    deliver = "serviceAccount:pushline-deliver@demo-p.iam.gserviceaccount.com"
+    assert [flag(c, "member") for c in fcm_bindings] == [deliver]
+
+
+def test_no_secret_value_anywhere_in_the_output(dry_run: Result) -> None:
+    for needle in ("SECRETVALUE", "BEGIN PRIVATE KEY", "private_key", "password", "://user:", FAKE_KEY.strip()):
+        assert needle.lower() not in dry_run.output.lower(), needle
+
+
+def test_dead_letters_on_the_event_subscriptions(dry_run: Result) -> None:
+    commands = dry_run.commands()
+    created_topics = {c[4] for c in commands if c[:4] == ["gcloud", "pubsub", "topics", "create"]}
+    assert {"pushline-jobs", "pushline-events", "pushline-jobs-dead", "pushline-events-dead"} <= created_topics
+    dead_subs = {c[4]: flag(c, "topic") for c in commands if c[:4] == ["gcloud", "pubsub", "subscriptions", "create"]}
+    assert dead_subs == {
+        "pushline-jobs-dead-sub": "pushline-jobs-dead",
+        "pushline-events-dead-sub": "pushline-events-dead",
+    }
+    updates = [c for c in commands if c[:4] == ["gcloud", "pubsub", "subscriptions", "update"]]
+    assert sorted(flag(c, "dead-letter-topic") for c in updates) == [
+        "projects/demo-p/topics/pushline-events-dead",
+        "projects/demo-p/topics/pushline-jobs-dead",
+    ]
+    for command in updates:
+        assert flag(command, "max-delivery-attempts") == "100"
+        assert flag(command, "ack-deadline") == "600"
+        assert flag(command, "min-retry-delay") == "10s"
+        assert flag(command, "max-retry-delay") == "600s"
+    # The subscription is looked up at run time (Eventarc names it), shown but not run.
+    lookups = [c for c in commands if c[:4] == ["gcloud", "eventarc", "triggers", "describe"]]
+    assert len(lookups) == 2
+    assert all(flag(c, "format") == "value(transport.pubsub.subscription)" for c in lookups)
+
+
+def test_pubsub_service_agent_can_forward_dead_letters(dry_run: Result) -> None:
+    agent = "serviceAccount:service-PROJECT_NUMBER@gcp-sa-pubsub.iam.gserviceaccount.com"
+    commands = dry_run.commands()
+    assert ["gcloud", "projects", "describe", "demo-p", "--format=value(projectNumber)"] in commands
+    publishers = {
+        c[4]
+        for c in commands
+        if c[:4] == ["gcloud", "pubsub", "topics", "add-iam-policy-binding"]
+        and flag(c, "member") == agent
+        and flag(c, "role") == "roles/pubsub.publisher"
+    }
+    assert publishers == {"pushline-jobs-dead", "pushline-events-dead"}
+    subscribers = [
+        c
+        for c in commands
+        if c[:4] == ["gcloud", "pubsub", "subscriptions", "add-iam-policy-binding"]
+        and flag(c, "member") == agent
+        and flag(c, "role") == "roles/pubsub.subscriber"
+    ]
+    assert len(subscribers) == 2
+
+
+def test_least_privilege(dry_run: Result) -> None:
+    commands = dry_run.commands()
+    publishers = {
+        flag(c, "member").split(":", 1)[1].split("@")[0]
+        for c in commands
+        if c[:5] == ["gcloud", "pubsub", "topics", "add-iam-policy-binding", "pushline-jobs"]
+    }
+    assert publishers == {"pushline-send", "pushline-deliver", "pushline-on-event"}
+    fcm_role = [c for c in commands if c[:3] == ["gcloud", "iam", "roles"] and c[3] == "create"]
+    assert flag(fcm_role[0], "permissions") == "cloudmessaging.messages.create"
+    project_roles = [
+        (flag(c, "member"), flag(c, "role"))
+        for c in commands
+        if c[:3] == ["gcloud", "projects", "add-iam-policy-binding"]
+    ]
+    deliver = "serviceAccount:pushline-deliver@demo-p.iam.gserviceaccount.com"
+    assert (deliver, "projects/demo-p/roles/pushlineFcmSender") in project_roles
+    assert {role for _, role in project_roles} == {"roles/cloudsql.client", "projects/demo-p/roles/pushlineFcmSender"}
+    invokers = {
+        (c[3], flag(c, "member").split(":", 1)[1].split("@")[0])
+        for c in commands
+        if c[:3] == ["gcloud", "functions", "add-invoker-policy-binding"]
+    }
+    assert invokers == {
+        ("deliver", "pushline-trigger"),
+        ("on-event", "pushline-trigger"),
+        ("prune", "pushline-scheduler"),
+    }
+
+
+def test_migration_reads_the_url_from_secret_manager_unexpanded(dry_run: Result) -> None:
+    lines = [line for line in dry_run.stdout.splitlines() if "shared.cli migrate" in line]
+    assert len(lines) == 1
+    assert re.search(
+        r'DATABASE_URL="\$\(gcloud secrets versions access latest --secret=pushline-database-url[^)]*\)" \S*python\S* '
+        r"-m shared\.cli migrate$",
+        lines[0],
+    ), lines[0]
+    # The schema is in place before any function starts.
+    position = dry_run.stdout.index
+    assert position("shared.cli migrate") < position("gcloud functions deploy")
+
+
+def test_prune_runs_every_night(dry_run: Result) -> None:
+    jobs = [c for c in dry_run.commands() if c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"]]
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job[5] == "pushline-prune"
+    assert flag(job, "schedule") == "17 3 * * *"
+    assert flag(job, "oidc-service-account-email") == "pushline-scheduler@demo-p.iam.gserviceaccount.com"
+    assert flag(job, "uri").startswith("https://")
+
+
+def test_apis_enabled(dry_run: Result) -> None:
+    enable = [c for c in dry_run.commands() if c[:3] == ["gcloud", "services", "enable"]]
+    assert len(enable) == 1
+    for api in (
+        "cloudfunctions",
+        "run",
+        "cloudbuild",
+        "artifactregistry",
+        "eventarc",
+        "pubsub",
+        "secretmanager",
+        "sqladmin",
+        "redis",
+        "vpcaccess",
+        "cloudscheduler",
+        "fcm",
+        "firebase",
+    ):
+        assert f"{api}.googleapis.com" in enable[0], api
+
+
+def test_package_holds_the_functions_and_nothing_local(dry_run: Result) -> None:
+    build = dry_run.build_dir
+    assert (build / "main.py").read_text() == (ROOT / "functions" / "main.py").read_text()
+    assert (build / "shared" / "__init__.py").is_file()
+    assert (build / "shared" / "config.py").read_text() == (ROOT / "shared" / "config.py").read_text()
+    assert (build / "requirements.txt").read_text() == (ROOT / "requirements.txt").read_text()
+    for absent in ("tests", "local", "bench", "functions", ".venv", ".run"):
+        assert not (build / absent).exists(), absent
+    assert not list(build.rglob("__pycache__"))
+    assert not list(build.rglob("test_*.py"))
+
+
+def test_rules_file_is_validated_then_packaged(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    checker = tmp_path / "python-ok"  # stands in for the Python that runs shared.cli check-rules
+    checker.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(tmp_path / "checked"))}\nexit 0\n')
+    checker.chmod(0o755)
+    result = deploy_sh(
+        tmp_path,
+        "--project=demo-p",
+        "--region=europe-west1",
+        "--dry-run",
+        "--rules-file",
+        str(rules),
+        env={"PYTHON": str(checker)},
+    )
+    assert result.returncode == 0, result.output
+    assert (tmp_path / "checked").read_text().split() == ["-m", "shared.cli", "check-rules", str(rules)]
+    assert (result.build_dir / "event_rules.yaml").read_text() == "rules: []\n"
+    env = dict(item.split("=", 1) for item in flag(result.deploy("on-event"), "set-env-vars").split(","))
+    assert env["EVENT_RULES"] == "/workspace/event_rules.yaml"
+    assert result.gcloud_calls == ""
+
+
+def test_invalid_rules_file_stops_before_anything(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("not: [valid\n")
+    checker = tmp_path / "python-fails"
+    checker.write_text("#!/bin/sh\necho 'rules.yaml: bad rule' >&2\nexit 1\n")
+    checker.chmod(0o755)
+    result = deploy_sh(
+        tmp_path,
+        "--project=demo-p",
+        "--region=europe-west1",
+        "--dry-run",
+        "--rules-file",
+        str(rules),
+        env={"PYTHON": str(checker)},
+    )
+    assert result.returncode != 0
+    assert "invalid" in result.stderr
+    assert "gcloud" not in "\n".join(line for line in result.stdout.splitlines() if line.startswith("+ "))
+
+
+def test_missing_project_is_a_usage_error(tmp_path: Path) -> None:
+    result = deploy_sh(tmp_path, "--region", "europe-west1", "--dry-run")
+    assert result.returncode == 2
+    assert "--project is required" in result.stderr
+    assert "+ " not in result.stdout
+    assert result.gcloud_calls == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--project", "demo-p", "--dry-run"], "--region is required"),
+        (["--project", "demo-p", "--region", "europe-west1", "--max-instances", "0"], "--max-instances"),
+        (["--project", "demo-p", "--region", "europe-west1", "--fcm-key-file", "/nonexistent/key"], "no such file"),
+        (["--project", "demo-p", "--region", "europe-west1", "--bogus"], "unknown argument"),
+        (["--project"], "--project needs a value"),
+    ],
+)
+def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = deploy_sh(tmp_path, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.gcloud_calls == ""
