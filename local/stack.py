@@ -55,6 +55,8 @@ class StackConfig:
     use_emulator: bool | None = None  # None: when gcloud is installed
     database: str = "pushline"
     redis_db: int | None = None  # None: as REDIS_URL says
+    redis_url: str | None = None  # a Redis to use as it is (e.g. a private one a fault test stops)
+    database_url: str | None = None  # a PostgreSQL database to use as it is
     functions: tuple[str, ...] = FUNCTIONS
     console: bool = True
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the functions
@@ -101,7 +103,9 @@ class Stack:
         RUN_DIR.mkdir(exist_ok=True)
         if cfg.state_file is not None:
             stop_recorded(cfg.state_file)
-        self.servers = Servers(database=cfg.database, redis_db=cfg.redis_db).start()
+        self.servers = Servers(
+            database=cfg.database, redis_db=cfg.redis_db, redis_url=cfg.redis_url, database_url=cfg.database_url
+        ).start()
         self._say(f"Redis       {self.servers.redis_url} ({self.servers.redis_source})")
         self._say(f"PostgreSQL  {_hide_password(self.servers.database_url)} ({self.servers.database_source})")
         self._migrate()
@@ -258,10 +262,14 @@ class Stack:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            _kill_group(process.pid)
+            _signal_group(process.pid, signal.SIGTERM)
         for process in self.processes.values():
-            with contextlib.suppress(Exception):
+            try:
                 process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+            _signal_group(process.pid, signal.SIGKILL)  # anything the leader left behind in its group
         self.processes.clear()
         if self.emulator is not None:
             self.emulator.stop()
@@ -284,7 +292,13 @@ class Stack:
         self.stop()
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 def _kill_group(pid: int) -> None:
+    """Stop a process group this process did not start (recorded by an earlier run)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -404,7 +418,8 @@ def demo(stack: Stack) -> bool:
         return False
     print(f"status -> {json.dumps(final)}")
     counts = final["counts"]
-    _, received = _http("GET", f"{stack.url('fcm')}/_fake/messages?token={healthy}")
+    _, fake = _http("GET", f"{stack.url('fcm')}/_fake/messages?token={healthy}")
+    received = fake["messages"]
     from shared import config, instance
 
     os.environ["REDIS_URL"], os.environ["DATABASE_URL"] = stack.env["REDIS_URL"], stack.env["DATABASE_URL"]

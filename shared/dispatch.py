@@ -101,6 +101,8 @@ async def dispatch(
                 )
         confirmation = claims.confirm(nid, batch)
         unconfirmed -= len(batch)
+        # A retry answer to the last allowed attempt made the token final (failed): nothing to wait for.
+        last_attempts = {token for token, _, attempt in answers if attempt >= claims.max_attempts}
         answers.clear()
         if confirmation.valve_tripped:
             log.critical(
@@ -117,7 +119,7 @@ async def dispatch(
             remove_dead(confirmation.remove)
             result.removed += confirmation.remove
         for token, name, retry_at in batch:
-            if name == "retry":
+            if name == "retry" and token not in last_attempts:
                 if retry_at - now <= IN_PROCESS_WAIT_MS:
                     heapq.heappush(deferred, (retry_at, token))
                 else:

@@ -95,3 +95,28 @@ def register_client(env: dict[str, str]):
 
     app = functions_framework.create_app(target="register", source=str(ROOT / "functions" / "main.py"))
     return app.test_client()
+
+
+def start_stack(**config):
+    """A whole local system on free ports (functions-framework processes, fake FCM, bus)."""
+    import shutil
+
+    from local.stack import Stack, StackConfig
+
+    use_emulator = config.pop("use_emulator", True)
+    if use_emulator:
+        require(shutil.which("gcloud") is not None, "the Pub/Sub emulator (gcloud) is not installed")
+    env = {"REGISTER_RATE_PER_MINUTE": "0", "LOG_LEVEL": "INFO", **config.pop("env", {})}
+    cfg = StackConfig.free_ports(
+        state_file=None, quiet=True, use_emulator=use_emulator, database="pushline_test", redis_db=None,
+        fcm_delay_ms=config.pop("fcm_delay_ms", 0), console=config.pop("console", False), env=env, **config,
+    )
+    return Stack(cfg).start()
+
+
+@pytest.fixture(scope="session")
+def e2e_stack(servers: Servers):
+    """The system under test, on the Pub/Sub emulator, sharing the session's Redis and PostgreSQL."""
+    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url)
+    yield stack
+    stack.stop()

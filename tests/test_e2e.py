@@ -1,0 +1,332 @@
+"""End to end: functions-framework processes, real Redis and PostgreSQL, the Pub/Sub emulator
+pushing to `deliver` as Eventarc does, the fake FCM over HTTP. And the same basics on the local bus.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from local.idtoken import emulator_id_token
+from local.servers import wait_until
+from shared.db import Database
+from shared.store import TokenStore
+from tests.conftest import start_stack
+
+pytestmark = pytest.mark.e2e
+
+
+class Client:
+    """What a test does to a running stack, over HTTP, and how it looks into the stores."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.http = requests.Session()
+        self.redis = redis.Redis.from_url(stack.env["REDIS_URL"])
+        self.db = Database(stack.env["DATABASE_URL"])
+        self.store = TokenStore(self.redis, self.db, ttl_seconds=60 * 86400)
+
+    def close(self) -> None:
+        self.db.close()
+        self.redis.close()
+
+    def register(self, uid: str, token: str, platform: str | None = None) -> requests.Response:
+        body: dict[str, Any] = {"token": token}
+        if platform:
+            body["platform"] = platform
+        headers = {"Authorization": f"Bearer {emulator_id_token(uid, self.stack.config.project)}"}
+        r = self.http.post(self.stack.url("register") + "/", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r
+
+    def send(self, body: dict, headers: dict | None = None) -> str:
+        r = self.http.post(self.stack.url("send") + "/", json=body, headers=headers or {}, timeout=30)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def status(self, nid: str) -> dict:
+        r = self.http.get(f"{self.stack.url('send')}/{nid}", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_done(self, nid: str, timeout: float = 60) -> dict:
+        found: dict = {}
+
+        def done() -> bool:
+            found.update(self.status(nid))
+            return found["state"] == "done"
+
+        wait_until(done, timeout=timeout, interval=0.1, what=f"notification {nid} to be done (last: {found})")
+        return found
+
+    def fcm(self, token: str | None = None) -> list[dict]:
+        params = {"token": token} if token else {}
+        return self.http.get(self.stack.url("fcm") + "/_fake/messages", params=params, timeout=30).json()["messages"]
+
+    def script(self, token: str, responses: list[str]) -> None:
+        r = self.http.post(self.stack.url("fcm") + "/_fake/script", json={"token": token, "responses": responses})
+        assert r.ok
+
+    def received(self, tokens: list[str]) -> Counter:
+        wanted = set(tokens)
+        return Counter(
+            m["message"]["token"] for m in self.fcm() if m["message"]["token"] in wanted and m.get("status") == 200
+        )
+
+    def attempts(self, tokens: list[str]) -> Counter:
+        wanted = set(tokens)
+        return Counter(m["message"]["token"] for m in self.fcm() if m["message"]["token"] in wanted)
+
+
+def unique(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def note(**fields: Any) -> dict:
+    return {"notification": {"title": "Hello", "body": "there"}, **fields}
+
+
+@pytest.fixture
+def client(e2e_stack):
+    c = Client(e2e_stack)
+    yield c
+    c.close()
+
+
+def test_register_send_deliver(client):
+    user = unique("u-")
+    token = unique("tok-")
+    client.register(user, token, "android")
+    nid = client.send(note(user_ids=[user]))
+    status = client.wait_done(nid)
+    assert status["counts"]["delivered"] == 1
+    assert status["users"]["targeted"] == 1
+    [message] = client.fcm(token)
+    assert message["message"]["notification"] == {"title": "Hello", "body": "there"}
+
+
+def test_data_only_send_has_no_android_notification(client):
+    user, token = unique("u-"), unique("tok-")
+    client.register(user, token, "android")
+    nid = client.send({"user_ids": [user], "data": {"kind": "sync"}})
+    client.wait_done(nid)
+    [message] = client.fcm(token)
+    sent = message["message"]
+    assert sent["data"] == {"kind": "sync"}
+    assert "notification" not in sent
+    assert "notification" not in sent.get("android", {})
+    assert sent["apns"]["headers"]["apns-priority"] == "5"
+
+
+def test_platform_filtered_send(client):
+    user = unique("u-")
+    android, ios, web, bare = (unique(p) for p in ("and-", "ios-", "web-", "bare-"))
+    client.register(user, android, "android")
+    client.register(user, ios, "ios")
+    client.register(user, web, "web")
+    client.register(user, bare)
+    nid = client.send(note(user_ids=[user], platforms=["android", "web"]))
+    status = client.wait_done(nid)
+    assert client.received([android, ios, web, bare]) == Counter({android: 1, web: 1})
+    assert status["counts"]["delivered"] == 2
+
+
+def test_collapse_identity_on_every_message(client):
+    user = unique("u-")
+    tokens = [unique("tok-") for _ in range(3)]
+    for token, platform in zip(tokens, ("android", "ios", "web"), strict=True):
+        client.register(user, token, platform)
+    nid = client.send(note(user_ids=[user]))
+    client.wait_done(nid)
+    messages = [m["message"] for m in client.fcm() if m["message"]["token"] in tokens]
+    assert len(messages) == 3
+    for sent in messages:
+        assert sent["apns"]["headers"]["apns-collapse-id"] == nid
+        assert sent["webpush"]["headers"]["Topic"] == nid
+        assert sent["android"]["notification"]["tag"] == nid
+
+
+def test_dead_tokens_removed_from_both_stores(client):
+    user = unique("u-")
+    other = unique("v-")
+    dead, malformed, mismatch, good = unique("dead-"), unique("malformed-"), unique("mismatch-"), unique("ok-")
+    for token in (dead, malformed, good):
+        client.register(user, token)
+    client.register(other, mismatch)
+    nid = client.send(note(user_ids=[user, other]))
+    status = client.wait_done(nid)
+    assert status["counts"]["dead_removed"] == 3
+    assert status["counts"]["delivered"] == 1
+    assert set(client.store.tokens(user)) == {good}
+    assert set(client.store.db_tokens(user)) == {good}
+    assert client.store.db_tokens(other) == {}
+    assert client.redis.smembers(f"notif:token:{other}") == set()
+
+
+def test_payload_errors_neither_retried_nor_removing(client):
+    user, token = unique("u-"), unique("payload-")
+    client.register(user, token)
+    nid = client.send(note(user_ids=[user]))
+    status = client.wait_done(nid)
+    assert status["counts"]["payload_rejected"] == 1
+    assert client.attempts([token]) == Counter({token: 1})
+    assert set(client.store.db_tokens(user)) == {token}
+
+
+def test_transient_failures_retried_until_delivered_honouring_retry_after(client):
+    user = unique("u-")
+    flaky, quota = unique("flaky-"), unique("quota-")
+    client.register(user, flaky)
+    client.register(user, quota)
+    nid = client.send(note(user_ids=[user]))
+    status = client.wait_done(nid)
+    assert status["counts"]["delivered"] == 2
+    assert client.attempts([flaky, quota]) == Counter({flaky: 3, quota: 2})
+    times = sorted(m["received_at"] for m in client.fcm(flaky))
+    assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False))  # Retry-After: 1 honoured
+
+
+def test_attempts_are_bounded(client):
+    user, token = unique("u-"), unique("tok-")
+    client.register(user, token)
+    client.script(token, ["INTERNAL"] * 10)
+    nid = client.send(note(user_ids=[user]))
+    status = client.wait_done(nid)
+    assert status["counts"]["failed"] == 1
+    assert client.attempts([token]) == Counter({token: 5})  # MAX_ATTEMPTS
+    assert set(client.store.db_tokens(user)) == {token}
+
+
+def test_1200_tokens_each_reached_once(client):
+    users = [unique("bulk-") for _ in range(30)]
+    tokens = []
+    for user in users:
+        for k in range(40):
+            token = f"{user}-t{k}"
+            client.store.register(user, token, "android")
+            tokens.append(token)
+    nid = client.send(note(user_ids=users))
+    status = client.wait_done(nid)
+    received = client.received(tokens)
+    assert len(received) == 1200 and set(received.values()) == {1}
+    assert status["counts"]["delivered"] == 1200
+
+
+def test_fan_out_parts(client):
+    users = [unique("fan-") for _ in range(1200)]  # more than FANOUT_USERS_PER_PART (500): 3 parts
+    tokens = []
+    for i, user in enumerate(users[:60]):
+        token = f"{user}-t"
+        client.store.register(user, token)
+        tokens.append(token)
+    _ = i
+    nid = client.send(note(user_ids=users))
+    status = client.wait_done(nid)
+    assert client.received(tokens) == Counter({t: 1 for t in tokens})
+    assert status["users"] == {"targeted": 1200, "without_tokens": 1140, "skipped_once": 0}
+
+
+def test_wiped_token_cache_still_delivers(client):
+    user = unique("u-")
+    tokens = [unique("tok-") for _ in range(3)]
+    for token in tokens:
+        client.register(user, token)
+    client.redis.delete(f"notif:token:{user}", f"notif:platform:{user}")
+    nid = client.send(note(user_ids=[user]))
+    client.wait_done(nid)
+    assert client.received(tokens) == Counter({t: 1 for t in tokens})
+
+
+def test_status_counts_equal_what_fcm_received(client):
+    user = unique("u-")
+    healthy = [unique("ok-") for _ in range(5)]
+    dead = [unique("dead-") for _ in range(2)]
+    payload = [unique("payload-")]
+    for token in healthy + dead + payload:
+        client.register(user, token)
+    nid = client.send(note(user_ids=[user]))
+    status = client.wait_done(nid)
+    answers = Counter(m["answer"] for m in client.fcm() if m["message"]["token"] in healthy + dead + payload)
+    assert status["counts"]["delivered"] == answers["OK"] == 5
+    assert status["counts"]["dead_removed"] == answers["UNREGISTERED"] == 2
+    assert status["counts"]["payload_rejected"] == 1
+    assert sum(status["counts"].values()) == status["tokens"] == 8
+
+
+def test_same_event_delivered_three_times_in_parallel(client, e2e_stack):
+    user = unique("u-")
+    tokens = [unique("tok-") for _ in range(30)]
+    for token in tokens:
+        client.store.register(user, token)
+    nid = unique("dup")
+    job = json.dumps({"version": 1, "id": nid, "user_ids": [user], "notification": {"title": "a", "body": "b"}})
+    client.http.post(e2e_stack.url("fcm") + "/_fake/config", json={"delay_ms": 100})
+    try:
+        for _ in range(3):
+            e2e_stack.emulator.publish("pushline-jobs", job.encode())
+        status = client.wait_done(nid)
+    finally:
+        client.http.post(e2e_stack.url("fcm") + "/_fake/config", json={"delay_ms": 0})
+    assert client.received(tokens) == Counter({t: 1 for t in tokens})
+    assert status["counts"]["delivered"] == 30 and status["tokens"] == 30
+
+
+def test_malformed_event_is_acknowledged_without_sending(client, e2e_stack):
+    before = int(client.redis.hget("notif:stats", "invalid_jobs") or 0)
+    e2e_stack.emulator.publish("pushline-jobs", b"this is not json")
+    e2e_stack.emulator.publish("pushline-jobs", json.dumps({"version": 9, "user_ids": ["x"]}).encode())
+    wait_until(lambda: int(client.redis.hget("notif:stats", "invalid_jobs") or 0) >= before + 2, timeout=30)
+    # a later valid job gets through: the bad ones do not block the subscription
+    user, token = unique("u-"), unique("tok-")
+    client.register(user, token)
+    client.wait_done(client.send(note(user_ids=[user])))
+    assert int(client.redis.hget("notif:stats", "invalid_jobs") or 0) == before + 2
+
+
+@pytest.fixture(scope="module")
+def local_bus_stack(servers):
+    stack = start_stack(use_emulator=False, redis_url=servers.redis_url, database_url=servers.database_url)
+    yield stack
+    stack.stop()
+
+
+def test_local_bus_register_send_deliver(local_bus_stack):
+    client = Client(local_bus_stack)
+    try:
+        users = [unique("lb-") for _ in range(3)]
+        tokens = []
+        for user in users:
+            token = unique("tok-")
+            client.register(user, token, "ios")
+            tokens.append(token)
+        dead = unique("dead-")
+        client.register(users[0], dead)
+        nid = client.send(note(user_ids=users))
+        status = client.wait_done(nid)
+        assert client.received(tokens) == Counter({t: 1 for t in tokens})
+        assert status["counts"] == {"delivered": 3, "dead_removed": 1, "payload_rejected": 0, "config_error": 0,
+                                    "failed": 0, "retrying": 0}
+        assert dead not in client.store.db_tokens(users[0])
+    finally:
+        client.close()
+
+
+def test_encoded_event_shape_matches_eventarc(local_bus_stack):
+    """The local bus posts what Eventarc posts: deliver decodes it like a Pub/Sub push."""
+    payload = base64.b64encode(json.dumps({"version": 1, "user_ids": ["nobody-" + unique()],
+                                           "data": {"k": "v"}}).encode()).decode()
+    r = requests.post(
+        local_bus_stack.url("deliver") + "/",
+        json={"message": {"data": payload, "attributes": {}, "messageId": "123"}, "subscription": "s"},
+        headers={"ce-specversion": "1.0", "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+                 "ce-source": "//pubsub.googleapis.com/projects/p/topics/t", "ce-id": "123"},
+        timeout=30,
+    )
+    assert r.status_code == 200
