@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from local.pubsub_emulator import PubSubEmulator, free_port, port_is_open
 from shared import bus
 from shared.config import settings
-from local.pubsub_emulator import PubSubEmulator, free_port, port_is_open
 
 PROJECT = "demo-pushline"
 TOPIC = "pushline-jobs"
