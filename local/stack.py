@@ -214,7 +214,7 @@ class Stack:
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         RUN_DIR.mkdir(exist_ok=True)
         log_path = RUN_DIR / f"{name}-{self.config.ports.get(name, 0)}.log"
-        log = open(log_path, "wb")
+        log = open(log_path, "ab")
         full_env = {**os.environ, **(env or {})} if env is None else {**env}
         full_env.setdefault("PYTHONPATH", str(ROOT))
         self.processes[name] = subprocess.Popen(
@@ -244,6 +244,18 @@ class Stack:
             return True
 
         wait_until(answers, timeout=60, interval=0.1, what=f"{name} on port {port}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one part (and its process group), as a crash would."""
+        process = self.processes[name]
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        """Start a killed function again on the same port, with the same environment."""
+        self._spawn(name, self._function_command(name), env=self.env)
+        self._wait_ready(name)
+        self._record()
 
     def _record(self) -> None:
         if self.config.state_file is None:

@@ -80,7 +80,7 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
     """(job, part index, parts) of a message; Malformed when it can never be delivered."""
     try:
         payload = json.loads(env.payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (deeply nested: would be redelivered forever)
         raise Malformed("message data is not JSON") from None
     if not isinstance(payload, dict):
         raise Malformed("message data is not a JSON object")
@@ -182,7 +182,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             claims=claims,
             remove_dead=remove_dead,
             max_in_flight=s.fcm_max_in_flight,
-            lease_ms=(s.fcm_timeout_seconds + 20) * 1000,
+            lease_ms=(s.fcm_timeout_seconds + 5) * 1000,
         )
 
     outcome = instance.run(run())

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local.idtoken import emulator_id_token  # noqa: E402
-from local.servers import Servers  # noqa: E402
+from local.servers import TEST_DATABASE, Servers  # noqa: E402
 from shared import auth, instance  # noqa: E402
 from shared.db import Database, migrate  # noqa: E402
 
@@ -108,7 +108,7 @@ def start_stack(**config):
         require(shutil.which("gcloud") is not None, "the Pub/Sub emulator (gcloud) is not installed")
     env = {"REGISTER_RATE_PER_MINUTE": "0", "LOG_LEVEL": "INFO", **config.pop("env", {})}
     cfg = StackConfig.free_ports(
-        state_file=None, quiet=True, use_emulator=use_emulator, database="pushline_test", redis_db=None,
+        state_file=None, quiet=True, use_emulator=use_emulator, database=TEST_DATABASE, redis_db=None,
         fcm_delay_ms=config.pop("fcm_delay_ms", 0), console=config.pop("console", False), env=env, **config,
     )
     return Stack(cfg).start()
