@@ -94,9 +94,19 @@ def note(**fields: Any) -> dict:
     return {"notification": {"title": "Hello", "body": "there"}, **fields}
 
 
-@pytest.fixture
-def client(e2e_stack):
-    c = Client(e2e_stack)
+@pytest.fixture(scope="module")
+def e2e_sdk_stack(servers):
+    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
+    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["http", "sdk"])
+def client(request):
+    """Every end-to-end test runs on both FCM client paths."""
+    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
+    c = Client(stack)
     yield c
     c.close()
 
@@ -260,7 +270,8 @@ def test_status_counts_equal_what_fcm_received(client):
     assert sum(status["counts"].values()) == status["tokens"] == 8
 
 
-def test_same_event_delivered_three_times_in_parallel(client, e2e_stack):
+def test_same_event_delivered_three_times_in_parallel(client):
+    e2e_stack = client.stack
     user = unique("u-")
     tokens = [unique("tok-") for _ in range(30)]
     for token in tokens:
@@ -278,7 +289,8 @@ def test_same_event_delivered_three_times_in_parallel(client, e2e_stack):
     assert status["counts"]["delivered"] == 30 and status["tokens"] == 30
 
 
-def test_malformed_event_is_acknowledged_without_sending(client, e2e_stack):
+def test_malformed_event_is_acknowledged_without_sending(client):
+    e2e_stack = client.stack
     before = int(client.redis.hget("notif:stats", "invalid_jobs") or 0)
     e2e_stack.emulator.publish("pushline-jobs", b"this is not json")
     e2e_stack.emulator.publish("pushline-jobs", json.dumps({"version": 9, "user_ids": ["x"]}).encode())
