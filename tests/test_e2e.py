@@ -342,3 +342,31 @@ def test_encoded_event_shape_matches_eventarc(local_bus_stack):
         timeout=30,
     )
     assert r.status_code == 200
+
+
+def test_replayed_dead_letter_is_delivered_once(e2e_stack, monkeypatch):
+    """A dead-lettered job, moved back by `replay-dead-letters` (twice), reaches its device once."""
+    from shared import cli, instance
+
+    client = Client(e2e_stack)
+    try:
+        user, token = unique("u-"), unique("tok-")
+        client.register(user, token)
+        nid = unique("dl")
+        job = {"version": 1, "id": nid, "user_ids": [user], "notification": {"title": "late", "body": "but once"}}
+        emulator = e2e_stack.emulator
+        dead_topic, dead_sub = unique("dead-"), unique("dead-sub-")
+        emulator.create_topic(dead_topic)
+        emulator.create_pull_subscription(dead_sub, dead_topic)
+        for _ in range(2):  # the same job dead-lettered twice
+            emulator.publish(dead_topic, json.dumps(job).encode())
+        for key, value in e2e_stack.env.items():
+            monkeypatch.setenv(key, value)
+        instance.reset()
+        assert cli.main(["replay-dead-letters", "--subscription", dead_sub, "--topic", "pushline-jobs"]) == 0
+        status = client.wait_done(nid)
+        assert status["counts"]["delivered"] == 1
+        assert client.received([token]) == Counter({token: 1})
+    finally:
+        instance.reset()
+        client.close()
