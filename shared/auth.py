@@ -16,6 +16,11 @@ from shared.config import settings
 
 APP_NAME = "pushline-auth"
 
+# TEST ONLY: where firebase-admin fetches Google's ID-token certificates (None: Google's own URL).
+# Tests point it at a local server to check real RS256 verification offline, through
+# ``use_certificates_url``; it is deliberately never read from the environment or configuration.
+_certificates_url: str | None = None
+
 
 class AuthError(Exception):
     """The ID token is missing, malformed, expired, revoked or not for this project."""
@@ -25,10 +30,13 @@ class AuthError(Exception):
 def _app() -> firebase_admin.App:
     project = settings().google_cloud_project
     try:
-        return firebase_admin.get_app(APP_NAME)
+        app = firebase_admin.get_app(APP_NAME)
     except ValueError:
         # No credential needed to verify ID tokens: only the project id and Google's public certs.
-        return firebase_admin.initialize_app(credential=_NoCredential(), options={"projectId": project}, name=APP_NAME)
+        app = firebase_admin.initialize_app(credential=_NoCredential(), options={"projectId": project}, name=APP_NAME)
+    if _certificates_url is not None:  # tests only (see use_certificates_url)
+        auth._get_client(app)._token_verifier.id_token_verifier.cert_url = _certificates_url
+    return app
 
 
 class _NoCredential(firebase_admin.credentials.Base):
@@ -52,6 +60,14 @@ def verify(id_token: str) -> str:
     if not isinstance(uid, str) or not uid:
         raise AuthError("ID token has no subject")
     return uid
+
+
+def use_certificates_url(url: str | None) -> None:
+    """TEST ONLY: verify ID tokens against the certificates at ``url`` (``{kid: PEM}``), or Google's
+    again with None. Production code never calls this."""
+    global _certificates_url
+    _certificates_url = url
+    reset()
 
 
 def reset() -> None:

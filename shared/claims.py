@@ -14,6 +14,8 @@
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
   notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
   notif:budget:{second}    FCM sends granted in that second, across all instances
+  notif:valve:{bucket}     Hash answers / mismatches in a 5-minute bucket, project-wide
+  notif:valve:tripped      set (for 5 minutes) when the project-wide window tripped the valve
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
 
 Every state change is one Lua script over one notification, so copies of an event running in
@@ -32,6 +34,8 @@ import redis
 OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
+VALVE_WINDOW_SECONDS = 300  # the project-wide valve looks at the last 5 to 10 minutes
+VALVE_KEY = "notif:valve:tripped"
 
 # Lease answers.
 LEASED, FINAL, BUSY, NOT_DUE, NO_BUDGET = 1, 2, 3, 4, 5
@@ -51,6 +55,10 @@ def parts_key(nid: str) -> str:
 
 def fanout_key(nid: str) -> str:
     return f"notif:fanout:{nid}"
+
+
+def valve_window_key(bucket: int) -> str:
+    return f"notif:valve:{bucket}"
 
 
 def once_key(user_id: str, key: str) -> str:
@@ -139,26 +147,35 @@ if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.ca
 return out
 """
 
-# KEYS: ledger, status. ARGV: now, max_attempts, valve_min, valve_pct, ttl, then per token:
+# KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide).
+# ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, then per token:
 # token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms.
 # Returns {valve_tripped_now, config_error_first, tokens to remove...}.
 _CONFIRM = """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
 local answers, mismatches = 0, 0
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   answers = answers + 1
   if ARGV[i + 1] == 'mismatch' then mismatches = mismatches + 1 end
 end
+local minimum, pct = tonumber(ARGV[3]), tonumber(ARGV[4])
 local total = redis.call('HINCRBY', KEYS[2], 'answers', answers)
 local mism = redis.call('HINCRBY', KEYS[2], 'mismatches', mismatches)
+-- the project-wide window (this bucket and the one before), so that many small jobs trip it too
+local wa = redis.call('HINCRBY', KEYS[3], 'answers', answers)
+local wm = redis.call('HINCRBY', KEYS[3], 'mismatches', mismatches)
+redis.call('EXPIRE', KEYS[3], ARGV[6] * 2)
+wa = wa + tonumber(redis.call('HGET', KEYS[4], 'answers') or '0')
+wm = wm + tonumber(redis.call('HGET', KEYS[4], 'mismatches') or '0')
+if wa >= minimum and wm * 100 >= pct * wa then redis.call('SET', KEYS[5], now, 'EX', ARGV[6]) end
 local tripped = 0
-if total >= tonumber(ARGV[3]) and mism * 100 >= tonumber(ARGV[4]) * total then
+if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS[5]) == 1 then
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
 local out = {tripped, 0}
 local finals, waiting = 0, 0
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local t, r = ARGV[i], ARGV[i + 1]
   local s = redis.call('HGET', KEYS[1], t)
   if s and string.sub(s, 1, 1) == 'L' then
@@ -335,10 +352,20 @@ class Claims:
 
     def confirm(self, nid: str, results: list[tuple[str, str, int]]) -> Confirmation:
         """Record answers (token, result, retry-at ms) in one round trip; each token counted once."""
-        args: list[Any] = [now_ms(), self.max_attempts, VALVE_MIN_ANSWERS, VALVE_PERCENT, self.ledger_ttl]
+        now = now_ms()
+        bucket = now // 1000 // VALVE_WINDOW_SECONDS
+        args: list[Any] = [
+            now,
+            self.max_attempts,
+            VALVE_MIN_ANSWERS,
+            VALVE_PERCENT,
+            self.ledger_ttl,
+            VALVE_WINDOW_SECONDS,
+        ]
         for token, result, retry_at in results:
             args += [token, result, retry_at]
-        reply = self._confirm(keys=[ledger_key(nid), status_key(nid)], args=args)
+        keys = [ledger_key(nid), status_key(nid), valve_window_key(bucket), valve_window_key(bucket - 1), VALVE_KEY]
+        reply = self._confirm(keys=keys, args=args)
         return Confirmation(
             remove=[t.decode() for t in reply[2:]], valve_tripped=bool(reply[0]), config_error_first=bool(reply[1])
         )

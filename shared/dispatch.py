@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import logs
-from shared.claims import Claims, now_ms
+from shared.claims import VALVE_MIN_ANSWERS, Claims, now_ms
 from shared.outcomes import Kind, Outcome
 
 log = logs.get("dispatch")
@@ -84,10 +84,11 @@ async def dispatch(
     tasks: dict[asyncio.Task[Outcome], tuple[str, int]] = {}
     answers: list[tuple[str, Outcome, int]] = []
     unconfirmed = 0  # leased and not yet confirmed
+    confirmed = 0  # answers this copy has confirmed
     logged_messages: set[str] = set()
 
     def confirm() -> None:
-        nonlocal unconfirmed
+        nonlocal unconfirmed, confirmed
         batch: list[tuple[str, str, int]] = []
         now = now_ms()
         for token, outcome, attempt in answers:
@@ -101,6 +102,7 @@ async def dispatch(
                 )
         confirmation = claims.confirm(nid, batch)
         unconfirmed -= len(batch)
+        confirmed += len(batch)
         # A retry answer to the last allowed attempt made the token final (failed): nothing to wait for.
         last_attempts = {token for token, _, attempt in answers if attempt >= claims.max_attempts}
         answers.clear()
@@ -130,7 +132,8 @@ async def dispatch(
         while deferred and deferred[0][0] <= now:
             queue.append(heapq.heappop(deferred)[1])
         room = max_in_flight - unconfirmed
-        if queue and room >= min(LEASE_MIN, len(queue)):
+        # (never wait for more room than the window has: FCM_MAX_IN_FLIGHT may be below LEASE_MIN)
+        if queue and room >= min(LEASE_MIN, len(queue), max_in_flight):
             chunk = [queue.popleft() for _ in range(min(room, LEASE_MAX, len(queue)))]
             lease = claims.lease(nid, chunk, lease_ms)
             for token, attempt in lease.leased.items():
@@ -159,7 +162,10 @@ async def dispatch(
                 token, attempt = tasks.pop(task)
                 answers.append((token, task.result(), attempt))
             starved = bool(queue) and max_in_flight - unconfirmed < LEASE_MIN
-            if answers and (len(answers) >= CONFIRM_BATCH or not tasks or starved or not done):
+            # The safety valve decides once VALVE_MIN_ANSWERS answers are counted; until then answers are
+            # not flushed in small idle-time batches, or their mismatches would be removed unguarded.
+            idle = not done and confirmed + len(answers) >= VALVE_MIN_ANSWERS
+            if answers and (len(answers) >= CONFIRM_BATCH or not tasks or starved or idle):
                 confirm()
         elif answers:
             confirm()

@@ -46,7 +46,7 @@ def handle(event_data: Any) -> str:
         data = json.loads(env.payload)
         if not isinstance(data, Mapping):
             raise Malformed("event data is not a JSON object")
-    except (Malformed, ValueError, UnicodeDecodeError) as exc:
+    except (Malformed, ValueError, UnicodeDecodeError, RecursionError) as exc:
         log.error("malformed event acknowledged", extra={"reason": str(exc)})
         claims.count("events_invalid")
         return "invalid"

@@ -53,6 +53,8 @@ def read_json(request: flask.Request, max_bytes: int) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. 16,000 nested "[": the decoder gives up (it would otherwise be a 500)
+        raise HttpError(400, "request body is nested too deeply") from None
 
 
 def bearer_token(request: flask.Request) -> str:

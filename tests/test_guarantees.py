@@ -26,7 +26,9 @@ import redis
 from local.fake_fcm import FakeFcm
 from shared import bus, delivery, dispatch, instance, jobs
 from shared.accept import fingerprint
-from shared.claims import ledger_key, once_key, status_key
+from shared.claims import VALVE_MIN_ANSWERS, ledger_key, once_key, status_key
+from shared.config import settings
+from shared.fcm import make_client
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "functions" / "main.py")
@@ -173,6 +175,43 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
     fcm.configure(delay_ms=0)
     assert delivery.handle(ev) == "delivered"
     assert len(fcm.messages()) == len(tokens)
+    assert status(nid)["counts"]["delivered"] == len(tokens)
+
+
+def test_a_window_smaller_than_a_lease_batch_still_sends_everything(fcm):
+    """FCM_MAX_IN_FLIGHT below dispatch.LEASE_MIN: dispatch once spun forever without sending."""
+    window = 10
+    assert window < dispatch.LEASE_MIN
+    nid, tokens = "window", [f"w-{i:02d}" for i in range(60)]
+    claims = instance.claims()
+    claims.create_status(nid, targeted=1)
+    claims.register_part(nid, 0, tokens, 0, 0)
+
+    async def run() -> dispatch.PartOutcome:
+        client = make_client(settings())
+        try:
+            return await dispatch.dispatch(
+                nid,
+                tokens,
+                message_for=lambda token: {"token": token},
+                send=client.send,
+                claims=claims,
+                remove_dead=lambda dead: None,
+                max_in_flight=window,
+                lease_ms=30_000,
+            )
+        finally:
+            await client.close()
+
+    # Its own loop in a daemon thread: a regression fails here instead of hanging the suite.
+    result: dict[str, dispatch.PartOutcome] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("outcome", asyncio.run(run())), daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "dispatch did not finish with max_in_flight below LEASE_MIN"
+    assert result["outcome"].sent == len(tokens) and result["outcome"].complete
+    assert received(fcm) == Counter(dict.fromkeys(tokens, 1))
+    assert fcm.stats()["max_in_flight"] <= window
     assert status(nid)["counts"]["delivered"] == len(tokens)
 
 
@@ -478,11 +517,14 @@ def test_safety_valve_keeps_mismatch_tokens_and_keeps_sending(fcm, monkeypatch, 
     healthy = [f"ok-{i:02d}" for i in range(10)]
     for token in mismatch + healthy:
         store.register("carol", token)
+    # The valve decides once VALVE_MIN_ANSWERS answers are counted. With a delay the answers trickle in
+    # (connections are set up one by one), which once let dispatch confirm them in small idle-time
+    # batches before the valve could decide, removing most mismatch tokens.
+    fcm.configure(delay_ms=200)
     nid = "valve"
     assert delivery.handle(event(job(id=nid, user_ids=["carol"]))) == "delivered"
 
     in_db = set(store.db_tokens("carol"))
-    print("VALVE-REMOVED", len([t for t in mismatch if t not in in_db]))
     removed = [t for t in mismatch if t not in in_db]
     assert len(removed) < len(mismatch) * 20 // 100, f"{len(removed)} of {len(mismatch)} mismatch tokens removed"
     assert set(store.tokens("carol")) == in_db  # the cache agrees with PostgreSQL
@@ -492,6 +534,34 @@ def test_safety_valve_keeps_mismatch_tokens_and_keeps_sending(fcm, monkeypatch, 
     assert counts["delivered"] == len(healthy)  # kept sending after the valve tripped
     assert received(fcm) == Counter(dict.fromkeys(healthy, 1))
     assert redis.Redis.from_url(env["REDIS_URL"]).hexists(status_key(nid), "valve")
+
+
+def test_safety_valve_holds_with_small_confirmation_batches(fcm, monkeypatch):
+    """With confirmations smaller than the valve's minimum, at most the first VALVE_MIN_ANSWERS answers
+    can be acted on before the valve can judge; everything after is kept."""
+    setenv(monkeypatch, MAX_TOKENS_PER_USER="200", FCM_MAX_IN_FLIGHT="10")
+    store = instance.token_store()
+    mismatch = [f"mismatch-{i:03d}" for i in range(150)]
+    for token in mismatch + [f"ok-{i:02d}" for i in range(10)]:
+        store.register("carol", token)
+    assert delivery.handle(event(job(id="valve-small", user_ids=["carol"]))) == "delivered"
+    removed = [t for t in mismatch if t not in store.db_tokens("carol")]
+    assert len(removed) < VALVE_MIN_ANSWERS, f"{len(removed)} of {len(mismatch)} mismatch tokens removed"
+    assert status("valve-small")["counts"]["config_error"] == len(mismatch) - len(removed)
+
+
+def test_safety_valve_holds_across_small_notifications(fcm, store):
+    """Many small notifications trip the project-wide valve: a wrong FCM project cannot wipe the
+    device table one user at a time."""
+    users = [f"user{i:02d}" for i in range(60)]
+    for user in users:
+        store.register(user, f"mismatch-{user}-a")
+        store.register(user, f"mismatch-{user}-b")
+    for user in users:
+        delivery.handle(event(job(id=f"small-{user}", user_ids=[user])))
+    removed = sum(2 - len(store.db_tokens(user)) for user in users)
+    assert removed <= VALVE_MIN_ANSWERS, f"{removed} of 120 mismatch tokens removed"
+    assert all(store.db_tokens(user) for user in users[30:])  # once tripped, nothing more is removed
 
 
 def test_dead_tokens_do_not_trip_the_valve(fcm, store, env):

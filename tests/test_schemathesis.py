@@ -1,0 +1,379 @@
+"""infra/openapi.yaml against the RUNNING functions: schemathesis generates valid and invalid requests
+(over 1,000 in all) for register and send on a local stack (functions-framework processes, the local
+bus, the fake FCM, real Redis and PostgreSQL), and each answer is checked:
+
+- never a 5xx; every error is JSON ``{"error": "..."}``; status, content type, headers and body
+  conform to the document; data that breaks the document is rejected (4xx);
+- register: a missing or invalid ID token is 401, and a rejected registration stores nothing;
+- send: nothing from a rejected request reaches FCM (every message FCM received carries, as its
+  collapse id, the id of an accepted request), and accepted ones are delivered.
+
+The document names each operation with its function's prefix (``/register``, ``/send``); each
+function serves it at ``/`` of its own URL, so the prefix is stripped before calling.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from local.idtoken import emulator_id_token
+from local.servers import wait_until
+from shared.db import Database
+from tests.conftest import ORIGIN, ROOT, clean, start_stack
+
+slow = pytest.mark.slow
+
+DOCUMENT = ROOT / "infra" / "openapi.yaml"
+SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
+FUNCTION = {"/register": "register", "/send": "send", "/send/{id}": "send"}
+PREFIX = {"/register": "/register", "/send": "/send", "/send/{id}": "/send"}
+CHECKS = [
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
+MIN_REQUESTS = 1000
+
+# (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
+BUDGET = {
+    ("/register", "POST"): 200,
+    ("/register", "DELETE"): 120,
+    ("/register", "OPTIONS"): 40,
+    ("/send", "POST"): 250,
+    ("/send/{id}", "GET"): 60,
+}
+
+
+@dataclass
+class Record:
+    """What the run did, for the checks that need every request (and a count of them)."""
+
+    requests: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+    accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
+    rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
+    accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+
+
+RECORD = Record()
+
+
+@pytest.fixture(scope="module")
+def stack(servers):
+    clean(servers)
+    stack = start_stack(
+        use_emulator=False,
+        redis_url=servers.redis_url,
+        database_url=servers.database_url,
+        functions=("register", "send", "deliver"),
+        env={"CORS_ALLOWED_ORIGINS": ORIGIN, "MAX_TOKENS_PER_USER": "1000"},
+    )
+    project = stack.config.project
+    r = requests.post(
+        stack.url("register") + "/",
+        json={"token": CANARY_TOKEN, "platform": "android"},
+        headers={"Authorization": f"Bearer {emulator_id_token(CANARY_USER, project)}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def http():
+    session = requests.Session()
+    yield session
+    session.close()
+
+
+def authorizations(project: str) -> dict[str, str | None]:
+    """Authorization headers: two valid users, and what must be refused."""
+    return {
+        "fuzz-alice": f"Bearer {emulator_id_token('fuzz-alice', project)}",
+        "fuzz-bob": f"Bearer {emulator_id_token('fuzz-bob', project)}",
+        "missing": None,
+        "garbage": "Bearer not.a.jwt",
+        "other-project": f"Bearer {emulator_id_token('fuzz-alice', 'someone-elses-project')}",
+        "basic": f"Basic {emulator_id_token('fuzz-alice', project)}",
+        "empty": "Bearer ",
+    }
+
+
+VALID_CALLERS = {"fuzz-alice", "fuzz-bob"}
+
+
+def call(stack, http: requests.Session, case, extra_headers: dict[str, str] | None = None) -> requests.Response:
+    path = case.operation.path
+    base = stack.url(FUNCTION[path])
+    extra = {k: v for k, v in (extra_headers or {}).items() if v is not None}
+    kwargs = case.as_transport_kwargs(base_url=base, headers=extra)
+    for name, value in (extra_headers or {}).items():
+        if value is None:  # e.g. no Authorization at all
+            kwargs["headers"].pop(name, None)
+    url: str = kwargs["url"]
+    assert url.startswith(base + PREFIX[path]), url
+    rest = url[len(base) + len(PREFIX[path]) :]
+    kwargs["url"] = base + (rest if rest.startswith("/") else "/" + rest)
+    response = http.request(**kwargs, timeout=30, allow_redirects=False)
+    RECORD.requests[(path, case.method.upper())] += 1
+    RECORD.statuses[response.status_code] += 1
+    return response
+
+
+def check_answer(case, response: requests.Response) -> None:
+    assert response.status_code < 500, f"{case.method} {case.operation.path}: {response.status_code} {response.text}"
+    if response.status_code >= 400:
+        body = response.json()
+        assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], response.text
+    case.validate_response(response, checks=CHECKS)
+
+
+def body_token(case) -> str | None:
+    body = getattr(case, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("token"), str):
+        return body["token"]
+    return None
+
+
+def fuzz(operation: str, method: str, mode: GenerationMode, run: Any) -> None:
+    strategy = SCHEMA[operation][method].as_strategy(generation_mode=mode)
+    budget = BUDGET[(operation, method)]
+
+    @settings(
+        max_examples=budget,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy, data=st.data())
+    def test(case, data):
+        run(case, data)
+
+    test()
+
+
+MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+
+
+@slow
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_register(stack, http, method, mode):
+    callers = authorizations(stack.config.project)
+
+    valid, invalid = sorted(VALID_CALLERS), sorted(set(callers) - VALID_CALLERS)
+
+    def run(case, data):
+        who = data.draw(st.sampled_from(valid) | st.sampled_from(invalid), label="caller")  # half and half
+        response = call(stack, http, case, {"Authorization": callers[who]})
+        check_answer(case, response)
+        if who not in VALID_CALLERS:
+            assert response.status_code == 401, (who, response.status_code, response.text)
+            assert response.headers.get("WWW-Authenticate") == "Bearer"
+        token = body_token(case)
+        if method == "POST" and token is not None:
+            if response.status_code == 200:
+                RECORD.accepted_tokens.add(token)
+            else:
+                RECORD.rejected_tokens.add(token)
+
+    fuzz("/register", method, mode, run)
+
+
+@slow
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_register_preflight(stack, http, mode):
+    def run(case, data):
+        origin = data.draw(st.sampled_from([None, ORIGIN, "https://evil.example"]), label="origin")
+        response = call(stack, http, case, {"Origin": origin} if origin else None)
+        check_answer(case, response)
+        sent_origin = (case.headers or {}).get("Origin") if origin is None else origin
+        if response.status_code == 204:
+            assert sent_origin is not None and sent_origin.rstrip("/") == ORIGIN
+            assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+        else:
+            assert "Access-Control-Allow-Origin" not in response.headers
+
+    fuzz("/register", "OPTIONS", mode, run)
+
+
+@slow
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_send(stack, http, mode):
+    def run(case, data):
+        body = getattr(case, "body", None)
+        # Make requests name a user who has a device, so a rejected one that leaked would show at FCM.
+        if isinstance(body, dict) and isinstance(body.get("user_ids"), list) and data.draw(st.booleans()):
+            body["user_ids"].append(CANARY_USER)
+        response = call(stack, http, case)
+        check_answer(case, response)
+        if response.status_code == 202:
+            RECORD.accepted_ids.add(response.json()["id"])
+
+    fuzz("/send", "POST", mode, run)
+
+
+@slow
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_send_status(stack, http, mode):
+    def run(case, data):
+        known = sorted(RECORD.accepted_ids)
+        if known and mode is GenerationMode.POSITIVE and data.draw(st.booleans(), label="known id"):
+            case.path_parameters = {"id": data.draw(st.sampled_from(known))}
+        response = call(stack, http, case)
+        check_answer(case, response)
+
+    fuzz("/send/{id}", "GET", mode, run)
+
+
+@slow
+@pytest.mark.parametrize("function", ["register", "send"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH"])
+def test_other_methods_are_405(stack, http, function, method):
+    if function == "send" and method == "GET":
+        pytest.skip("GET is send's status operation")
+    r = http.request(method, stack.url(function) + "/", data=b'{"token": "x"}', timeout=30)
+    RECORD.requests[("other", method)] += 1
+    assert r.status_code == 405 and "error" in r.json() and r.headers["Allow"]
+
+
+@slow
+def test_nothing_stored_or_sent_for_rejected_requests(stack, http):
+    """After the fuzzing: no token of a rejected registration is stored, every accepted notification
+    is done, and FCM received only messages of accepted notifications (and the canary got them)."""
+    db = Database(stack.env["DATABASE_URL"])
+    try:
+        stored = {row[0] for row in db.run("SELECT token FROM device_tokens")}
+    finally:
+        db.close()
+    cache = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        cached = {
+            m.decode("utf-8", "surrogateescape") for k in cache.scan_iter("notif:token:*") for m in cache.smembers(k)
+        }
+    finally:
+        cache.close()
+    rejected = RECORD.rejected_tokens - RECORD.accepted_tokens
+    assert rejected, "no registration was rejected: the negative cases do not reach the function"
+    leaked = rejected & (stored | cached)
+    assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
+    assert CANARY_TOKEN in stored
+    assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
+
+    pending: dict[str, Any] = {}
+
+    def all_done() -> bool:
+        pending.clear()
+        for nid in RECORD.accepted_ids:
+            status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
+            if status.get("state") != "done":
+                pending[nid] = status
+        return not pending
+
+    wait_until(all_done, timeout=90, interval=0.5, what=f"accepted notifications to be done ({len(pending)} left)")
+    messages = http.get(stack.url("fcm") + "/_fake/messages", timeout=30).json()["messages"]
+    ids = {m["message"].get("apns", {}).get("headers", {}).get("apns-collapse-id") for m in messages}
+    assert ids <= RECORD.accepted_ids, (
+        f"FCM got messages of requests that were not accepted: {ids - RECORD.accepted_ids}"
+    )
+    assert any(m["message"]["token"] == CANARY_TOKEN for m in messages), "the canary got nothing"
+
+
+@slow
+def test_at_least_a_thousand_requests():
+    total = sum(RECORD.requests.values())
+    if not RECORD.requests:
+        pytest.skip("counts the requests of the fuzz tests above; run them in the same session")
+    summary = json.dumps(
+        {"requests": {f"{m} {p}": n for (p, m), n in sorted(RECORD.requests.items())}, "statuses": RECORD.statuses},
+        default=dict,
+    )
+    print(summary)
+    assert total >= MIN_REQUESTS, summary
+    assert RECORD.statuses[401] and RECORD.statuses[400] and RECORD.statuses[200] and RECORD.statuses[202], summary
+
+
+# --- the document itself (fast) ------------------------------------------------------------------
+
+
+def _document() -> dict:
+    import yaml
+
+    return yaml.safe_load(DOCUMENT.read_text())
+
+
+def test_document_is_valid_openapi_3_0():
+    import jsonschema
+    from schemathesis.specs.openapi.definitions import OPENAPI_30
+
+    document = _document()
+    assert document["openapi"] == "3.0.3"
+    jsonschema.Draft4Validator(OPENAPI_30).validate(document)
+    assert {p: document["paths"][p]["x-pushline-function"] for p in document["paths"]} == FUNCTION
+
+
+def _keys(spec: dict, schema: dict, components: dict) -> dict:
+    """The nested key tree of an allow-list schema, to compare with jobs.OPTION_SPECS."""
+    if "$ref" in schema:
+        schema = components[schema["$ref"].rsplit("/", 1)[1]]
+    props = schema.get("properties", {})
+    return {k: _keys(spec[k], props[k], components) if isinstance(spec.get(k), dict) else None for k in props}
+
+
+def test_document_agrees_with_the_validators():
+    from shared import jobs, registration
+    from shared.claims import OUTCOME_COUNTS
+    from shared.store import PLATFORMS
+
+    components = _document()["components"]["schemas"]
+    job_schema = json.loads((ROOT / "infra" / "job.schema.json").read_text())
+    send = components["SendRequest"]
+    assert set(send["properties"]) == set(jobs.REQUEST_FIELDS) == set(job_schema["properties"]) - {"version", "id"}
+    assert send["additionalProperties"] is False and send["required"] == ["user_ids"]
+    assert send["properties"]["user_ids"]["maxItems"] == jobs.MAX_USER_IDS
+    assert send["properties"]["user_ids"]["items"]["maxLength"] == jobs.MAX_USER_ID_CHARS
+    assert send["properties"]["once"]["pattern"] == jobs.ONCE_PATTERN
+    assert components["Accepted"]["properties"]["id"]["pattern"] == jobs.ID_PATTERN
+    for name, spec in jobs.OPTION_SPECS.items():
+
+        def tree(s):
+            return {k: tree(v) if isinstance(v, dict) else None for k, v in s.items()}
+
+        assert _keys(spec, send["properties"][name], components) == tree(spec), name
+    for name in ("notification", "data", "platforms", "once"):
+        assert send["properties"][name].get("type") == job_schema["properties"][name].get("type", "string"), name
+
+    register = components["RegisterRequest"]
+    assert set(register["properties"]) == {"token", "platform"} and register["additionalProperties"] is False
+    assert register["properties"]["platform"]["enum"] == list(PLATFORMS) == list(jobs.PLATFORMS)
+    assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
+    removal = components["RemoveRequest"]["oneOf"]
+    assert [set(o["properties"]) for o in removal] == [{"token"}, {"all"}]
+
+    status = components["Status"]
+    assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
+    assert set(status["required"]) == {"id", "state", "counts", "users", "tokens", "created_at", "updated_at"}
