@@ -22,7 +22,10 @@ import flask
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from shared import accept, auth, config, delivery, domain, instance, jobs, logs, registration, web
+from shared import config, instance, logs, web
+
+# Each entry point imports its use case on first use: a function instance loads only what it
+# serves (register never loads the bus or the FCM client; deliver never loads firebase-admin's auth).
 
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
@@ -32,6 +35,8 @@ REGISTER_MAX_BODY = 16 * 1024
 
 
 def _caller(request: flask.Request) -> str:
+    from shared import auth
+
     try:
         return auth.verify(web.bearer_token(request))
     except auth.AuthError as exc:
@@ -39,6 +44,8 @@ def _caller(request: flask.Request) -> str:
 
 
 def _register_device(request: flask.Request) -> tuple[int, dict]:
+    from shared import registration
+
     user_id = _caller(request)
     try:
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
@@ -49,6 +56,8 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
 
 
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:
+    from shared import registration
+
     user_id = _caller(request)
     try:
         token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
@@ -71,6 +80,8 @@ SEND_MAX_BODY = 1024 * 1024
 
 
 def _accept(request: flask.Request) -> tuple[int, dict, dict]:
+    from shared import accept, jobs
+
     body = web.read_json(request, SEND_MAX_BODY)
     try:
         answer = accept.accept(
@@ -85,6 +96,8 @@ def _accept(request: flask.Request) -> tuple[int, dict, dict]:
 
 
 def _status(request: flask.Request) -> tuple[int, dict, dict]:
+    from shared import accept
+
     answer = accept.status(request.path.strip("/"), instance.claims())
     return answer.status, answer.body, answer.headers
 
@@ -96,6 +109,8 @@ def send(request: flask.Request) -> flask.Response:
 
 @functions_framework.cloud_event
 def deliver(cloud_event: CloudEvent) -> None:
+    from shared import delivery
+
     try:
         delivery.handle(cloud_event.data)
     except delivery.RetryLater as exc:
@@ -105,6 +120,8 @@ def deliver(cloud_event: CloudEvent) -> None:
 
 @functions_framework.cloud_event
 def on_event(cloud_event: CloudEvent) -> None:
+    from shared import domain
+
     # Raising (rules unusable, bus or Redis down) makes the bus redeliver the event later.
     domain.handle(cloud_event.data)
 

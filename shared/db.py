@@ -113,7 +113,9 @@ class Database:
         """Run one statement (autocommit) and return its rows."""
         with self.connection() as conn:
             try:
-                return conn.run(sql, **params) or []
+                if isinstance(conn, _DbApiAdapter) or not params:
+                    return conn.run(sql, **params) or []
+                return _prepared(conn, sql).run(**params) or []
             except pg8000.native.DatabaseError:
                 # A statement error leaves the connection usable only after a rollback.
                 with contextlib.suppress(Exception):
@@ -128,6 +130,19 @@ class Database:
                 return
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+def _prepared(conn: pg8000.native.Connection, sql: str) -> pg8000.native.PreparedStatement:
+    """The connection's prepared statement for ``sql``: after the first use, running a statement is
+    one round trip (Bind/Execute/Sync) instead of three (Parse, Describe, Execute)."""
+    cache: dict[str, pg8000.native.PreparedStatement] | None = getattr(conn, "_pushline_prepared", None)
+    if cache is None:
+        cache = {}
+        conn._pushline_prepared = cache  # type: ignore[attr-defined]
+    statement = cache.get(sql)
+    if statement is None:
+        statement = cache[sql] = conn.prepare(sql)
+    return statement
 
 
 class _DbApiAdapter:

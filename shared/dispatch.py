@@ -11,6 +11,7 @@ the subscription's retry policy redelivers the part while the ledger holds what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import random
 import time
@@ -87,7 +88,7 @@ async def dispatch(
     confirmed = 0  # answers this copy has confirmed
     logged_messages: set[str] = set()
 
-    def confirm() -> None:
+    async def confirm() -> None:
         nonlocal unconfirmed, confirmed
         batch: list[tuple[str, str, int]] = []
         now = now_ms()
@@ -100,7 +101,8 @@ async def dispatch(
                     "FCM rejected the payload",
                     extra={"notification_id": nid, "fcm_code": outcome.code, "fcm_message": outcome.message},
                 )
-        confirmation = claims.confirm(nid, batch)
+        # Redis and PostgreSQL calls run in a worker thread: the loop keeps reading FCM's answers.
+        confirmation = await asyncio.to_thread(claims.confirm, nid, batch)
         unconfirmed -= len(batch)
         confirmed += len(batch)
         # A retry answer to the last allowed attempt made the token final (failed): nothing to wait for.
@@ -118,7 +120,7 @@ async def dispatch(
                 extra={"notification_id": nid},
             )
         if confirmation.remove:
-            remove_dead(confirmation.remove)
+            await asyncio.to_thread(remove_dead, confirmation.remove)
             result.removed += confirmation.remove
         for token, name, retry_at in batch:
             if name == "retry" and token not in last_attempts:
@@ -126,6 +128,14 @@ async def dispatch(
                     heapq.heappush(deferred, (retry_at, token))
                 else:
                     result.later[token] = retry_at
+
+    # Finished sends land here (a done-callback), so waiting costs the same with 5 or 500 in flight.
+    finished: deque[asyncio.Task[Outcome]] = deque()
+    wake = asyncio.Event()
+
+    def on_done(task: asyncio.Task[Outcome]) -> None:
+        finished.append(task)
+        wake.set()
 
     while queue or deferred or tasks or answers:
         now = now_ms()
@@ -135,10 +145,11 @@ async def dispatch(
         # (never wait for more room than the window has: FCM_MAX_IN_FLIGHT may be below LEASE_MIN)
         if queue and room >= min(LEASE_MIN, len(queue), max_in_flight):
             chunk = [queue.popleft() for _ in range(min(room, LEASE_MAX, len(queue)))]
-            lease = claims.lease(nid, chunk, lease_ms)
+            lease = await asyncio.to_thread(claims.lease, nid, chunk, lease_ms)
             for token, attempt in lease.leased.items():
                 unconfirmed += 1
                 task = asyncio.ensure_future(send(message_for(token)))
+                task.add_done_callback(on_done)
                 tasks[task] = (token, attempt)
             result.sent += len(lease.leased)
             result.busy.update(lease.busy)
@@ -157,8 +168,16 @@ async def dispatch(
                 timeout = 0.005  # do not hold answers back long when few requests are left
             elif deferred:
                 timeout = max(0.0, (deferred[0][0] - now_ms()) / 1000)
-            done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            if not finished:
+                wake.clear()
+                if timeout is None:
+                    await wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout)
+            done = bool(finished)
+            while finished:
+                task = finished.popleft()
                 token, attempt = tasks.pop(task)
                 answers.append((token, task.result(), attempt))
             starved = bool(queue) and max_in_flight - unconfirmed < LEASE_MIN
@@ -166,9 +185,9 @@ async def dispatch(
             # not flushed in small idle-time batches, or their mismatches would be removed unguarded.
             idle = not done and confirmed + len(answers) >= VALVE_MIN_ANSWERS
             if answers and (len(answers) >= CONFIRM_BATCH or not tasks or starved or idle):
-                confirm()
+                await confirm()
         elif answers:
-            confirm()
+            await confirm()
         elif deferred:
             await asyncio.sleep(max(0.0, (deferred[0][0] - now_ms()) / 1000))
     return result
