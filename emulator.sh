@@ -33,6 +33,8 @@ case "$cmd" in
   test)
     shift
     ensure_venv
+    # A real browser for the console test (Debian's chromium, where this machine can install it).
+    bash local/install_browser.sh || echo "==> could not install chromium: the console test will say so" >&2
     exec "$PY" -m pytest "$@"
     ;;
   run|stop|demo)

@@ -1,0 +1,156 @@
+"""The local console (local/console.py) against a running stack: in a real browser, and without JS.
+
+The browser is Debian's chromium (``local/install_browser.sh``) driven by Playwright from pip; the
+path is ``$PUSHLINE_CHROMIUM``, else ``chromium`` on PATH, else ``/usr/bin/chromium``. Without
+Playwright or Chromium the browser test skips, except under CI=true where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, clean, require, start_stack
+
+pytestmark = pytest.mark.e2e
+
+ARTIFACT = ROOT / "artifacts" / "console.png"
+DOCS_SCREENSHOT = ROOT / "docs" / "console.png"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000
+
+
+def chromium_path() -> str:
+    return os.environ.get("PUSHLINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def stack(servers):
+    clean(servers)
+    started = start_stack(
+        use_emulator=False, console=True, redis_url=servers.redis_url, database_url=servers.database_url
+    )
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "Playwright is not installed (pip install playwright)")
+    path = chromium_path()
+    require(Path(path).is_file(), f"no Chromium at {path} (run local/install_browser.sh)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def test_console_in_a_browser(browser, stack) -> None:
+    from playwright.sync_api import expect
+
+    user = f"console-{uuid.uuid4().hex[:8]}"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(stack.url("console") + "/")
+    page.keyboard.press("Tab")
+    expect(page.locator(":focus")).to_have_text("Skip to content")
+
+    # A test user, made with the keyboard.
+    page.get_by_label("User id", exact=True).fill(user)
+    page.get_by_label("User id", exact=True).press("Enter")
+    expect(page.get_by_role("status")).to_contain_text(f"Created user {user}")
+
+    # Two simulated devices, through the real register endpoint.
+    for behaviour, platform in (("healthy", "android"), ("uninstalled", "ios")):
+        expect(page.locator("#device-user")).to_have_value(user)  # the user just made is chosen
+        page.get_by_label("Behaviour").select_option(behaviour)
+        page.get_by_label("Platform", exact=True).select_option(platform)
+        page.get_by_role("button", name="Register device").click()
+        expect(page.get_by_role("status")).to_contain_text(f"({behaviour}, {platform}) for {user}")
+
+    healthy = page.locator(f'article.device[data-user="{user}"][data-behaviour="healthy"]')
+    dead = page.locator(f'article.device[data-user="{user}"][data-behaviour="uninstalled"]')
+    expect(healthy).to_contain_text("Live")
+    expect(dead).to_contain_text("Live")
+
+    # Compose and send to that user (checked by default: the user just made).
+    page.get_by_role("textbox", name="Title").fill("Hello from the console")
+    page.get_by_role("textbox", name="Body").fill("Two devices, one uninstalled")
+    page.get_by_role("textbox", name="Data").fill("screen=inbox")
+    expect(page.get_by_role("checkbox", name=user)).to_be_checked()
+    page.get_by_role("button", name="Send").click()
+
+    # The status region follows the notification (polling) until it is done.
+    status = page.locator("#status-region")
+    expect(status).to_have_attribute("aria-live", "polite")
+    expect(status).to_contain_text("done", timeout=TIMEOUT_MS)
+    expect(status.locator('[data-count="delivered"]')).to_have_text("1 delivered")
+    expect(status.locator('[data-count="dead_removed"]')).to_have_text("1 dead removed")
+
+    # The devices: the healthy one received it; the uninstalled one is removed, and why.
+    expect(healthy.locator(".received")).to_contain_text("Hello from the console", timeout=TIMEOUT_MS)
+    expect(healthy.locator(".received")).to_contain_text("screen=inbox")
+    expect(dead).to_contain_text("Removed", timeout=TIMEOUT_MS)
+    expect(dead).to_contain_text("UNREGISTERED")
+
+    # The stores: the healthy token in both, the dead one in neither.
+    healthy_token = healthy.get_attribute("data-token")
+    dead_token = dead.get_attribute("data-token")
+    page.locator("#s-user").fill(user)
+    page.locator("#s-user").press("Enter")
+    table = page.locator("#stores-table")
+    expect(table.get_by_role("row", name=healthy_token)).to_contain_text("yes")
+    expect(table).not_to_contain_text(dead_token)
+
+    ARTIFACT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACT), full_page=True)
+    if not DOCS_SCREENSHOT.exists() or os.environ.get("PUSHLINE_UPDATE_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(ARTIFACT, DOCS_SCREENSHOT)
+    page.close()
+
+
+def test_console_forms_work_without_javascript(stack) -> None:
+    """POST then redirect; errors shown on the page; nothing loaded from another host; local only."""
+    console = stack.url("console")
+    http = requests.Session()
+    user = f"nojs-{uuid.uuid4().hex[:8]}"
+    made = http.post(f"{console}/users", data={"user": user}, allow_redirects=False, timeout=30)
+    assert made.status_code == 303 and made.headers["Location"].endswith("#users")
+    added = http.post(
+        f"{console}/devices",
+        data={"user": user, "behaviour": "flaky", "platform": "web"},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert added.status_code == 303 and "err=" not in added.headers["Location"], added.headers["Location"]
+    refused = http.post(
+        f"{console}/send", data={"title": "x", "data": "not a pair", "users": user}, allow_redirects=False, timeout=30
+    )
+    assert refused.status_code == 400 and "data line 1 is not key=value" in refused.text
+    assert 'value="x"' in refused.text  # the form keeps what was typed
+
+    page = http.get(f"{console}/?user={user}", timeout=30).text
+    assert '<meta name="viewport"' in page and 'aria-live="polite"' in page
+    assert f'data-user="{user}" data-behaviour="flaky"' in page
+    assert "http://" not in page and "https://" not in page  # offline: no CDN, no external fonts
+
+    foreign = http.post(f"{console}/users", data={"user": "x"}, headers={"Origin": "https://evil.example"}, timeout=30)
+    assert foreign.status_code == 403
