@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 try:  # Deployed, shared/ sits beside this file; in the repo, one level up.
     import shared  # noqa: F401
@@ -20,6 +21,7 @@ except ImportError:
 
 import flask
 import functions_framework
+import werkzeug.exceptions
 from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
@@ -30,6 +32,7 @@ from shared import config, instance, logs, web
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
 logs.setup(SETTINGS.log_level)
+log = logs.get("main")
 
 REGISTER_MAX_BODY = 16 * 1024
 
@@ -114,16 +117,23 @@ def deliver(cloud_event: CloudEvent) -> None:
     try:
         delivery.handle(cloud_event.data)
     except delivery.RetryLater as exc:
-        # Raising makes functions-framework answer 500, and the bus redelivers the message later.
-        raise RuntimeError(f"not finished, redeliver later: {exc}") from None
+        _redeliver(str(exc))
 
 
 @functions_framework.cloud_event
 def on_event(cloud_event: CloudEvent) -> None:
     from shared import domain
 
-    # Raising (rules unusable, bus or Redis down) makes the bus redeliver the event later.
-    domain.handle(cloud_event.data)
+    try:
+        domain.handle(cloud_event.data)
+    except domain.RetryLater as exc:  # rules unusable, bus or Redis down
+        _redeliver(str(exc))
+
+
+def _redeliver(reason: str) -> NoReturn:
+    """Answer 503 so the bus redelivers the message later (one JSON log line, no traceback)."""
+    log.warning("not finished: the bus will redeliver this message", extra={"reason": reason})
+    raise werkzeug.exceptions.ServiceUnavailable(description=reason)
 
 
 def _prune(request: flask.Request) -> tuple[int, dict]:

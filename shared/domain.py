@@ -15,12 +15,16 @@ from typing import Any
 
 from shared import bus, events, instance, logs
 from shared.config import settings
-from shared.delivery import Malformed, envelope
+from shared.delivery import REDIS_ERRORS, Malformed, RetryLater, envelope
+from shared.errors import Unavailable
 
 log = logs.get("on_event")
 
 
-class RulesUnavailable(RuntimeError):
+__all__ = ["RetryLater", "RulesUnavailable", "handle", "reset", "rules"]
+
+
+class RulesUnavailable(RetryLater):
     """The rules file is missing or invalid: fail the event so the bus retries it later."""
 
 
@@ -38,7 +42,19 @@ def rules() -> dict[str, events.Rule]:
 
 
 def handle(event_data: Any) -> str:
-    """Turn one domain event into a job published to PUBSUB_TOPIC; returns what happened."""
+    """Turn one domain event into a job published to PUBSUB_TOPIC; returns what happened.
+
+    Raises ``RetryLater`` (the bus redelivers) when the rules are unusable or Redis or the bus is down.
+    """
+    try:
+        return _handle(event_data)
+    except REDIS_ERRORS as exc:
+        raise RetryLater(f"Redis unreachable ({type(exc).__name__})") from None
+    except Unavailable as exc:
+        raise RetryLater(f"{exc.what} unavailable") from None
+
+
+def _handle(event_data: Any) -> str:
     loaded = rules()
     claims = instance.claims()
     try:

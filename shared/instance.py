@@ -7,6 +7,8 @@ Tests call ``reset()`` after changing the environment.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import functools
 import threading
 from collections.abc import Coroutine
@@ -76,17 +78,22 @@ class _Loop:
         self.thread = threading.Thread(target=self.loop.run_forever, name="pushline-loop", daemon=True)
         self.thread.start()
         self.fcm: Any = None
+        atexit.register(self.stop)  # close the FCM client's connections when the instance stops
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+
         async def close() -> None:
             if self.fcm is not None:
                 await self.fcm.close()
 
         try:
-            self.run(close())
+            with contextlib.suppress(Exception):  # stopping anyway
+                asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=5)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)

@@ -307,7 +307,7 @@ def test_bad_rules_fail_events_while_register_send_deliver_work(bad_rules_stack,
         assert "rule 'order.completed'" in reason and "{order.id}" in reason
         assert str(bad_rules_file) in reason
 
-        # on_event answers 500 to a pushed event (what makes the bus redeliver it).
+        # on_event answers 503 to a pushed event (what makes the bus redeliver it).
         push = {
             "message": {
                 "data": "e30=",  # {}
@@ -317,7 +317,7 @@ def test_bad_rules_fail_events_while_register_send_deliver_work(bad_rules_stack,
             "subscription": "projects/demo-pushline/subscriptions/pushline-on-event",
         }
         r = client.http.post(bad_rules_stack.url("on_event") + "/", json=push, timeout=30)
-        assert r.status_code == 500
+        assert r.status_code == 503
 
         # register (above), send and deliver serve a normal notification end to end.
         nid = client.send({"user_ids": [user], "notification": {"title": "Hello", "body": "there"}})
