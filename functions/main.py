@@ -22,6 +22,7 @@ except ImportError:
 import flask
 import functions_framework
 import werkzeug.exceptions
+import werkzeug.routing
 from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
@@ -35,6 +36,14 @@ logs.setup(SETTINGS.log_level)
 log = logs.get("main")
 
 REGISTER_MAX_BODY = 16 * 1024
+
+
+@functions_framework.errorhandler(werkzeug.exceptions.HTTPException)
+def _http_error(exc: werkzeug.exceptions.HTTPException) -> flask.Response | werkzeug.exceptions.HTTPException:
+    """Errors raised outside our handlers (routing, 503 for redelivery) are JSON too."""
+    if isinstance(exc, werkzeug.routing.RequestRedirect):
+        return exc
+    return web.respond(exc.code or 500, {"error": exc.description or exc.name})
 
 
 def _caller(request: flask.Request) -> str:
