@@ -43,6 +43,8 @@ from shared.jobs import (
     JobError,
     parse_v1,
     payload_size,
+    type_name,
+    valid_unicode,
 )
 
 __all__ = [
@@ -205,22 +207,6 @@ def _literal_text(parts: tuple[_Part, ...]) -> str:
     return "".join(p for p in parts if isinstance(p, str))
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _scalar_text(value: object) -> str | None:
     """The text of a string, int, float or bool (without calling any overridden method); else None."""
     if isinstance(value, bool):
@@ -250,7 +236,7 @@ def _fill(parts: tuple[_Part, ...], data: Mapping, where: str, rule_type: str) -
         text = _scalar_text(value)
         if text is None:
             raise EventError(
-                f"event field {name!r} is {_type_name(value)}; {where} of rule {rule_type!r} "
+                f"event field {name!r} is {type_name(value)}; {where} of rule {rule_type!r} "
                 "needs a string, number or boolean there"
             )
         out.append(text)
@@ -271,7 +257,7 @@ def _unknown(obj: Mapping, allowed: tuple[str, ...], path: str) -> str | None:
 
 def _check_template(value: object, where: str, problems: list[str]) -> tuple[_Part, ...] | None:
     if not isinstance(value, str):
-        problems.append(f"{where} must be a string template, got {_type_name(value)}")
+        problems.append(f"{where} must be a string template, got {type_name(value)}")
         return None
     try:
         return _parse_template(value)
@@ -284,7 +270,7 @@ def _check_recipients(value: object, problems: list[str]) -> tuple[str | None, t
     if not isinstance(value, Mapping):
         problems.append(
             'recipients must be an object: {"field": "<event field with the user id(s)>"} or '
-            f'{{"users": ["<user id>", ...]}}, got {_type_name(value)}'
+            f'{{"users": ["<user id>", ...]}}, got {type_name(value)}'
         )
         return None, None
     unknown = _unknown(value, RECIPIENT_FIELDS, "recipients")
@@ -298,7 +284,7 @@ def _check_recipients(value: object, problems: list[str]) -> tuple[str | None, t
         field = value["field"]
         if not isinstance(field, str) or not field:
             problems.append(
-                f"recipients.field must be a non-empty string (an event field name), got {_type_name(field)}"
+                f"recipients.field must be a non-empty string (an event field name), got {type_name(field)}"
             )
             return None, None
         return field, None
@@ -316,7 +302,7 @@ def _check_recipients(value: object, problems: list[str]) -> tuple[str | None, t
             or not uid
             or len(uid) > _MAX_USER_ID_CHARS
             or _CONTROL_RE.search(uid)
-            or not _valid_unicode(uid)
+            or not valid_unicode(uid)
         ):
             problems.append(
                 f"recipients.users[{i}] must be a non-empty string of at most {_MAX_USER_ID_CHARS} characters "
@@ -327,24 +313,16 @@ def _check_recipients(value: object, problems: list[str]) -> tuple[str | None, t
     return None, tuple(out)
 
 
-def _valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_data(value: object, problems: list[str]) -> dict[str, str]:
     if not isinstance(value, Mapping):
-        problems.append(f"data must be an object of string templates, got {_type_name(value)}")
+        problems.append(f"data must be an object of string templates, got {type_name(value)}")
         return {}
     if not value:
         problems.append("data must have at least one key (leave data out to send none)")
         return {}
     out: dict[str, str] = {}
     for key, item in value.items():
-        if not key or not _valid_unicode(key):
+        if not key or not valid_unicode(key):
             problems.append(f"data key {key!r} must be a non-empty string")
             continue
         if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
@@ -362,7 +340,7 @@ def _check_platforms(value: object, problems: list[str]) -> tuple[str, ...] | No
         return None
     for i, item in enumerate(value):
         if not isinstance(item, str) or item not in PLATFORMS:
-            shown = repr(_clip(item)) if isinstance(item, str) else _type_name(item)
+            shown = repr(_clip(item)) if isinstance(item, str) else type_name(item)
             problems.append(f"platforms[{i}] must be one of {allowed}, got {shown}")
             return None
         if item in value[:i]:
@@ -399,7 +377,7 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
     name = _rule_name(obj, index)
     problems: list[str] = []
     if not isinstance(obj, Mapping):
-        return None, [f"{name} must be an object, got {_type_name(obj)}"]
+        return None, [f"{name} must be an object, got {type_name(obj)}"]
     unknown = _unknown(obj, RULE_FIELDS, "the rule")
     if unknown:
         problems.append(unknown)
@@ -408,7 +386,7 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
     if "type" not in obj:
         problems.append("type is required")
     elif not isinstance(rule_type, str) or not _TYPE_RE.fullmatch(rule_type):
-        shown = repr(_clip(rule_type)) if isinstance(rule_type, str) else _type_name(rule_type)
+        shown = repr(_clip(rule_type)) if isinstance(rule_type, str) else type_name(rule_type)
         problems.append(f"type must be 1 to 128 characters of A-Z a-z 0-9 _ . : -, got {shown}")
 
     field, users = None, None
@@ -459,7 +437,7 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
 
 def _collect(obj: object) -> tuple[dict[str, Rule], list[str]]:
     if not isinstance(obj, Mapping):
-        return {}, [f'the rules file must be a JSON object {{"rules": [...]}}, got {_type_name(obj)}']
+        return {}, [f'the rules file must be a JSON object {{"rules": [...]}}, got {type_name(obj)}']
     problems: list[str] = []
     unknown = _unknown(obj, RULES_FIELDS, "the rules file")
     if unknown:
@@ -469,7 +447,7 @@ def _collect(obj: object) -> tuple[dict[str, Rule], list[str]]:
         return {}, problems
     items = obj["rules"]
     if not isinstance(items, list):
-        problems.append(f'"rules" must be a list of rules, got {_type_name(items)}')
+        problems.append(f'"rules" must be a list of rules, got {type_name(items)}')
         return {}, problems
     rules: dict[str, Rule] = {}
     first_index: dict[str, int] = {}
@@ -610,11 +588,11 @@ def _recipients(rule: Rule, data: Mapping) -> list[str]:
         for i, item in enumerate(value):
             if not isinstance(item, str) or not item:
                 raise EventError(
-                    f"event field {field!r}[{i}] must be a non-empty user id string, got {_type_name(item)}"
+                    f"event field {field!r}[{i}] must be a non-empty user id string, got {type_name(item)}"
                 )
         return list(value)
     raise EventError(
-        f"event field {field!r} (the recipients) must be a user id string or a list of them, got {_type_name(value)}"
+        f"event field {field!r} (the recipients) must be a user id string or a list of them, got {type_name(value)}"
     )
 
 
@@ -626,7 +604,7 @@ def render(rule: Rule, data: Mapping, *, job_id: str | None = None) -> dict:
     when the job breaks a job rule (e.g. more than 4,096 bytes of payload).
     """
     if not isinstance(data, Mapping):
-        raise EventError(f"the event data must be a JSON object, got {_type_name(data)}")
+        raise EventError(f"the event data must be a JSON object, got {type_name(data)}")
     job: dict[str, Any] = {"version": 1}
     if job_id is not None:
         job["id"] = job_id

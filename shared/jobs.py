@@ -35,6 +35,8 @@ __all__ = [
     "parse_request",
     "parse_v1",
     "to_v1",
+    "type_name",
+    "valid_unicode",
     "with_users",
 ]
 
@@ -100,7 +102,8 @@ def new_id() -> str:
 # --- small checks ------------------------------------------------------------------------------
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
+    """How an error message names a JSON value's type."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -124,17 +127,18 @@ def _shown(value: object) -> str:
         return repr(value)
     if isinstance(value, str) and len(value) <= 100:
         return repr(value)
-    return _type_name(value)
+    return type_name(value)
 
 
 def _shown_text(value: object) -> str:
     """A string value (quoted, if short) or the type of a non-string, for an error message."""
     if isinstance(value, str):
         return repr(value) if len(value) <= 100 else f"a string of {len(value)} characters"
-    return _type_name(value)
+    return type_name(value)
 
 
-def _valid_unicode(value: str) -> bool:
+def valid_unicode(value: str) -> bool:
+    """False for strings with lone surrogates (they cannot be encoded to send)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -144,17 +148,17 @@ def _valid_unicode(value: str) -> bool:
 
 def _string(value: object, path: str, *, max_chars: int | None = MAX_OPTION_CHARS) -> str:
     if not isinstance(value, str):
-        raise JobError(f"{path} must be a string, got {_type_name(value)}")
+        raise JobError(f"{path} must be a string, got {type_name(value)}")
     if max_chars is not None and len(value) > max_chars:
         raise JobError(f"{path} must be at most {max_chars} characters, got {len(value)}")
-    if not _valid_unicode(value):
+    if not valid_unicode(value):
         raise JobError(f"{path} must be valid Unicode text (it contains a lone surrogate)")
     return value
 
 
 def _object(value: object, path: str) -> Mapping:
     if not isinstance(value, Mapping):
-        raise JobError(f"{path} must be an object, got {_type_name(value)}")
+        raise JobError(f"{path} must be an object, got {type_name(value)}")
     return value
 
 
@@ -223,7 +227,7 @@ def _badge(value: object, path: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BADGE:
-        shown = _type_name(value) if isinstance(value, bool | str) else _shown(value)
+        shown = type_name(value) if isinstance(value, bool | str) else _shown(value)
         raise JobError(f"{path} must be a whole number from 0 to {MAX_BADGE}, got {shown}")
     return value
 
@@ -283,7 +287,7 @@ def _options(value: object, spec: _Spec, path: str) -> dict:
 
 def _user_ids(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple):
-        raise JobError(f"user_ids must be a list of 1 to {MAX_USER_IDS} user ids, got {_type_name(value)}")
+        raise JobError(f"user_ids must be a list of 1 to {MAX_USER_IDS} user ids, got {type_name(value)}")
     if not value:
         raise JobError("user_ids must not be empty")
     if len(value) > MAX_USER_IDS:
@@ -294,7 +298,7 @@ def _user_ids(value: object) -> tuple[str, ...]:
             raise JobError(f"user_ids[{i}] must be a non-empty string of at most {MAX_USER_ID_CHARS} characters")
         if _CONTROL_RE.search(uid):
             raise JobError(f"user_ids[{i}] must not contain control characters")
-        if not _valid_unicode(uid):
+        if not valid_unicode(uid):
             raise JobError(f"user_ids[{i}] must be valid Unicode text (it contains a lone surrogate)")
         seen[uid] = None
     return tuple(seen)
@@ -322,12 +326,12 @@ def _data(value: object) -> dict[str, str]:
     for key, item in obj.items():
         if not isinstance(key, str) or not key:
             raise JobError(f"data keys must be non-empty strings, got {key!r}")
-        if not _valid_unicode(key):
+        if not valid_unicode(key):
             raise JobError(f"data key {key!r} must be valid Unicode text (it contains a lone surrogate)")
         if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
             raise JobError(f"data key {key!r} is reserved by FCM")
         if not isinstance(item, str):
-            raise JobError(f"data[{key!r}] must be a string, got {_type_name(item)} (FCM data values are strings)")
+            raise JobError(f"data[{key!r}] must be a string, got {type_name(item)} (FCM data values are strings)")
         out[key] = _string(item, f"data[{key!r}]", max_chars=None)  # the payload limit applies
     return out
 

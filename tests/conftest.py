@@ -97,6 +97,26 @@ def register_client(env: dict[str, str]):
     return app.test_client()
 
 
+@pytest.fixture(scope="session")
+def fake_fcm_server():
+    """The fake FCM HTTP v1 server, in this process (a thread), spoken to over real HTTP."""
+    from local.fake_fcm import FakeFcm
+
+    server = FakeFcm()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fcm(fake_fcm_server, env, monkeypatch):
+    """The fake FCM, reset, with the functions' FCM client pointed at it."""
+    fake_fcm_server.reset()
+    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
+    instance.reset()
+    return fake_fcm_server
+
+
 def start_stack(**config):
     """A whole local system on free ports (functions-framework processes, fake FCM, bus)."""
     import shutil

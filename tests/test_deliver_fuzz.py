@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from local.fake_fcm import FakeFcm
-from shared import delivery, instance
+from shared import delivery
 
 # Tokens the fake FCM answers UNREGISTERED / INVALID_ARGUMENT: a message that reached them would remove them.
 DEVICES = {
@@ -31,22 +30,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module")
-def fake_fcm_server():
-    server = FakeFcm()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fcm(fake_fcm_server, env, monkeypatch):
-    fake_fcm_server.reset()
-    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
-    instance.reset()
-    return fake_fcm_server
 
 
 @pytest.fixture

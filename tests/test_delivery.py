@@ -6,26 +6,7 @@ import base64
 import json
 from collections import Counter
 
-import pytest
-
-from local.fake_fcm import FakeFcm
 from shared import delivery, instance, jobs
-
-
-@pytest.fixture(scope="session")
-def fake_fcm_server():
-    server = FakeFcm()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fcm(fake_fcm_server, env, monkeypatch):
-    fake_fcm_server.reset()
-    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
-    instance.reset()
-    return fake_fcm_server
 
 
 def event(payload: dict, message_id: str = "m-1", attributes: dict | None = None) -> dict:

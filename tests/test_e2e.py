@@ -7,87 +7,17 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import uuid
 from collections import Counter
 from typing import Any
 
 import pytest
-import redis
 import requests
 
-from local.idtoken import emulator_id_token
 from local.servers import wait_until
-from shared.db import Database
-from shared.store import TokenStore
 from tests.conftest import start_stack
+from tests.e2e_client import Client, unique
 
 pytestmark = pytest.mark.e2e
-
-
-class Client:
-    """What a test does to a running stack, over HTTP, and how it looks into the stores."""
-
-    def __init__(self, stack) -> None:
-        self.stack = stack
-        self.http = requests.Session()
-        self.redis = redis.Redis.from_url(stack.env["REDIS_URL"])
-        self.db = Database(stack.env["DATABASE_URL"])
-        self.store = TokenStore(self.redis, self.db, ttl_seconds=60 * 86400)
-
-    def close(self) -> None:
-        self.db.close()
-        self.redis.close()
-
-    def register(self, uid: str, token: str, platform: str | None = None) -> requests.Response:
-        body: dict[str, Any] = {"token": token}
-        if platform:
-            body["platform"] = platform
-        headers = {"Authorization": f"Bearer {emulator_id_token(uid, self.stack.config.project)}"}
-        r = self.http.post(self.stack.url("register") + "/", json=body, headers=headers, timeout=30)
-        assert r.status_code == 200, r.text
-        return r
-
-    def send(self, body: dict, headers: dict | None = None) -> str:
-        r = self.http.post(self.stack.url("send") + "/", json=body, headers=headers or {}, timeout=30)
-        assert r.status_code == 202, r.text
-        return r.json()["id"]
-
-    def status(self, nid: str) -> dict:
-        r = self.http.get(f"{self.stack.url('send')}/{nid}", timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def wait_done(self, nid: str, timeout: float = 60) -> dict:
-        found: dict = {}
-
-        def done() -> bool:
-            found.update(self.status(nid))
-            return found["state"] == "done"
-
-        wait_until(done, timeout=timeout, interval=0.1, what=f"notification {nid} to be done (last: {found})")
-        return found
-
-    def fcm(self, token: str | None = None) -> list[dict]:
-        params = {"token": token} if token else {}
-        return self.http.get(self.stack.url("fcm") + "/_fake/messages", params=params, timeout=30).json()["messages"]
-
-    def script(self, token: str, responses: list[str]) -> None:
-        r = self.http.post(self.stack.url("fcm") + "/_fake/script", json={"token": token, "responses": responses})
-        assert r.ok
-
-    def received(self, tokens: list[str]) -> Counter:
-        wanted = set(tokens)
-        return Counter(
-            m["message"]["token"] for m in self.fcm() if m["message"]["token"] in wanted and m.get("status") == 200
-        )
-
-    def attempts(self, tokens: list[str]) -> Counter:
-        wanted = set(tokens)
-        return Counter(m["message"]["token"] for m in self.fcm() if m["message"]["token"] in wanted)
-
-
-def unique(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 def note(**fields: Any) -> dict:

@@ -30,7 +30,6 @@ from cryptography.x509.oid import NameOID
 from google.auth import crypt
 from google.auth import jwt as google_jwt
 
-from local.fake_fcm import FakeFcm
 from local.idtoken import emulator_id_token
 from local.servers import wait_until
 from shared import auth, config, delivery, instance, logs
@@ -265,22 +264,6 @@ def _chain(exc: BaseException | None):
 
 
 # --- users are confined to their own devices -----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fake_fcm_server():
-    server = FakeFcm()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def fcm(fake_fcm_server, env, monkeypatch):
-    fake_fcm_server.reset()
-    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
-    instance.reset()
-    return fake_fcm_server
 
 
 def deliver(job_id: str, user_ids: list[str]) -> str:
