@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import logs
+from shared import logs, outcomes
 from shared.claims import VALVE_MIN_ANSWERS, Claims, now_ms
 from shared.outcomes import Kind, Outcome
 
@@ -82,8 +82,8 @@ async def dispatch(
     result = PartOutcome()
     queue: deque[str] = deque(tokens)
     deferred: list[tuple[int, str]] = []  # (due ms, token): retries this instance will make
-    tasks: dict[asyncio.Task[Outcome], tuple[str, int]] = {}
     answers: list[tuple[str, Outcome, int]] = []
+    sending = 0  # handed to the senders, not yet answered
     unconfirmed = 0  # leased and not yet confirmed
     confirmed = 0  # answers this copy has confirmed
     logged_messages: set[str] = set()
@@ -129,67 +129,78 @@ async def dispatch(
                 else:
                     result.later[token] = retry_at
 
-    # Finished sends land here (a done-callback), so waiting costs the same with 5 or 500 in flight.
-    finished: deque[asyncio.Task[Outcome]] = deque()
+    # A fixed pool of senders (one per request in flight) takes leased tokens from `work` and puts
+    # answers in `finished`; waiting for answers costs the same with 5 or 500 in flight.
+    work: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    finished: deque[tuple[str, Outcome, int]] = deque()
     wake = asyncio.Event()
 
-    def on_done(task: asyncio.Task[Outcome]) -> None:
-        finished.append(task)
-        wake.set()
+    async def sender() -> None:
+        while True:
+            token, attempt = await work.get()
+            try:
+                outcome = await send(message_for(token))
+            except Exception as exc:  # the client maps failures itself; this is a last resort
+                outcome = outcomes.from_exception(exc)
+            finished.append((token, outcome, attempt))
+            wake.set()
 
-    while queue or deferred or tasks or answers:
-        now = now_ms()
-        while deferred and deferred[0][0] <= now:
-            queue.append(heapq.heappop(deferred)[1])
-        room = max_in_flight - unconfirmed
-        # (never wait for more room than the window has: FCM_MAX_IN_FLIGHT may be below LEASE_MIN)
-        if queue and room >= min(LEASE_MIN, len(queue), max_in_flight):
-            chunk = [queue.popleft() for _ in range(min(room, LEASE_MAX, len(queue)))]
-            lease = await asyncio.to_thread(claims.lease, nid, chunk, lease_ms)
-            for token, attempt in lease.leased.items():
-                unconfirmed += 1
-                task = asyncio.ensure_future(send(message_for(token)))
-                task.add_done_callback(on_done)
-                tasks[task] = (token, attempt)
-            result.sent += len(lease.leased)
-            result.busy.update(lease.busy)
-            for token, due in lease.not_due.items():
-                if due - now <= IN_PROCESS_WAIT_MS:
-                    heapq.heappush(deferred, (due, token))
-                else:
-                    result.later[token] = due
-            for token in lease.no_budget:  # the project's FCM budget for this second is spent
-                heapq.heappush(deferred, (now + 1000 - now % 1000, token))
-            if lease.leased:
-                continue  # fill the window before waiting
-        if tasks:
-            timeout = None
-            if answers:
-                timeout = 0.005  # do not hold answers back long when few requests are left
-            elif deferred:
-                timeout = max(0.0, (deferred[0][0] - now_ms()) / 1000)
-            if not finished:
-                wake.clear()
-                if timeout is None:
-                    await wake.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout)
-            done = bool(finished)
-            while finished:
-                task = finished.popleft()
-                token, attempt = tasks.pop(task)
-                answers.append((token, task.result(), attempt))
-            starved = bool(queue) and max_in_flight - unconfirmed < LEASE_MIN
-            # The safety valve decides once VALVE_MIN_ANSWERS answers are counted; until then answers are
-            # not flushed in small idle-time batches, or their mismatches would be removed unguarded.
-            idle = not done and confirmed + len(answers) >= VALVE_MIN_ANSWERS
-            if answers and (len(answers) >= CONFIRM_BATCH or not tasks or starved or idle):
+    senders = [asyncio.ensure_future(sender()) for _ in range(max(1, min(max_in_flight, len(tokens))))]
+    try:
+        while queue or deferred or sending or answers:
+            now = now_ms()
+            while deferred and deferred[0][0] <= now:
+                queue.append(heapq.heappop(deferred)[1])
+            room = max_in_flight - unconfirmed
+            # (never wait for more room than the window has: FCM_MAX_IN_FLIGHT may be below LEASE_MIN)
+            if queue and room >= min(LEASE_MIN, len(queue), max_in_flight):
+                chunk = [queue.popleft() for _ in range(min(room, LEASE_MAX, len(queue)))]
+                lease = await asyncio.to_thread(claims.lease, nid, chunk, lease_ms)
+                for token, attempt in lease.leased.items():
+                    unconfirmed += 1
+                    sending += 1
+                    work.put_nowait((token, attempt))
+                result.sent += len(lease.leased)
+                result.busy.update(lease.busy)
+                for token, due in lease.not_due.items():
+                    if due - now <= IN_PROCESS_WAIT_MS:
+                        heapq.heappush(deferred, (due, token))
+                    else:
+                        result.later[token] = due
+                for token in lease.no_budget:  # the project's FCM budget for this second is spent
+                    heapq.heappush(deferred, (now + 1000 - now % 1000, token))
+                if lease.leased:
+                    continue  # fill the window before waiting
+            if sending:
+                timeout = None
+                if answers:
+                    timeout = 0.005  # do not hold answers back long when few requests are left
+                elif deferred:
+                    timeout = max(0.0, (deferred[0][0] - now_ms()) / 1000)
+                if not finished:
+                    wake.clear()
+                    if timeout is None:
+                        await wake.wait()
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), timeout)
+                done = bool(finished)
+                while finished:
+                    answers.append(finished.popleft())
+                    sending -= 1
+                starved = bool(queue) and max_in_flight - unconfirmed < LEASE_MIN
+                # The safety valve decides once VALVE_MIN_ANSWERS answers are counted; until then answers
+                # are not flushed in small idle-time batches, or their mismatches would go unguarded.
+                idle = not done and confirmed + len(answers) >= VALVE_MIN_ANSWERS
+                if answers and (len(answers) >= CONFIRM_BATCH or not sending or starved or idle):
+                    await confirm()
+            elif answers:
                 await confirm()
-        elif answers:
-            await confirm()
-        elif deferred:
-            await asyncio.sleep(max(0.0, (deferred[0][0] - now_ms()) / 1000))
+            elif deferred:
+                await asyncio.sleep(max(0.0, (deferred[0][0] - now_ms()) / 1000))
+    finally:
+        for task in senders:
+            task.cancel()
     return result
 
 
