@@ -10,7 +10,10 @@ Run locally from the repo root, e.g.:
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
+import types
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,8 +30,14 @@ from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
 
-# Each entry point imports its use case on first use: a function instance loads only what it
-# serves (register never loads the bus or the FCM client; deliver never loads firebase-admin's auth).
+
+@functools.cache
+def _use(name: str) -> types.ModuleType:
+    """A use case's module, imported on first use: a function instance loads only what it serves
+    (register never loads the bus or the FCM client; deliver never loads firebase-admin's auth).
+    Later calls are a dictionary lookup (no import lock shared by the request threads)."""
+    return importlib.import_module(f"shared.{name}")
+
 
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
@@ -47,7 +56,7 @@ def _http_error(exc: werkzeug.exceptions.HTTPException) -> flask.Response | werk
 
 
 def _caller(request: flask.Request) -> str:
-    from shared import auth
+    auth = _use("auth")
 
     try:
         return auth.verify(web.bearer_token(request))
@@ -56,7 +65,7 @@ def _caller(request: flask.Request) -> str:
 
 
 def _register_device(request: flask.Request) -> tuple[int, dict]:
-    from shared import registration
+    registration = _use("registration")
 
     user_id = _caller(request)
     try:
@@ -68,7 +77,7 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
 
 
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:
-    from shared import registration
+    registration = _use("registration")
 
     user_id = _caller(request)
     try:
@@ -92,7 +101,8 @@ SEND_MAX_BODY = 1024 * 1024
 
 
 def _accept(request: flask.Request) -> tuple[int, dict, dict]:
-    from shared import accept, jobs
+    accept = _use("accept")
+    jobs = _use("jobs")
 
     body = web.read_json(request, SEND_MAX_BODY)
     try:
@@ -108,7 +118,7 @@ def _accept(request: flask.Request) -> tuple[int, dict, dict]:
 
 
 def _status(request: flask.Request) -> tuple[int, dict, dict]:
-    from shared import accept
+    accept = _use("accept")
 
     answer = accept.status(request.path.strip("/"), instance.claims())
     return answer.status, answer.body, answer.headers
@@ -121,7 +131,7 @@ def send(request: flask.Request) -> flask.Response:
 
 @functions_framework.cloud_event
 def deliver(cloud_event: CloudEvent) -> None:
-    from shared import delivery
+    delivery = _use("delivery")
 
     try:
         delivery.handle(cloud_event.data)
@@ -131,7 +141,7 @@ def deliver(cloud_event: CloudEvent) -> None:
 
 @functions_framework.cloud_event
 def on_event(cloud_event: CloudEvent) -> None:
-    from shared import domain
+    domain = _use("domain")
 
     try:
         domain.handle(cloud_event.data)
