@@ -284,7 +284,7 @@ def run_register(env: common.Env, table: Table, quick: bool, store: dict[str, An
     )
     table.add(
         "`register` under load, server side: PostgreSQL implicit transactions per registration (pg_stat_database; "
-        "pg8000 sends Parse+Sync, Describe+Sync, Bind/Execute+Sync for one statement: 3 round trips)",
+        "one prepared statement: Bind/Execute/Sync)",
         fmt(res.sql_xacts_per_reg, "", 2),
     )
 
