@@ -45,8 +45,8 @@ options:
   --rules-file PATH         domain-event rules for on_event: validated, then packaged
   --database-secret NAME    existing secret holding DATABASE_URL (default pushline-database-url)
   --redis-secret NAME       existing secret holding REDIS_URL (default pushline-redis-url)
-  --max-instances N         deliver's max instances (default 4: FCM's 10,000 msg/s quota over a
-                            measured ~5,000 msg/s per instance, rounded up with headroom)
+  --max-instances N         deliver's max instances (default 6: FCM's 10,000 msg/s quota over a
+                            measured ~4,000 msg/s per instance = 3, doubled for headroom)
   --cloud-sql-instance P:R:I  attach this Cloud SQL instance (unix socket under /cloudsql)
   --vpc-connector NAME      Serverless VPC Access connector for Memorystore (default pushline-connector)
   --vpc-network NAME        network of a connector this script creates (default default)
@@ -83,7 +83,7 @@ FCM_SECRET="pushline-fcm-key"
 RULES_FILE=""
 DATABASE_SECRET="pushline-database-url"
 REDIS_SECRET="pushline-redis-url"
-MAX_INSTANCES="4"
+MAX_INSTANCES="6"
 CLOUD_SQL_INSTANCE=""
 CONNECTOR="pushline-connector"
 VPC_NETWORK="default"

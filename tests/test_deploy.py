@@ -139,7 +139,7 @@ def test_event_functions_retry_and_time_out_under_the_ack_deadline(dry_run: Resu
 def test_sizing(dry_run: Result) -> None:
     deliver = dry_run.deploy("deliver")
     assert (flag(deliver, "cpu"), flag(deliver, "memory"), flag(deliver, "concurrency")) == ("1", "1Gi", "1")
-    assert flag(deliver, "max-instances") == "4"
+    assert flag(deliver, "max-instances") == "6"
     register = dry_run.deploy("register")
     assert (flag(register, "cpu"), flag(register, "memory"), flag(register, "concurrency")) == ("1", "512Mi", "80")
     assert "THREADS=8" in flag(register, "set-env-vars").split(",")
