@@ -318,10 +318,13 @@ class TokenStore:
             return 0
         if not tokens:
             return 0
-        rows = self._sql(
-            "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
-            tokens=tokens,
-        )
+        try:
+            rows = self._sql(
+                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                tokens=tokens,
+            )
+        except StoreUnavailable:
+            return 0  # still owed; sending goes on from the cache meanwhile
         for user_id, token in rows:
             self._remove_cached([user_id], token)
         self.redis.srem(DEAD_TOKENS_KEY, *tokens)

@@ -149,3 +149,21 @@ def test_any_sequence_leaves_redis_and_postgres_agreeing(store, ops):
             assert cached == set(truth)
         assert store.tokens(user) == truth
         assert set_of(store, user) == set(truth)
+
+
+def test_dead_tokens_removed_while_postgres_is_down_are_settled_later(store):
+    from local.servers import free_port
+    from shared.db import Database
+    from shared.store import DEAD_TOKENS_KEY
+
+    store.register("alice", "dead-1")
+    store.register("alice", "ok-1")
+    store.tokens("alice")
+    down = TokenStore(store.redis, Database(f"postgresql://postgres@127.0.0.1:{free_port()}/x"), ttl_seconds=store.ttl)
+    down.remove_dead_many({"dead-1": ["alice"]})  # FCM said so while PostgreSQL was unreachable
+    assert set_of(store, "alice") == {"ok-1"}  # no longer sent to at once
+    assert down.settle_dead_tokens() == 0  # regression: must not raise (it would stop every send)
+    assert store.redis.sismember(DEAD_TOKENS_KEY, "dead-1")  # still owed
+    assert store.settle_dead_tokens() == 1  # PostgreSQL back: paid
+    assert db_of(store, "alice") == {"ok-1"}
+    assert not store.redis.sismember(DEAD_TOKENS_KEY, "dead-1")
