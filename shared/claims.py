@@ -149,12 +149,12 @@ return out
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, then per token:
-# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms.
+# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms, attempt.
 # Returns {valve_tripped_now, config_error_first, tokens to remove...}.
 _CONFIRM = """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
 local answers, mismatches = 0, 0
-for i = 7, #ARGV, 3 do
+for i = 7, #ARGV, 4 do
   answers = answers + 1
   if ARGV[i + 1] == 'mismatch' then mismatches = mismatches + 1 end
 end
@@ -175,10 +175,12 @@ end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
 local out = {tripped, 0}
 local finals, waiting = 0, 0
-for i = 7, #ARGV, 3 do
+for i = 7, #ARGV, 4 do
   local t, r = ARGV[i], ARGV[i + 1]
   local s = redis.call('HGET', KEYS[1], t)
-  if s and string.sub(s, 1, 1) == 'L' then
+  -- only the holder of this very attempt's lease may confirm it (a late answer from a lease that
+  -- expired and was taken over is ignored)
+  if s and string.sub(s, 1, 1) == 'L' and tonumber(string.match(s, '^L:(%d+):')) == tonumber(ARGV[i + 3]) then
     local attempts = tonumber(string.match(s, '^L:(%d+):'))
     local final = nil
     if r == 'retry' then
@@ -350,8 +352,9 @@ class Claims:
                 no_budget.append(token)
         return Lease(leased, final, busy, not_due, no_budget)
 
-    def confirm(self, nid: str, results: list[tuple[str, str, int]]) -> Confirmation:
-        """Record answers (token, result, retry-at ms) in one round trip; each token counted once."""
+    def confirm(self, nid: str, results: list[tuple[str, str, int, int]]) -> Confirmation:
+        """Record answers (token, result, retry-at ms, attempt) in one round trip; each token counted
+        once, and only by the holder of that attempt's lease."""
         now = now_ms()
         bucket = now // 1000 // VALVE_WINDOW_SECONDS
         args: list[Any] = [
@@ -362,8 +365,8 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        for token, result, retry_at in results:
-            args += [token, result, retry_at]
+        for token, result, retry_at, attempt in results:
+            args += [token, result, retry_at, attempt]
         keys = [ledger_key(nid), status_key(nid), valve_window_key(bucket), valve_window_key(bucket - 1), VALVE_KEY]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(

@@ -90,11 +90,11 @@ async def dispatch(
 
     async def confirm() -> None:
         nonlocal unconfirmed, confirmed
-        batch: list[tuple[str, str, int]] = []
+        batch: list[tuple[str, str, int, int]] = []
         now = now_ms()
         for token, outcome, attempt in answers:
             retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000) if outcome.kind is Kind.RETRY else 0
-            batch.append((token, result_name(outcome), retry_at))
+            batch.append((token, result_name(outcome), retry_at, attempt))
             if outcome.kind is Kind.PAYLOAD_REJECTED and outcome.message not in logged_messages:
                 logged_messages.add(outcome.message)
                 log.error(
@@ -122,7 +122,7 @@ async def dispatch(
         if confirmation.remove:
             await asyncio.to_thread(remove_dead, confirmation.remove)
             result.removed += confirmation.remove
-        for token, name, retry_at in batch:
+        for token, name, retry_at, _attempt in batch:
             if name == "retry" and token not in last_attempts:
                 if retry_at - now <= IN_PROCESS_WAIT_MS:
                     heapq.heappush(deferred, (retry_at, token))
