@@ -182,7 +182,9 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             claims=claims,
             remove_dead=remove_dead,
             max_in_flight=s.fcm_max_in_flight,
-            lease_ms=(s.fcm_timeout_seconds + 5) * 1000,
+            # outlives a live request (its token fetch and its send, each bounded by the timeout)
+            # and the confirmation that follows it
+            lease_ms=(2 * s.fcm_timeout_seconds + 5) * 1000,
         )
 
     outcome = instance.run(run())

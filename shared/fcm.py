@@ -52,7 +52,9 @@ class HttpFcmClient:
         # connector, and that wait never counts towards the timeout). The clock runs from connecting
         # (sock_connect) and from the request being written (sock_read: FCM answers in one piece).
         self._slots = asyncio.Semaphore(max_connections)
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=timeout, sock_read=timeout)
+        # One request, connect to answer, never outlives `timeout` (the ledger's lease is sized on it).
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout, sock_read=timeout)
+        self._timeout_s = timeout
         self._session: aiohttp.ClientSession | None = None
         self._headers: dict[str, str] = {}
         self._headers_token: str | None = None
@@ -77,7 +79,7 @@ class HttpFcmClient:
         session = self._session or self._open()
         async with self._slots:
             try:
-                access_token = await self._tokens.token()
+                access_token = await asyncio.wait_for(self._tokens.token(), self._timeout_s)
             except Exception as exc:  # the credential cannot produce a token
                 return outcomes.from_sdk_exception(exc)
             try:
