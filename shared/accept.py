@@ -8,6 +8,8 @@ while the first request is still in flight, 409 with ``Retry-After``.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import json
 import re
@@ -39,6 +41,11 @@ def fingerprint(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def keyed_id(idempotency_key: str, body_fingerprint: str) -> str:
+    digest = hashlib.sha256(f"{idempotency_key}\n{body_fingerprint}".encode()).digest()
+    return "k-" + base64.urlsafe_b64encode(digest).decode().rstrip("=")[:30]
+
+
 def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: str | None = None) -> Answer:
     """Validate and publish; raises JobError (400), Unavailable (503)."""
     job = jobs.parse_request(body)
@@ -47,6 +54,9 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
     if not IDEMPOTENCY_KEY.match(idempotency_key):
         raise jobs.JobError("Idempotency-Key must be 1 to 255 printable ASCII characters")
     print_ = fingerprint(body)
+    # The id comes from the key and the body: a retry whose first publish timed out (and may have
+    # reached the bus after all) is the same notification, which the ledger delivers once.
+    job = dataclasses.replace(job, id=keyed_id(idempotency_key, print_))
     try:
         held = claims.idempotency_begin(idempotency_key, print_)
     except REDIS_ERRORS:

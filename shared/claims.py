@@ -32,6 +32,7 @@ from typing import Any
 import redis
 
 OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
+IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
 VALVE_WINDOW_SECONDS = 300  # the project-wide valve looks at the last 5 to 10 minutes
@@ -409,7 +410,8 @@ class Claims:
     def idempotency_begin(self, key: str, fingerprint: str) -> dict[str, Any] | None:
         """None if this request may go on (it now holds the key); else what the key holds."""
         marker = json.dumps({"state": "in_flight", "fingerprint": fingerprint})
-        if self.redis.set(idempotency_key(key), marker, nx=True, ex=self.idempotency_ttl):
+        # Short-lived while in flight: a request that died holding it blocks retries for a minute, not a day.
+        if self.redis.set(idempotency_key(key), marker, nx=True, ex=IDEMPOTENCY_IN_FLIGHT_SECONDS):
             return None
         raw = self.redis.get(idempotency_key(key))
         if raw is None:  # expired between the two calls: try once more

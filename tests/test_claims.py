@@ -29,3 +29,32 @@ def test_each_token_is_counted_once_however_often_it_is_confirmed(env):
         claims.confirm("n2", [("a", "delivered", 0, 1), ("b", "dead", 0, 1)])
     fields = {k.decode(): int(v) for k, v in claims.redis.hgetall(status_key("n2")).items() if k != b"valve"}
     assert fields["delivered"] == 1 and fields["dead_removed"] == 1 and fields["final"] == 2
+
+
+def test_an_idempotency_key_fixes_the_notification_id(env, monkeypatch):
+    """A retry after a publish that timed out (and may have reached the bus) is the same notification."""
+    from local.servers import free_port
+    from shared import accept, bus
+
+    monkeypatch.setenv("DELIVER_URL", f"http://127.0.0.1:{free_port()}/")  # the local bus: publishing queues
+    instance.reset()
+    bus.reset_for_tests()
+    body = {"user_ids": ["u1"], "notification": {"title": "t", "body": "b"}}
+    answer = accept.accept(body, instance.claims(), users_per_part=500, idempotency_key="order-42")
+    assert answer.status == 202
+    assert answer.body["id"] == accept.keyed_id("order-42", accept.fingerprint(body))
+    assert accept.keyed_id("order-42", accept.fingerprint({**body, "data": {"k": "v"}})) != answer.body["id"]
+    instance.claims().idempotency_abort("order-42")  # as if the first attempt had failed
+    again = accept.accept(body, instance.claims(), users_per_part=500, idempotency_key="order-42")
+    assert again.body["id"] == answer.body["id"]
+    bus.reset_for_tests()
+
+
+def test_an_in_flight_idempotency_marker_is_short_lived(env):
+    from shared.claims import IDEMPOTENCY_IN_FLIGHT_SECONDS, idempotency_key
+
+    claims = instance.claims()
+    assert claims.idempotency_begin("k1", "f") is None
+    assert 0 < claims.redis.ttl(idempotency_key("k1")) <= IDEMPOTENCY_IN_FLIGHT_SECONDS
+    claims.idempotency_finish("k1", "f", 202, {"id": "x"})
+    assert claims.redis.ttl(idempotency_key("k1")) > IDEMPOTENCY_IN_FLIGHT_SECONDS
