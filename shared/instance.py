@@ -30,7 +30,9 @@ def redis_client() -> redis.Redis:
         socket_timeout=3,
         socket_connect_timeout=2,
         health_check_interval=15,
-        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 1),
+        # No client-side retries: a script that ran but whose answer was lost must not run twice
+        # (the bus redelivers instead, and the ledger makes that safe).
+        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         max_connections=64,
     )
 

@@ -38,7 +38,9 @@ from shared.errors import Unavailable
 log = logs.get("store")
 
 PLATFORMS = ("android", "ios", "web")
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError, OSError)
+# Any Redis failure (unreachable, OOM under noeviction, READONLY during a failover) means "the cache
+# could not be written": the user is marked for a rebuild, never left with a stale set.
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 DEAD_TOKENS_KEY = "notif:deadtokens"
 
@@ -106,15 +108,17 @@ elseif expected ~= '' and (version or '') == (expected == '-' and '' or expected
   redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl)
 end
 for k = 4, #KEYS, 3 do
-  redis.call('SREM', KEYS[k], token); redis.call('HDEL', KEYS[k + 1], token); redis.call('INCR', KEYS[k + 2])
+  redis.call('SREM', KEYS[k], token); redis.call('HDEL', KEYS[k + 1], token)
+  redis.call('INCR', KEYS[k + 2]); redis.call('EXPIRE', KEYS[k + 2], ttl)
 end
 return 1
 """
 
-# KEYS: (set, platforms, version) per user. ARGV: token, then nothing. Removes token from each.
+# KEYS: (set, platforms, version) per user. ARGV: token, ttl. Removes the token from each.
 _REMOVE = """
 for k = 1, #KEYS, 3 do
-  redis.call('SREM', KEYS[k], ARGV[1]); redis.call('HDEL', KEYS[k + 1], ARGV[1]); redis.call('INCR', KEYS[k + 2])
+  redis.call('SREM', KEYS[k], ARGV[1]); redis.call('HDEL', KEYS[k + 1], ARGV[1])
+  redis.call('INCR', KEYS[k + 2]); redis.call('EXPIRE', KEYS[k + 2], ARGV[2])
 end
 return 1
 """
@@ -337,7 +341,7 @@ class TokenStore:
         for user_id in users:
             keys += [token_key(user_id), platform_key(user_id), version_key(user_id)]
         try:
-            self._remove(keys=keys, args=[token])
+            self._remove(keys=keys, args=[token, self.ttl])
         except REDIS_ERRORS:
             if mark_dirty:
                 self._mark_dirty(list(users))
@@ -486,7 +490,9 @@ class TokenStore:
         while True:
             rows = self._sql(
                 "DELETE FROM device_tokens WHERE (user_id, token) IN (SELECT user_id, token FROM device_tokens "
-                "WHERE updated_at <= now() - make_interval(secs => :ttl) LIMIT :batch) RETURNING user_id, token",
+                "WHERE updated_at <= now() - make_interval(secs => :ttl) LIMIT :batch) "
+                # again on the row itself: a registration refreshed meanwhile is not deleted
+                "AND updated_at <= now() - make_interval(secs => :ttl) RETURNING user_id, token",
                 ttl=self.ttl,
                 batch=batch,
             )

@@ -167,3 +167,15 @@ def test_dead_tokens_removed_while_postgres_is_down_are_settled_later(store):
     assert store.settle_dead_tokens() == 1  # PostgreSQL back: paid
     assert db_of(store, "alice") == {"ok-1"}
     assert not store.redis.sismember(DEAD_TOKENS_KEY, "dead-1")
+
+
+def test_every_token_key_expires(store):
+    """No key of the store lives forever: removals and moves give the version counter a TTL too."""
+    store.register("alice", "t1")
+    store.register("bob", "t1")  # moved away from alice
+    store.redis.delete("notif:tokenver:carol")
+    store.remove_dead("t2", ["carol"])  # a user whose counter had expired
+    store.unregister("bob", "t1")
+    for key in store.redis.keys("notif:*"):
+        assert store.redis.ttl(key) > 0, key
+
