@@ -8,11 +8,13 @@ tests authenticate. ``config.check_cloud_safety`` refuses that switch in the clo
 from __future__ import annotations
 
 import functools
+import threading
 
 import firebase_admin
 from firebase_admin import auth
 
 from shared.config import settings
+from shared.errors import Unavailable
 
 APP_NAME = "pushline-auth"
 
@@ -22,12 +24,24 @@ APP_NAME = "pushline-auth"
 _certificates_url: str | None = None
 
 
+class CertificatesUnavailable(Unavailable):
+    what = "Google's ID-token certificates"
+
+
 class AuthError(Exception):
     """The ID token is missing, malformed, expired, revoked or not for this project."""
 
 
+_app_lock = threading.Lock()
+
+
 @functools.cache
 def _app() -> firebase_admin.App:
+    with _app_lock:  # the first requests of an instance arrive on several threads at once
+        return _make_app()
+
+
+def _make_app() -> firebase_admin.App:
     project = settings().google_cloud_project
     try:
         app = firebase_admin.get_app(APP_NAME)
@@ -54,8 +68,9 @@ def verify(id_token: str) -> str:
         claims = auth.verify_id_token(id_token, app=_app())
     except (ValueError, auth.InvalidIdTokenError, auth.ExpiredIdTokenError, auth.RevokedIdTokenError) as exc:
         raise AuthError(f"invalid ID token: {type(exc).__name__}") from None
-    except auth.CertificateFetchError as exc:
-        raise AuthError("could not fetch Google's token certificates") from exc
+    except auth.CertificateFetchError:
+        # our dependency's outage, not the caller's fault: 503, so clients retry instead of signing out
+        raise CertificatesUnavailable() from None
     uid = claims.get("uid") or claims.get("sub")
     if not isinstance(uid, str) or not uid:
         raise AuthError("ID token has no subject")

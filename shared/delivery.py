@@ -92,7 +92,7 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
             part, parts = payload.get("part"), payload.get("parts")
             if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
                 raise Malformed("part message without a valid part/parts")
-            job = jobs.parse_v1(payload.get("job"))
+            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
             return job, part, parts
     except jobs.JobError as exc:
         raise Malformed(f"invalid job: {exc.message}") from None
@@ -133,11 +133,11 @@ def _whole_job(job: jobs.Job) -> str:
     per_part = s.fanout_users_per_part
     parts = -(-len(job.user_ids) // per_part)
     claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+    claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
     if parts <= 1:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
         return "fanned-out-before"
-    claims.set_parts_total(job.id, parts)
     for message in part_messages(job, per_part):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
     claims.mark_fanout(job.id)

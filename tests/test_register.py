@@ -127,8 +127,13 @@ def test_malformed_json_is_400(register_client, store, raw):
 
 @pytest.mark.parametrize(
     ("body", "fragment"),
-    [({}, "exactly one"), ({"token": "a", "all": True}, "exactly one"), ({"all": False}, "must be true"),
-     ({"all": "yes"}, "must be true"), ({"token": 1}, "must be a string")],
+    [
+        ({}, "exactly one"),
+        ({"token": "a", "all": True}, "exactly one"),
+        ({"all": False}, "must be true"),
+        ({"all": "yes"}, "must be true"),
+        ({"token": 1}, "must be a string"),
+    ],
 )
 def test_bad_removal_is_400(register_client, store, body, fragment):
     post(register_client, body={"token": TOKEN})
@@ -145,12 +150,18 @@ def test_body_over_16_kib_is_413(register_client, store):
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer not-a-jwt"},
-     bearer("alice", project="someone-elses-project")],
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer not-a-jwt"},
+        bearer("alice", project="someone-elses-project"),
+    ],
 )
 def test_missing_or_invalid_auth_is_401(register_client, store, headers):
-    r = register_client.post("/", data=json.dumps({"token": TOKEN}),
-                             headers={"Content-Type": "application/json", **headers})
+    r = register_client.post(
+        "/", data=json.dumps({"token": TOKEN}), headers={"Content-Type": "application/json", **headers}
+    )
     assert r.status_code == 401
     assert "error" in r.get_json()
     assert db_rows(store) == []
@@ -226,9 +237,47 @@ def test_tokens_per_user_are_capped_evicting_least_recently_refreshed(register_c
     instance.reset()
     for i, t in enumerate(["t1", "t2", "t3"]):
         post(register_client, body={"token": t})
-        store.db.run("UPDATE device_tokens SET updated_at = now() - make_interval(mins => :m) WHERE token = :t",
-                     m=10 - i, t=t)
+        store.db.run(
+            "UPDATE device_tokens SET updated_at = now() - make_interval(mins => :m) WHERE token = :t", m=10 - i, t=t
+        )
     post(register_client, body={"token": "t4"})
     assert sorted(store.tokens("alice")) == ["t2", "t3", "t4"]
     assert sorted(r[1] for r in db_rows(store)) == ["t2", "t3", "t4"]
     assert store.redis.smembers("notif:token:alice") == {b"t2", b"t3", b"t4"}
+
+
+def test_certificates_unreachable_is_503_not_401(register_client, store, monkeypatch):
+    """Google's certificates out of reach is our outage: 503 (clients retry), never 401 (they sign out)."""
+    import base64 as b64
+    import time as _time
+
+    from local.servers import free_port
+    from shared import auth
+
+    monkeypatch.delenv("FIREBASE_AUTH_EMULATOR_HOST")
+    auth.use_certificates_url(f"http://127.0.0.1:{free_port()}/certs")
+    try:
+
+        def part(obj: dict) -> str:
+            return b64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        now = int(_time.time())
+        claims = {
+            "iss": "https://securetoken.google.com/demo-pushline-test",
+            "aud": "demo-pushline-test",
+            "sub": "alice",
+            "iat": now,
+            "exp": now + 600,
+            "auth_time": now,
+        }
+        token = f"{part({'alg': 'RS256', 'kid': 'k1', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+        r = register_client.post(
+            "/",
+            data=json.dumps({"token": TOKEN}),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        assert r.status_code == 503, r.get_json()
+        assert r.headers["Retry-After"]
+        assert db_rows(store) == []
+    finally:
+        auth.use_certificates_url(None)
