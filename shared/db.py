@@ -65,6 +65,7 @@ class Database:
         self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue()
         self._size = size
         self._lock = threading.Lock()
+        self._connector: Any = None
 
     def _connect(self) -> pg8000.native.Connection:
         kwargs = connect_kwargs(self._url)
@@ -79,8 +80,10 @@ class Database:
         # Cloud SQL Python Connector (optional dependency, only with CLOUD_SQL_INSTANCE).
         from google.cloud.sql.connector import Connector
 
-        connector = Connector()
-        raw = connector.connect(
+        with self._lock:
+            if self._connector is None:  # one per instance: it keeps a background refresh of its certificate
+                self._connector = Connector()
+        raw = self._connector.connect(
             self._cloud_sql_instance,
             "pg8000",
             user=kwargs["user"],
@@ -123,6 +126,10 @@ class Database:
                 raise
 
     def close(self) -> None:
+        if self._connector is not None:
+            with contextlib.suppress(Exception):
+                self._connector.close()
+            self._connector = None
         while True:
             try:
                 conn = self._idle.get_nowait()
