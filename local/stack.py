@@ -354,6 +354,8 @@ def walkthrough(stack: Stack) -> str:
     project = stack.config.project
     reg, snd = stack.url("register"), stack.url("send")
     pusher = "the Pub/Sub emulator" if stack.using_emulator else "the local bus"
+    wanted = ("GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST", "DELIVER_URL", "ON_EVENT_URL", "REDIS_URL")
+    event_env = " ".join(f"{k}={stack.env[k]}" for k in wanted if k in stack.env)
     lines = [
         "",
         "pushline is running locally:",
@@ -376,6 +378,11 @@ def walkthrough(stack: Stack) -> str:
         "       | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
         f"  curl -s {snd}/$ID",
         f"  curl -s '{stack.url('fcm')}/_fake/messages?token=phone-of-alice'",
+        "",
+        "A domain event turned into a notification by infra/rules.example.json (order.completed):",
+        f"  {event_env} .venv/bin/python -m shared.cli publish-event order.completed \\",
+        "       '{\"user_id\": \"alice\", \"order_id\": \"A-17\"}'",
+        f"  curl -s '{stack.url('fcm')}/_fake/messages?token=phone-of-alice'   # now also 'Order A-17 completed'",
         "",
         "  ./emulator.sh demo     runs this with a healthy and a dead device, and checks the outcome",
         "Ctrl-C (or ./emulator.sh stop) stops everything this started.",
