@@ -107,6 +107,13 @@ class AccessTokenProvider:
         self._fresh_until = 0.0  # time.monotonic() deadline; 0 forces a refresh
         self.refreshes = 0
 
+    def cached(self) -> str | None:
+        """The current token while it is fresh (no await: the hot path of every send), else None."""
+        token = self._token
+        if token is not None and time.monotonic() < self._fresh_until:
+            return token
+        return None
+
     async def token(self) -> str:
         token = self._token
         if token is not None and time.monotonic() < self._fresh_until:

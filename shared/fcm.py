@@ -79,7 +79,7 @@ class HttpFcmClient:
         session = self._session or self._open()
         async with self._slots:
             try:
-                access_token = await asyncio.wait_for(self._tokens.token(), self._timeout_s)
+                access_token = self._tokens.cached() or await asyncio.wait_for(self._tokens.token(), self._timeout_s)
             except Exception as exc:  # the credential cannot produce a token
                 return outcomes.from_sdk_exception(exc)
             try:
