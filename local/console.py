@@ -124,12 +124,7 @@ def _live_tokens(users: list[str]) -> dict[str, dict[str, str]]:
 
 def _owners(tokens: list[str]) -> dict[str, tuple[str, str | None]]:
     """token -> (user, platform) for tokens PostgreSQL holds (the fake FCM saw them, we did not register them)."""
-    if not tokens:
-        return {}
-    rows = _store().db.run(
-        "SELECT token, user_id, platform FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[]))", tokens=tokens
-    )
-    return {t: (u, p) for t, u, p in rows}
+    return _store().owners(tokens)
 
 
 def _where(in_redis: bool, in_db: bool) -> str:

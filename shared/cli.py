@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pg8000.native
@@ -93,13 +93,10 @@ def cmd_rebuild_cache(args: argparse.Namespace) -> Result:
 
 
 def _db_rows(store: TokenStore, user_id: str) -> list[dict[str, Any]]:
-    """The user's PostgreSQL rows with their age (TODO(lead): move into TokenStore as ``db_rows``)."""
-    rows = store.db.run(
-        "SELECT token, platform, updated_at FROM device_tokens WHERE user_id = :u ORDER BY updated_at DESC, token",
-        u=user_id,
-    )
-    oldest_live = datetime.now(UTC) - timedelta(seconds=store.ttl)
-    return [{"token": t, "platform": p, "updated_at": _iso(at), "live": at > oldest_live} for t, p, at in rows]
+    """The user's PostgreSQL rows, newest first, and whether each is still inside the TTL window."""
+    return [
+        {"token": t, "platform": p, "updated_at": _iso(at), "live": live} for t, p, at, live in store.db_rows(user_id)
+    ]
 
 
 def _iso(at: datetime) -> str:
@@ -231,8 +228,8 @@ def cmd_check_rules(args: argparse.Namespace) -> Result:
 
 
 def events_topic() -> str:
-    """The domain-events topic (TODO(lead): ``events_topic`` / EVENTS_TOPIC in Settings)."""
-    return getattr(settings(), "events_topic", None) or DEFAULT_EVENTS_TOPIC
+    """The domain-events topic (EVENTS_TOPIC)."""
+    return settings().events_topic
 
 
 def cmd_publish_event(args: argparse.Namespace) -> Result:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pg8000.native
 import redis
@@ -485,6 +486,28 @@ class TokenStore:
         """The user's rows in PostgreSQL, live or not (for operators and the console)."""
         rows = self._sql("SELECT token, platform FROM device_tokens WHERE user_id = :u", u=user_id)
         return {t: p for t, p in rows}
+
+    def db_rows(self, user_id: str) -> list[tuple[str, str | None, Any, bool]]:
+        """The user's rows in PostgreSQL, newest first: (token, platform, updated_at, live)."""
+        return [
+            (token, platform, updated_at, bool(live))
+            for token, platform, updated_at, live in self._sql(
+                "SELECT token, platform, updated_at, updated_at > now() - make_interval(secs => :ttl) "
+                "FROM device_tokens WHERE user_id = :u ORDER BY updated_at DESC, token",
+                u=user_id,
+                ttl=self.ttl,
+            )
+        ]
+
+    def owners(self, tokens: list[str]) -> dict[str, tuple[str, str | None]]:
+        """token -> (user_id, platform) for the given tokens PostgreSQL holds (operators, the console)."""
+        if not tokens:
+            return {}
+        rows = self._sql(
+            "SELECT token, user_id, platform FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[]))",
+            tokens=tokens,
+        )
+        return {t: (u, p) for t, u, p in rows}
 
     def cached_tokens(self, user_id: str) -> set[str] | None:
         """The user's cached set as it is in Redis (None when absent)."""
