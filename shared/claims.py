@@ -401,8 +401,14 @@ class Claims:
         return int(self._release_once(keys=[once_key(u, key) for u in users], args=[nid]))
 
     def forget_once(self, user_id: str) -> int:
-        """Account deletion: drop every one-time claim of the user."""
-        keys = list(self.redis.scan_iter(match=f"notif:onetime:{_glob_escape(user_id)}:*", count=500))
+        """Account deletion: drop every one-time claim of the user (once keys hold no ':', so the
+        claims of a user whose id merely starts with this one and a ':' are left alone)."""
+        prefix = once_key(user_id, "").encode()
+        keys = [
+            k
+            for k in self.redis.scan_iter(match=f"notif:onetime:{_glob_escape(user_id)}:*", count=500)
+            if b":" not in k[len(prefix) :]
+        ]
         return int(self.redis.delete(*keys)) if keys else 0
 
     # --- idempotency keys ------------------------------------------------------------------------

@@ -42,7 +42,8 @@ __all__ = [
 
 VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
-ONCE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
+ONCE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 MAX_USER_IDS = 10_000
 MAX_USER_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 4096

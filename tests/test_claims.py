@@ -58,3 +58,11 @@ def test_an_in_flight_idempotency_marker_is_short_lived(env):
     assert 0 < claims.redis.ttl(idempotency_key("k1")) <= IDEMPOTENCY_IN_FLIGHT_SECONDS
     claims.idempotency_finish("k1", "f", 202, {"id": "x"})
     assert claims.redis.ttl(idempotency_key("k1")) > IDEMPOTENCY_IN_FLIGHT_SECONDS
+
+
+def test_one_time_claims_of_users_with_colons_stay_apart(env):
+    claims = instance.claims()
+    assert claims.claim_once("n1", "welcome", ["a", "a:b"]) == (["a", "a:b"], [])
+    assert claims.claim_once("n2", "welcome", ["a:b"]) == ([], ["a:b"])  # its own claim, not a's
+    assert claims.forget_once("a") == 1
+    assert claims.redis.exists("notif:onetime:a:b:welcome")  # a:b's claim survives a's deletion
