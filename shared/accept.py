@@ -16,13 +16,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from shared import bus, jobs
 from shared.claims import Claims
-from shared.errors import Unavailable
+from shared.errors import REDIS_UNREACHABLE, Unavailable
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -59,7 +56,7 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
     job = dataclasses.replace(job, id=keyed_id(idempotency_key, print_))
     try:
         held = claims.idempotency_begin(idempotency_key, print_)
-    except REDIS_ERRORS:
+    except REDIS_UNREACHABLE:
         raise RedisUnavailable() from None
     if held is not None:
         if held.get("fingerprint") != print_:
@@ -74,12 +71,12 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
     except BaseException:
         try:
             claims.idempotency_abort(idempotency_key)
-        except REDIS_ERRORS:
+        except REDIS_UNREACHABLE:
             pass
         raise
     try:
         claims.idempotency_finish(idempotency_key, print_, answer.status, answer.body)
-    except REDIS_ERRORS:
+    except REDIS_UNREACHABLE:
         pass  # the notification is on its way; a retry with the key will get 409 until the marker expires
     return answer
 
@@ -88,14 +85,14 @@ def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
     parts = -(-len(job.user_ids) // users_per_part)
     try:
         claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
-    except REDIS_ERRORS:
+    except REDIS_UNREACHABLE:
         raise RedisUnavailable() from None
     try:
         bus.publish(jobs.to_v1(job), {"notification_id": job.id})
     except bus.BusUnavailable:
         try:
             claims.delete_status(job.id)
-        except REDIS_ERRORS:
+        except REDIS_UNREACHABLE:
             pass
         raise
     return Answer(202, {"id": job.id})
@@ -106,7 +103,7 @@ def status(nid: str, claims: Claims) -> Answer:
         return Answer(404, {"error": "no such notification"})
     try:
         found = claims.status(nid)
-    except REDIS_ERRORS:
+    except REDIS_UNREACHABLE:
         raise RedisUnavailable() from None
     if found is None:
         return Answer(404, {"error": "no such notification"})

@@ -24,17 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from shared import bus, instance, jobs, logs
 from shared.config import settings
 from shared.dispatch import dispatch
-from shared.errors import Unavailable
+from shared.errors import REDIS_UNREACHABLE, Unavailable
 from shared.fcm_message import MessageTemplate
 
 log = logs.get("deliver")
-
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 
 
 class RetryLater(Exception):
@@ -121,7 +117,7 @@ def handle(event_data: Any) -> str:
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
-    except REDIS_ERRORS as exc:
+    except REDIS_UNREACHABLE as exc:
         raise RetryLater(f"Redis unreachable ({type(exc).__name__}): nothing sent without a claim") from None
     except Unavailable as exc:
         raise RetryLater(f"{exc.what} unavailable") from None
@@ -232,5 +228,5 @@ def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> 
 def _count(name: str) -> None:
     try:
         instance.claims().count(name)
-    except REDIS_ERRORS:
+    except REDIS_UNREACHABLE:
         pass

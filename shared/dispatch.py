@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import heapq
 import random
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -202,7 +201,3 @@ async def dispatch(
         for task in senders:
             task.cancel()
     return result
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)

@@ -15,8 +15,8 @@ from typing import Any
 
 from shared import bus, events, instance, logs
 from shared.config import settings
-from shared.delivery import REDIS_ERRORS, Malformed, RetryLater, envelope
-from shared.errors import Unavailable
+from shared.delivery import Malformed, RetryLater, envelope
+from shared.errors import REDIS_UNREACHABLE, Unavailable
 
 log = logs.get("on_event")
 
@@ -48,7 +48,7 @@ def handle(event_data: Any) -> str:
     """
     try:
         return _handle(event_data)
-    except REDIS_ERRORS as exc:
+    except REDIS_UNREACHABLE as exc:
         raise RetryLater(f"Redis unreachable ({type(exc).__name__})") from None
     except Unavailable as exc:
         raise RetryLater(f"{exc.what} unavailable") from None
