@@ -40,7 +40,7 @@ def _use(name: str) -> types.ModuleType:
 
 
 SETTINGS = config.settings()
-config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
+config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), a project named
 logs.setup(SETTINGS.log_level)
 log = logs.get("main")
 

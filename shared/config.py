@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 DAY = 86_400
 
 # Variables that only make sense on a developer's machine: each one either disables a security
-# check (unsigned ID tokens) or diverts notifications to somewhere that is not Google.
+# check (unsigned ID tokens) or diverts notifications to somewhere that is not Google. In the cloud
+# one *present* at all is refused, blank or not: firebase-admin and google-cloud-pubsub read the raw
+# value, and to them " " is set (unsigned ID tokens would pass).
 LOCAL_ONLY_VARIABLES = (
     "FIREBASE_AUTH_EMULATOR_HOST",
     "FCM_ENDPOINT",
@@ -84,6 +86,10 @@ class Settings:
     # Runtime
     k_service: str | None = None
     log_level: str = "INFO"
+    # For check_cloud_safety: the local-only variables present in the environment (blank ones too),
+    # and whether GOOGLE_CLOUD_PROJECT was given (the default project is for local runs only).
+    local_only_present: tuple[str, ...] = ()
+    project_given: bool = False
 
     @property
     def in_cloud(self) -> bool:
@@ -110,7 +116,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
     fcm_client = (_str(env, "FCM_CLIENT", "http") or "http").lower()
     if fcm_client not in ("http", "sdk"):
         raise ConfigError(f"FCM_CLIENT must be 'http' or 'sdk', got {fcm_client!r}")
-    project = _str(env, "GOOGLE_CLOUD_PROJECT") or _str(env, "GCLOUD_PROJECT") or "demo-pushline"
+    given_project = _str(env, "GOOGLE_CLOUD_PROJECT")
+    project = given_project or _str(env, "GCLOUD_PROJECT") or "demo-pushline"
     return Settings(
         redis_url=_str(env, "REDIS_URL", Settings.redis_url),
         database_url=_str(env, "DATABASE_URL", Settings.database_url),
@@ -140,6 +147,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         event_rules=_str(env, "EVENT_RULES"),
         k_service=_str(env, "K_SERVICE"),
         log_level=(_str(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
+        local_only_present=tuple(name for name in LOCAL_ONLY_VARIABLES if name in env),
+        project_given=given_project is not None,
     )
 
 
@@ -150,14 +159,21 @@ def settings() -> Settings:
 
 
 def check_cloud_safety(s: Settings) -> None:
-    """Refuse to run in the cloud with a switch that is only safe on a developer's machine."""
+    """Refuse to run in the cloud with a switch that is only safe on a developer's machine (present
+    at all, even blank), or without ``GOOGLE_CLOUD_PROJECT``; the error names every variable."""
     if not s.in_cloud:
         return
-    values = (s.firebase_auth_emulator_host, s.fcm_endpoint, s.deliver_url, s.pubsub_emulator_host, s.on_event_url)
-    found = [name for name, value in zip(LOCAL_ONLY_VARIABLES, values, strict=True) if value]
-    if found:
-        raise ConfigError(
-            f"{', '.join(found)} set while running in the cloud (K_SERVICE={s.k_service}): "
+    problems = []
+    if s.local_only_present:
+        problems.append(
+            f"{', '.join(s.local_only_present)} present (even blank counts) while running in the cloud: "
             "these are for local development only (unsigned ID tokens pass, or notifications are "
             "diverted); remove them from the deployment"
         )
+    if not s.project_given:
+        problems.append(
+            "GOOGLE_CLOUD_PROJECT is unset or blank: in the cloud it must name the project "
+            "(ID tokens, FCM and topics belong to it); the local default demo-pushline is never used there"
+        )
+    if problems:
+        raise ConfigError(f"refusing to start (K_SERVICE={s.k_service}): " + "; ".join(problems))
