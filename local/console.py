@@ -699,23 +699,30 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @web.middleware
 async def local_only(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer only to this machine's browser: a foreign Host (DNS rebinding) or a form posted from
-    another origin (CSRF) is refused. Pages may load nothing from elsewhere."""
+    """Answer only to this machine's browser: a foreign Host (DNS rebinding) or a state-changing
+    request from another origin (CSRF) is refused, ``Origin: null`` included (a sandboxed iframe or a
+    data: page: any site can be behind it). No Origin at all is a tool such as curl, not a browser
+    (browsers send one with every POST). Pages may load nothing from elsewhere."""
     host = (request.host or "").rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "localhost", "::1"):
         return web.Response(status=403, text="the console answers on 127.0.0.1 / localhost only")
     origin = request.headers.get("Origin")
-    if request.method == "POST" and origin and origin != "null" and urlsplit(origin).netloc != request.host:
-        return web.Response(status=403, text="cross-origin form refused")
+    if request.method not in SAFE_METHODS and origin is not None and urlsplit(origin).netloc != request.host:
+        return web.Response(status=403, text="cross-origin form refused (Origin is not this console)")
     response = await handler(request)
     response.headers.setdefault(
         "Content-Security-Policy",
         "default-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
     )
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Not no-referrer: under it browsers send "Origin: null" with the console's own forms, which the
+    # check above must refuse; same-origin keeps the real Origin here and sends nothing elsewhere.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("Cache-Control", "no-store")
     return response
 

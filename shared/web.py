@@ -1,4 +1,4 @@
-"""HTTP plumbing for the HTTP functions: JSON errors, body limits, methods, CORS, bearer auth.
+"""HTTP plumbing for the HTTP functions: JSON errors, JSON bodies, body limits, methods, CORS, bearer auth.
 
 ``serve(request, routes, ...)`` runs one of the routes and turns every failure into a JSON
 answer ``{"error": "..."}`` with the right status: an ``HttpError`` as it says, a store outage
@@ -39,8 +39,20 @@ def respond(status: int, body: Any, headers: Mapping[str, str] | None = None) ->
     )
 
 
+JSON_TYPES = "application/json (or application/*+json)"
+
+
 def read_json(request: flask.Request, max_bytes: int) -> Any:
-    """The request's JSON body, or an HttpError: 413 above ``max_bytes``, 400 when malformed."""
+    """The request's JSON body, or an HttpError: 415 unless it is typed as JSON, 413 above
+    ``max_bytes``, 400 when malformed.
+
+    A body typed ``text/plain`` (or a form) is refused even when it holds valid JSON: browsers send
+    those cross-origin without a preflight, so any web page could otherwise post to a function a
+    developer runs locally (CSRF). ``application/json`` needs a preflight that we never grant to
+    a foreign origin."""
+    if not request.is_json:  # application/json or application/*+json, any parameters
+        got = (request.headers.get("Content-Type") or "none")[:100]
+        raise HttpError(415, f"Content-Type must be {JSON_TYPES}, got {got!r}")
     length = request.content_length
     if length is not None and length > max_bytes:
         raise HttpError(413, f"request body is {length} bytes; the limit is {max_bytes}")

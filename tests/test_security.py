@@ -424,6 +424,114 @@ def test_send_has_no_cors(env):
     assert r.status_code == 405 and "Access-Control-Allow-Origin" not in r.headers
 
 
+# --- cross-site requests: JSON bodies only as application/json; the console refuses Origin: null -------
+
+
+NOT_JSON_TYPES = [
+    "text/plain",  # a cross-origin "simple request": no preflight, so any page could send it
+    "text/plain;charset=UTF-8",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    None,  # no Content-Type at all
+]
+
+
+def _typed(content_type: str | None) -> dict[str, str]:
+    return {"Content-Type": content_type} if content_type is not None else {}
+
+
+def _refused_as_not_json(r) -> None:
+    assert r.status_code == 415, (r.status_code, r.get_data(as_text=True))
+    body = r.get_json()
+    assert set(body) == {"error"} and "application/json" in body["error"], body
+
+
+@pytest.fixture
+def local_send(env, monkeypatch):
+    """The send function on the local bus (as ./emulator.sh runs it), with a subscriber behind it."""
+    from shared import bus
+    from tests.test_guarantees import Receiver
+
+    receiver = Receiver()
+    monkeypatch.setenv("DELIVER_URL", receiver.url)
+    bus.reset_for_tests()
+    instance.reset()
+    yield functions_framework.create_app(target="send", source=MAIN).test_client(), receiver
+    bus.reset_for_tests()
+    receiver.stop()
+
+
+SEND_BODY = {"user_ids": ["alice"], "notification": {"title": "pwned"}}
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON_TYPES)
+def test_send_refuses_a_body_that_is_not_typed_json(local_send, store, content_type):
+    client, _ = local_send
+    r = client.post("/", data=json.dumps(SEND_BODY), headers=_typed(content_type))
+    _refused_as_not_json(r)
+    assert list(store.redis.scan_iter("notif:status:*")) == []  # nothing accepted, nothing published
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=UTF-8", "application/x+json"])
+def test_send_takes_json_typed_bodies(local_send, content_type):
+    client, receiver = local_send
+    r = client.post("/", data=json.dumps(SEND_BODY), headers={"Content-Type": content_type})
+    assert r.status_code == 202, r.get_json()
+    wait_until(lambda: r.get_json()["id"] in receiver.job_ids(), timeout=30, what="the job on the bus")
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON_TYPES)
+def test_register_refuses_a_body_that_is_not_typed_json(register_client, store, content_type):
+    headers = {**bearer("alice"), **_typed(content_type)}
+    r = register_client.post("/", data=json.dumps({"token": "csrf-token"}), headers=headers)
+    _refused_as_not_json(r)
+    assert db_rows(store) == []
+    assert post(register_client, bearer("alice"), {"token": "kept"}).status_code == 200
+    r = register_client.delete("/", data=json.dumps({"all": True}), headers=headers)
+    _refused_as_not_json(r)
+    assert db_rows(store) == [("alice", "kept", None)]
+
+
+def _console_post(path: str, origin: str | None) -> tuple[int, str, str]:
+    """POST a form to a console on a real port (aiohttp's test server) with this Origin ("self": the
+    console's own; None: no Origin header, as curl sends it); (status, body, user named)."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from local.console import Endpoints, make_app
+
+    user = f"csrf-{uuid.uuid4().hex[:8]}"
+    nowhere = "http://127.0.0.1:9"  # register / send are never reached by a refused form
+
+    async def go() -> tuple[int, str]:
+        app = make_app(Endpoints(register=nowhere, send=nowhere, fcm=nowhere, project=PROJECT))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            own = str(client.make_url("")).rstrip("/")
+            headers = {} if origin is None else {"Origin": own if origin == "self" else origin}
+            form = {"user": user, "title": "x", "users": user}
+            response = await client.post(path, data=form, headers=headers, allow_redirects=False)
+            return response.status, await response.text()
+
+    status, text = asyncio.run(go())
+    return status, text, user
+
+
+@pytest.mark.parametrize("path", ["/users", "/devices", "/send"])
+def test_console_refuses_forms_from_an_opaque_origin(env, path):
+    """Origin: null is what a sandboxed iframe or a data: page sends: any site could be behind it."""
+    status, text, user = _console_post(path, "null")
+    assert status == 403, (status, text[:300])
+    assert not instance.redis_client().sismember("notif:console:users", user)
+
+
+def test_console_takes_forms_from_itself_and_from_tools_without_origin(env):
+    for origin in ("self", None):
+        status, text, user = _console_post("/users", origin)
+        assert status == 303, (origin, status, text[:300])
+        assert instance.redis_client().sismember("notif:console:users", user)
+
+
 # --- bad input never becomes a 500 --------------------------------------------------------------------
 
 
