@@ -5,6 +5,11 @@
 #
 #   bash infra/deploy.sh --project P --region R [--dry-run] [--fcm-key-file PATH]
 #        [--rules-file PATH] [--redis-secret NAME] [--database-secret NAME] [--max-instances N]
+#        [--register-max-instances N] [--sql-max-connections N]
+#
+# Each function gets only what it uses: send and on_event never touch PostgreSQL, so they get
+# neither DATABASE_URL nor roles/cloudsql.client. deliver is deployed before send and on_event,
+# which publish its jobs, so a new job shape never meets an old reader.
 #
 # --dry-run prints every command ("+ ..." one per line) and runs none of them: it needs no Google
 # account, no gcloud and no network. It still builds the package directory (local, harmless).
@@ -28,6 +33,15 @@ PRUNE_SCHEDULE="17 3 * * *"
 # Pub/Sub never redelivers a job that is still being worked on.
 EVENT_TIMEOUT="540s"
 ACK_DEADLINE="600"
+# PostgreSQL connections: each instance of a function that uses PostgreSQL keeps up to a pool of
+# them (Database(size=8) in shared/db.py). Instances x pool, over register, deliver and prune, must
+# stay under Cloud SQL's max_connections, less a reserve for the migration, the operator CLI and
+# PostgreSQL's superuser-reserved connections.
+DB_POOL_SIZE=8
+SQL_RESERVED=10
+PRUNE_MAX_INSTANCES=1     # one nightly call
+SEND_MAX_INSTANCES=20     # ~600 req/s each with p99 < 50 ms (see Performance): ~12,000 req/s
+ON_EVENT_MAX_INSTANCES=10
 
 usage() {
     cat <<'EOF'
@@ -47,6 +61,10 @@ options:
   --redis-secret NAME       existing secret holding REDIS_URL (default pushline-redis-url)
   --max-instances N         deliver's max instances (default 6: FCM's 10,000 msg/s quota over a
                             measured ~4,000 msg/s per instance = 3, doubled for headroom)
+  --register-max-instances N  register's max instances (default 4)
+  --sql-max-connections N   the Cloud SQL instance's max_connections (default 100; read yours with
+                            SHOW max_connections): (register + deliver + prune instances) x 8 must
+                            stay within it less 10, or the script refuses to run
   --cloud-sql-instance P:R:I  attach this Cloud SQL instance (unix socket under /cloudsql)
   --vpc-connector NAME      Serverless VPC Access connector for Memorystore (default pushline-connector)
   --vpc-network NAME        network of a connector this script creates (default default)
@@ -84,6 +102,8 @@ RULES_FILE=""
 DATABASE_SECRET="pushline-database-url"
 REDIS_SECRET="pushline-redis-url"
 MAX_INSTANCES="6"
+REGISTER_MAX_INSTANCES="4"
+SQL_MAX_CONNECTIONS="100"
 CLOUD_SQL_INSTANCE=""
 CONNECTOR="pushline-connector"
 VPC_NETWORK="default"
@@ -111,6 +131,10 @@ while [[ $# -gt 0 ]]; do
         --redis-secret=*) REDIS_SECRET="${1#*=}"; shift ;;
         --max-instances) need_value "$1" "$#"; MAX_INSTANCES="$2"; shift 2 ;;
         --max-instances=*) MAX_INSTANCES="${1#*=}"; shift ;;
+        --register-max-instances) need_value "$1" "$#"; REGISTER_MAX_INSTANCES="$2"; shift 2 ;;
+        --register-max-instances=*) REGISTER_MAX_INSTANCES="${1#*=}"; shift ;;
+        --sql-max-connections) need_value "$1" "$#"; SQL_MAX_CONNECTIONS="$2"; shift 2 ;;
+        --sql-max-connections=*) SQL_MAX_CONNECTIONS="${1#*=}"; shift ;;
         --cloud-sql-instance) need_value "$1" "$#"; CLOUD_SQL_INSTANCE="$2"; shift 2 ;;
         --cloud-sql-instance=*) CLOUD_SQL_INSTANCE="${1#*=}"; shift ;;
         --vpc-connector) need_value "$1" "$#"; CONNECTOR="$2"; shift 2 ;;
@@ -134,6 +158,17 @@ done
 [[ "$PROJECT" =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die_usage "--project: not a project id: $PROJECT"
 [[ "$REGION" =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die_usage "--region: not a region: $REGION"
 [[ "$MAX_INSTANCES" =~ ^[1-9][0-9]*$ ]] || die_usage "--max-instances must be a positive whole number, got: $MAX_INSTANCES"
+[[ "$REGISTER_MAX_INSTANCES" =~ ^[1-9][0-9]*$ ]] ||
+    die_usage "--register-max-instances must be a positive whole number, got: $REGISTER_MAX_INSTANCES"
+[[ "$SQL_MAX_CONNECTIONS" =~ ^[1-9][0-9]*$ ]] ||
+    die_usage "--sql-max-connections must be a positive whole number, got: $SQL_MAX_CONNECTIONS"
+SQL_CONNECTIONS=$(( (REGISTER_MAX_INSTANCES + MAX_INSTANCES + PRUNE_MAX_INSTANCES) * DB_POOL_SIZE ))
+if (( SQL_CONNECTIONS > SQL_MAX_CONNECTIONS - SQL_RESERVED )); then
+    die_usage "up to $SQL_CONNECTIONS PostgreSQL connections ((register $REGISTER_MAX_INSTANCES + deliver \
+$MAX_INSTANCES + prune $PRUNE_MAX_INSTANCES instances) x pool $DB_POOL_SIZE) exceed --sql-max-connections \
+$SQL_MAX_CONNECTIONS less $SQL_RESERVED reserved: lower --max-instances / --register-max-instances, or raise \
+--sql-max-connections to the Cloud SQL instance's max_connections"
+fi
 if [[ -n "$FCM_KEY_FILE" && ! -f "$FCM_KEY_FILE" ]]; then
     die_usage "--fcm-key-file: no such file: $FCM_KEY_FILE"
 fi
@@ -193,6 +228,16 @@ exists() {  # exists CMD...: the describe check before a create; under --dry-run
     "$@" >/dev/null 2>&1
 }
 
+revoke() {  # revoke CMD...: remove a grant an earlier deploy made, when it is there (shown; run unless --dry-run)
+    show "$@"
+    if [[ $DRY_RUN -eq 1 ]]; then
+        return 0
+    fi
+    if ! "$@" >/dev/null 2>&1; then
+        printf '# (nothing revoked: not granted, or gcloud refused; check with get-iam-policy)\n'
+    fi
+}
+
 capture() {  # capture VAR PLACEHOLDER CMD...: VAR = the command's output (the placeholder under --dry-run)
     local var="$1" placeholder="$2" value
     shift 2
@@ -227,6 +272,8 @@ SA_PRUNE="$(sa_email pushline-prune)"
 SA_TRIGGER="$(sa_email pushline-trigger)"      # Eventarc -> deliver / on_event
 SA_SCHEDULER="$(sa_email pushline-scheduler)"  # Cloud Scheduler -> prune
 FUNCTION_SAS=("$SA_REGISTER" "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT" "$SA_PRUNE")
+POSTGRES_SAS=("$SA_REGISTER" "$SA_DELIVER" "$SA_PRUNE")  # the others use Redis and the bus only
+NO_POSTGRES_SAS=("$SA_SEND" "$SA_ON_EVENT")
 
 # --- 0. validate the rules file first ---------------------------------------------------------
 
@@ -343,8 +390,8 @@ fi
 run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$SA_DELIVER" \
     --role="projects/$PROJECT/roles/$FCM_ROLE_ID" --condition=None
 
-step "Cloud SQL client for every function"
-for email in "${FUNCTION_SAS[@]}"; do
+step "Cloud SQL client for the functions that use PostgreSQL: register, deliver, prune"
+for email in "${POSTGRES_SAS[@]}"; do
     run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$email" \
         --role=roles/cloudsql.client --condition=None
 done
@@ -361,12 +408,22 @@ run gcloud iam service-accounts add-iam-policy-binding "$SA_TRIGGER" "${P[@]}" \
 
 # --- 6. secrets: values never on a command line ---------------------------------------------------
 
-step "secrets"
-for secret in "$DATABASE_SECRET" "$REDIS_SECRET"; do
-    for email in "${FUNCTION_SAS[@]}"; do
-        run gcloud secrets add-iam-policy-binding "$secret" "${P[@]}" \
-            --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
-    done
+step "secrets: REDIS_URL for every function, DATABASE_URL for register, deliver and prune only"
+for email in "${FUNCTION_SAS[@]}"; do
+    run gcloud secrets add-iam-policy-binding "$REDIS_SECRET" "${P[@]}" \
+        --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
+done
+for email in "${POSTGRES_SAS[@]}"; do
+    run gcloud secrets add-iam-policy-binding "$DATABASE_SECRET" "${P[@]}" \
+        --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
+done
+
+step "take back what earlier deploys granted send and on_event (PostgreSQL)"
+for email in "${NO_POSTGRES_SAS[@]}"; do
+    revoke gcloud projects remove-iam-policy-binding "$PROJECT" --member="serviceAccount:$email" \
+        --role=roles/cloudsql.client --condition=None
+    revoke gcloud secrets remove-iam-policy-binding "$DATABASE_SECRET" "${P[@]}" \
+        --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
 done
 
 FCM_ENV=""
@@ -401,61 +458,68 @@ fi
 # --- 8. the functions ----------------------------------------------------------------------------
 
 ENV_COMMON="GOOGLE_CLOUD_PROJECT=$PROJECT,PUBSUB_TOPIC=$JOBS_TOPIC,LOG_LEVEL=INFO"
-SECRETS="DATABASE_URL=$DATABASE_SECRET:latest,REDIS_URL=$REDIS_SECRET:latest"
+SECRETS_REDIS="REDIS_URL=$REDIS_SECRET:latest"
+SECRETS_POSTGRES="DATABASE_URL=$DATABASE_SECRET:latest,$SECRETS_REDIS"
 COMMON=(--gen2 --runtime=python311 --region="$REGION" "${P[@]}" --source="$BUILD_DIR"
-    --vpc-connector="$CONNECTOR_PATH" --egress-settings=private-ranges-only
-    --set-secrets="$SECRETS")
+    --vpc-connector="$CONNECTOR_PATH" --egress-settings=private-ranges-only)
 if [[ -n "$BUILD_SA" ]]; then
     COMMON+=(--build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA")
 fi
 
-after_deploy() {  # attach Cloud SQL's unix socket (/cloudsql/...) to the function's Cloud Run service
+attach_cloud_sql() {  # attach Cloud SQL's unix socket (/cloudsql/...) to a PostgreSQL function's Cloud Run service
     if [[ -n "$CLOUD_SQL_INSTANCE" ]]; then
         run gcloud run services update "$1" --region="$REGION" "${P[@]}" \
             --add-cloudsql-instances="$CLOUD_SQL_INSTANCE"
     fi
 }
 
-step "deploy register (HTTP, public: checks Firebase ID tokens itself)"
-run gcloud functions deploy register "${COMMON[@]}" --entry-point=register \
-    --trigger-http --allow-unauthenticated \
-    --service-account="$SA_REGISTER" --cpu=1 --memory=512Mi --concurrency=80 \
-    --set-env-vars="THREADS=8,$ENV_COMMON"
-after_deploy register
+printf '\n# PostgreSQL connections at most: (register %s + deliver %s + prune %s instances) x pool %s = %s of %s (%s kept for the migration, the CLI and PostgreSQL)\n' \
+    "$REGISTER_MAX_INSTANCES" "$MAX_INSTANCES" "$PRUNE_MAX_INSTANCES" "$DB_POOL_SIZE" "$SQL_CONNECTIONS" \
+    "$SQL_MAX_CONNECTIONS" "$SQL_RESERVED"
 
-step "deploy send (HTTP, private: IAM invoker only)"
-run gcloud functions deploy send "${COMMON[@]}" --entry-point=send \
-    --trigger-http --no-allow-unauthenticated \
-    --service-account="$SA_SEND" --cpu=1 --memory=512Mi --concurrency=80 \
-    --set-env-vars="THREADS=8,$ENV_COMMON"
-after_deploy send
-
-step "deploy deliver (Pub/Sub $JOBS_TOPIC; max instances $MAX_INSTANCES)"
+# deliver first: send and on_event publish its jobs, so it reads every shape they may write.
+step "deploy deliver (Pub/Sub $JOBS_TOPIC, internal traffic only; max instances $MAX_INSTANCES)"
 run gcloud functions deploy deliver "${COMMON[@]}" --entry-point=deliver \
     --trigger-topic="$JOBS_TOPIC" --retry --trigger-service-account="$SA_TRIGGER" \
+    --ingress-settings=internal-only \
     --service-account="$SA_DELIVER" --cpu=1 --memory=1Gi --timeout="$EVENT_TIMEOUT" \
     --concurrency=1 --max-instances="$MAX_INSTANCES" \
-    --set-env-vars="$ENV_COMMON$FCM_ENV"
-after_deploy deliver
+    --set-secrets="$SECRETS_POSTGRES" --set-env-vars="$ENV_COMMON$FCM_ENV"
+attach_cloud_sql deliver
 
-step "deploy on_event (Pub/Sub $EVENTS_TOPIC)"
+step "deploy register (HTTP, public: checks Firebase ID tokens itself; max instances $REGISTER_MAX_INSTANCES)"
+run gcloud functions deploy register "${COMMON[@]}" --entry-point=register \
+    --trigger-http --allow-unauthenticated --ingress-settings=all \
+    --service-account="$SA_REGISTER" --cpu=1 --memory=512Mi --concurrency=80 \
+    --max-instances="$REGISTER_MAX_INSTANCES" \
+    --set-secrets="$SECRETS_POSTGRES" --set-env-vars="THREADS=8,$ENV_COMMON"
+attach_cloud_sql register
+
+step "deploy send (HTTP, private: IAM invoker only; no PostgreSQL)"
+run gcloud functions deploy send "${COMMON[@]}" --entry-point=send \
+    --trigger-http --no-allow-unauthenticated --ingress-settings=all \
+    --service-account="$SA_SEND" --cpu=1 --memory=512Mi --concurrency=80 \
+    --max-instances="$SEND_MAX_INSTANCES" \
+    --set-secrets="$SECRETS_REDIS" --set-env-vars="THREADS=8,$ENV_COMMON"
+
+step "deploy on_event (Pub/Sub $EVENTS_TOPIC, internal traffic only; no PostgreSQL)"
 if [[ -z "$RULES_FILE" ]]; then
     printf '# note: no --rules-file given: on_event runs without EVENT_RULES\n'
 fi
 run gcloud functions deploy on-event "${COMMON[@]}" --entry-point=on_event \
     --trigger-topic="$EVENTS_TOPIC" --retry --trigger-service-account="$SA_TRIGGER" \
+    --ingress-settings=internal-only \
     --service-account="$SA_ON_EVENT" --cpu=1 --memory=512Mi --timeout="$EVENT_TIMEOUT" \
-    --concurrency=1 \
-    --set-env-vars="$ENV_COMMON$RULES_ENV"
-after_deploy on-event
+    --concurrency=1 --max-instances="$ON_EVENT_MAX_INSTANCES" \
+    --set-secrets="$SECRETS_REDIS" --set-env-vars="$ENV_COMMON$RULES_ENV"
 
-step "deploy prune (HTTP, private: called by Cloud Scheduler)"
+step "deploy prune (HTTP, private, internal traffic only: called by Cloud Scheduler)"
 run gcloud functions deploy prune "${COMMON[@]}" --entry-point=prune \
-    --trigger-http --no-allow-unauthenticated \
+    --trigger-http --no-allow-unauthenticated --ingress-settings=internal-only \
     --service-account="$SA_PRUNE" --cpu=1 --memory=512Mi --timeout="$EVENT_TIMEOUT" \
-    --concurrency=1 \
-    --set-env-vars="$ENV_COMMON"
-after_deploy prune
+    --concurrency=1 --max-instances="$PRUNE_MAX_INSTANCES" \
+    --set-secrets="$SECRETS_POSTGRES" --set-env-vars="$ENV_COMMON"
+attach_cloud_sql prune
 
 # --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters ------------------
 

@@ -7,6 +7,7 @@ not installed at all).
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shlex
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from shared.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "infra" / "deploy.sh"
@@ -26,6 +29,11 @@ FUNCTIONS = {  # deployed name -> entry point
     "on-event": "on_event",
     "prune": "prune",
 }
+# Which functions use PostgreSQL (read from the code: shared/instance.token_store() or database()).
+USES_POSTGRES = {"register", "deliver", "prune"}
+NO_POSTGRES = set(FUNCTIONS) - USES_POSTGRES  # send and on_event: Redis and the bus only
+INTERNAL = {"deliver", "on-event", "prune"}  # called only by Eventarc / Cloud Scheduler
+POOL_SIZE = inspect.signature(Database).parameters["size"].default  # connections one instance keeps
 
 
 @dataclass
@@ -56,12 +64,16 @@ def flag(command: list[str], name: str) -> str:
     return values[0]
 
 
-def deploy_sh(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+def deploy_sh(tmp_path: Path, *args: str, env: dict[str, str] | None = None, gcloud_answers: str = "") -> Result:
+    """Run deploy.sh with a ``gcloud`` that records its arguments and, by default, fails (exit 97):
+    a dry run must never call it. ``gcloud_answers`` (shell ``case`` branches on "$*") makes it
+    answer like Google's instead, for a real run."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
     calls = tmp_path / "gcloud-calls"
     gcloud = fake_bin / "gcloud"
-    gcloud.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\nexit 97\n')
+    answer = f'case "$*" in\n{gcloud_answers}esac\nexit 0\n' if gcloud_answers else "exit 97\n"
+    gcloud.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(calls))}\n{answer}')
     gcloud.chmod(0o755)
     build_dir = tmp_path / "build"
     full_env = {
@@ -140,6 +152,8 @@ def test_sizing(dry_run: Result) -> None:
     deliver = dry_run.deploy("deliver")
     assert (flag(deliver, "cpu"), flag(deliver, "memory"), flag(deliver, "concurrency")) == ("1", "1Gi", "1")
     assert flag(deliver, "max-instances") == "6"
+    assert flag(dry_run.deploy("register"), "max-instances") == "4"
+    assert flag(dry_run.deploy("prune"), "max-instances") == "1"
     register = dry_run.deploy("register")
     assert (flag(register, "cpu"), flag(register, "memory"), flag(register, "concurrency")) == ("1", "512Mi", "80")
     assert "THREADS=8" in flag(register, "set-env-vars").split(",")
@@ -147,9 +161,56 @@ def test_sizing(dry_run: Result) -> None:
 
 
 def test_max_instances_flag(tmp_path: Path) -> None:
-    result = deploy_sh(tmp_path, "--project", "demo-p", "--region", "europe-west1", "--dry-run", "--max-instances", "7")
+    result = deploy_sh(
+        tmp_path, "--project", "demo-p", "--region", "europe-west1", "--dry-run",
+        "--max-instances", "7", "--register-max-instances", "10", "--sql-max-connections", "200",
+    )  # fmt: skip
     assert result.returncode == 0, result.output
     assert flag(result.deploy("deliver"), "max-instances") == "7"
+    assert flag(result.deploy("register"), "max-instances") == "10"
+
+
+def test_every_function_has_max_instances(dry_run: Result) -> None:
+    for name in FUNCTIONS:
+        assert int(flag(dry_run.deploy(name), "max-instances")) >= 1, name
+
+
+def test_postgres_connections_stay_under_cloud_sql_max_connections(dry_run: Result) -> None:
+    """Every instance of a PostgreSQL function may hold a pool's worth of connections (shared/db.py);
+    together, with room for the migration, the CLI and PostgreSQL's reserved ones, under the default
+    max_connections the script assumes (100)."""
+    assert POOL_SIZE == 8
+    total = sum(int(flag(dry_run.deploy(name), "max-instances")) * POOL_SIZE for name in USES_POSTGRES)
+    assert total <= 100 - 10, total
+    assert f"{total} of 100" in dry_run.stdout  # the script says what it budgeted
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max-instances", "7"],  # (4 + 7 + 1) x 8 = 96 > 90
+        ["--register-max-instances", "9"],
+        ["--max-instances", "20", "--sql-max-connections", "150"],
+    ],
+)
+def test_more_connections_than_cloud_sql_allows_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    result = deploy_sh(tmp_path, "--project", "demo-p", "--region", "europe-west1", "--dry-run", *args)
+    assert result.returncode == 2, result.output
+    assert "--sql-max-connections" in result.stderr and "PostgreSQL connections" in result.stderr
+    assert "+ " not in result.stdout and result.gcloud_calls == ""
+
+
+def test_event_functions_and_prune_take_internal_traffic_only(dry_run: Result) -> None:
+    for name in FUNCTIONS:
+        expected = "internal-only" if name in INTERNAL else "all"
+        assert flag(dry_run.deploy(name), "ingress-settings") == expected, name
+
+
+def test_deliver_is_deployed_before_the_functions_that_publish_jobs(dry_run: Result) -> None:
+    order = [c[3] for c in dry_run.commands() if c[:3] == ["gcloud", "functions", "deploy"]]
+    assert sorted(order) == sorted(FUNCTIONS)
+    assert order.index("deliver") < order.index("send")
+    assert order.index("deliver") < order.index("on-event")
 
 
 def test_register_is_public_and_the_rest_are_not(dry_run: Result) -> None:
@@ -168,7 +229,10 @@ def test_stores_come_from_secrets_never_env_vars(dry_run: Result) -> None:
     for name in FUNCTIONS:
         command = dry_run.deploy(name)
         secrets = dict(item.split("=", 1) for item in flag(command, "set-secrets").split(","))
-        assert secrets == {"DATABASE_URL": "pushline-database-url:latest", "REDIS_URL": "pushline-redis-url:latest"}
+        expected = {"REDIS_URL": "pushline-redis-url:latest"}
+        if name in USES_POSTGRES:
+            expected["DATABASE_URL"] = "pushline-database-url:latest"
+        assert secrets == expected, name
         env = dict(item.split("=", 1) for item in flag(command, "set-env-vars").split(","))
         assert "DATABASE_URL" not in env and "REDIS_URL" not in env
         assert env["GOOGLE_CLOUD_PROJECT"] == "demo-p"
@@ -195,9 +259,22 @@ def test_fcm_key_is_a_secret_path_read_from_the_operator_file(dry_run: Result) -
     assert [flag(c, "member") for c in fcm_bindings] == [deliver]
 
 
-def test_no_secret_value_anywhere_in_the_output(dry_run: Result) -> None:
-    for needle in ("SECRETVALUE", "BEGIN PRIVATE KEY", "private_key", "password", "://user:", FAKE_KEY.strip()):
-        assert needle.lower() not in dry_run.output.lower(), needle
+def test_no_secret_value_anywhere_in_the_output(tmp_path: Path) -> None:
+    """The operator's shell holds store URLs with a password, and the FCM key file a private key:
+    none of it may reach the dry run's output."""
+    key = tmp_path / "fcm-key.json"
+    key.write_text(FAKE_KEY)
+    result = deploy_sh(
+        tmp_path,
+        "--project=demo-p",
+        "--region=europe-west1",
+        "--dry-run",
+        f"--fcm-key-file={key}",
+        env={"DATABASE_URL": DATABASE_URL_WITH_PASSWORD, "REDIS_URL": f"redis://:{PASSWORD}@10.0.0.3:6379/0"},
+    )
+    assert result.returncode == 0, result.output
+    for needle in (PASSWORD, "SECRETVALUE", "BEGIN PRIVATE KEY", "private_key", FAKE_KEY.strip()):
+        assert needle.lower() not in result.output.lower(), needle
 
 
 def test_dead_letters_on_the_event_subscriptions(dry_run: Result) -> None:
@@ -275,6 +352,88 @@ def test_least_privilege(dry_run: Result) -> None:
         ("on-event", "pushline-trigger"),
         ("prune", "pushline-scheduler"),
     }
+
+
+def _account(member: str) -> str:
+    return member.split(":", 1)[1].split("@")[0].removeprefix("pushline-")
+
+
+def test_only_postgres_functions_get_the_database(dry_run: Result) -> None:
+    commands = dry_run.commands()
+    sql_clients = {
+        _account(flag(c, "member"))
+        for c in commands
+        if c[:3] == ["gcloud", "projects", "add-iam-policy-binding"] and flag(c, "role") == "roles/cloudsql.client"
+    }
+    assert sql_clients == USES_POSTGRES
+    readers = {
+        secret: {
+            _account(flag(c, "member"))
+            for c in commands
+            if c[:4] == ["gcloud", "secrets", "add-iam-policy-binding", secret]
+            and flag(c, "role") == "roles/secretmanager.secretAccessor"
+        }
+        for secret in ("pushline-database-url", "pushline-redis-url")
+    }
+    assert readers["pushline-database-url"] == USES_POSTGRES
+    assert readers["pushline-redis-url"] == set(FUNCTIONS)
+    # What an earlier deploy granted send and on_event is taken back.
+    revoked = {
+        (_account(flag(c, "member")), c[1])
+        for c in commands
+        if c[2] == "remove-iam-policy-binding"
+        and (flag(c, "role") == "roles/cloudsql.client" or "pushline-database-url" in c)
+    }
+    assert revoked == {(name, kind) for name in NO_POSTGRES for kind in ("projects", "secrets")}
+
+
+def test_cloud_sql_socket_only_on_postgres_functions(tmp_path: Path) -> None:
+    result = deploy_sh(
+        tmp_path, "--project=demo-p", "--region=europe-west1", "--dry-run", "--cloud-sql-instance=demo-p:eu:sql"
+    )
+    assert result.returncode == 0, result.output
+    updated = {c[4] for c in result.commands() if c[:4] == ["gcloud", "run", "services", "update"]}
+    assert updated == USES_POSTGRES
+
+
+PASSWORD = "Pa55-w0rd-NEVER-PRINTED"
+DATABASE_URL_WITH_PASSWORD = f"postgresql://pushline:{PASSWORD}@/pushline?unix_sock=/cloudsql/p:r:i/.s.PGSQL.5432"
+
+
+def test_no_password_anywhere_in_a_real_run(tmp_path: Path) -> None:
+    """A real run (no --dry-run) against a gcloud that answers like Google's, whose secret holds a
+    DATABASE_URL with a password, with the operator's own store URLs in the environment too: the
+    password reaches the migration and appears nowhere else: not in the output, not on a command line."""
+    answers = (
+        f'  "secrets versions access"*) printf "%s" {shlex.quote(DATABASE_URL_WITH_PASSWORD)} ;;\n'
+        '  "projects describe"*) echo 123456 ;;\n'
+        '  "functions describe prune"*) echo https://prune-x.a.run.app ;;\n'
+        '  "functions describe"*) echo projects/demo-p/locations/europe-west1/triggers/t ;;\n'
+        '  "eventarc triggers describe"*) echo projects/demo-p/subscriptions/s ;;\n'
+    )
+    seen = tmp_path / "migrate-saw"
+    migrate = tmp_path / "python-migrate"  # stands in for the Python that runs shared.cli migrate
+    migrate.write_text(f'#!/bin/sh\nprintf "%s" "$DATABASE_URL" > {shlex.quote(str(seen))}\necho migrated\n')
+    migrate.chmod(0o755)
+    result = deploy_sh(
+        tmp_path,
+        "--project=demo-p",
+        "--region=europe-west1",
+        env={
+            "PYTHON": str(migrate),
+            "DATABASE_URL": DATABASE_URL_WITH_PASSWORD,
+            "REDIS_URL": f"redis://:{PASSWORD}@10.0.0.3:6379/0",
+        },
+        gcloud_answers=answers,
+    )
+    assert result.returncode == 0, result.output
+    calls = tmp_path / "gcloud-calls"
+    assert seen.read_text() == DATABASE_URL_WITH_PASSWORD  # the test exercised the path that holds it
+    assert "gcloud functions deploy" in result.stdout
+    assert PASSWORD not in result.stdout
+    assert PASSWORD not in result.stderr
+    assert PASSWORD not in calls.read_text()  # never an argument of any command
+    assert PASSWORD not in "".join(p.read_text() for p in result.build_dir.rglob("*") if p.is_file())
 
 
 def test_migration_reads_the_url_from_secret_manager_unexpanded(dry_run: Result) -> None:
