@@ -9,8 +9,9 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
 - a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
 - it acknowledges only when every token is final; tokens leased by another live copy, retries
-  not due within this instance's wait, users whose tokens could not be read, and Redis being
-  unreachable all raise ``RetryLater`` (the ledger makes the redelivery skip what is final);
+  not due within this instance's wait, users whose tokens could not be read, and any Redis error
+  (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
+  (the ledger makes the redelivery skip what is final);
 - a malformed message is logged and acknowledged: it would never become valid.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 from shared import bus, instance, jobs, logs
 from shared.config import settings
 from shared.dispatch import dispatch
-from shared.errors import REDIS_UNREACHABLE, Unavailable
+from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
 from shared.fcm_message import MessageTemplate
 
 log = logs.get("deliver")
@@ -117,8 +118,8 @@ def handle(event_data: Any) -> str:
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
-    except REDIS_UNREACHABLE as exc:
-        raise RetryLater(f"Redis unreachable ({type(exc).__name__}): nothing sent without a claim") from None
+    except REDIS_OUTAGE as exc:  # any Redis error (shared/errors.py): the bus redelivers
+        raise RetryLater(f"{redis_outage(exc)}: nothing sent without a claim") from None
     except Unavailable as exc:
         raise RetryLater(f"{exc.what} unavailable") from None
 
@@ -228,5 +229,5 @@ def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> 
 def _count(name: str) -> None:
     try:
         instance.claims().count(name)
-    except REDIS_UNREACHABLE:
+    except REDIS_OUTAGE:
         pass
