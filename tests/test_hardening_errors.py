@@ -279,3 +279,67 @@ def test_a_refused_command_is_an_outage_logged_as_a_possible_bug(env, receiver, 
     errors = [r for r in log_lines.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["Redis refused a command: handled as an outage, but it may be a bug"]
     assert errors[0].redis_error == "ResponseError"
+
+
+# --- 8. jobs from a newer deploy go back to the bus -------------------------------------------------
+
+NEWER = {"version": 2, "user_ids": ["alice"], "notification": {"title": "Hi"}, "audience": {"segment": "new"}}
+
+
+def pubsub(payload: dict) -> dict:
+    data = base64.b64encode(json.dumps(payload).encode()).decode()
+    return {"message": {"data": data, "attributes": {}, "messageId": "m-1"}, "subscription": "s"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        (NEWER, "job version 2"),
+        ({**NEWER, "version": 7.0}, "job version 7"),
+        ({"kind": "part", "part": 0, "parts": 1, "job": NEWER}, "job version 2"),
+        ({"kind": "batch", "jobs": [NEWER]}, "message kind 'batch'"),
+    ],
+)
+def test_a_message_of_an_unknown_version_or_kind_is_not_acknowledged(fcm, store, log_lines, payload, named):
+    """A newer send (or deliver) publishes a shape this deliver does not know, during a rolling deploy:
+    it goes back to the bus (and, if no instance ever learns it, to the dead-letter topic), never
+    acknowledged as malformed; nothing is sent, counted or removed."""
+    from shared import delivery
+
+    store.register("alice", "dead-a1")
+    with pytest.raises(delivery.RetryLater, match=named):
+        delivery.handle(pubsub(payload))
+    assert fcm.messages() == []
+    assert instance.claims().stats() == {}  # not counted as an invalid job
+    assert store.db_tokens("alice") == {"dead-a1": None}
+    warnings = [r for r in log_lines.records if r.levelno == logging.WARNING and named in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_deliver_answers_503_to_a_job_of_a_newer_version(fcm, monkeypatch):
+    deliver = app("deliver", monkeypatch)
+    redeliver(cloud_event(deliver, NEWER))
+    assert fcm.messages() == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {**NEWER, "version": 1},  # a known version with an unknown field: invalid, never deliverable
+        {**NEWER, "version": 0},
+        {**NEWER, "version": "2"},
+        {**NEWER, "version": 2.5},
+        {**NEWER, "version": True},
+        {**NEWER, "version": None},
+        {k: v for k, v in NEWER.items() if k != "version"},
+        {"kind": "part", "part": 1, "parts": 1, "job": {**NEWER, "version": 1}},
+        {"kind": 3, "job": NEWER},
+        {"kind": "", "job": NEWER},
+    ],
+)
+def test_invalid_messages_of_a_known_shape_are_still_acknowledged(fcm, store, payload):
+    from shared import delivery
+
+    assert delivery.handle(pubsub(payload)) == "malformed"
+    assert fcm.messages() == []
+    assert instance.claims().stats() == {"invalid_jobs": 1}
