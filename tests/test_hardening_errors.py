@@ -343,3 +343,81 @@ def test_invalid_messages_of_a_known_shape_are_still_acknowledged(fcm, store, pa
     assert delivery.handle(pubsub(payload)) == "malformed"
     assert fcm.messages() == []
     assert instance.claims().stats() == {"invalid_jobs": 1}
+
+
+# --- 7. a dead token's removal is owed before the ledger says it is done ----------------------------
+
+OWED = "notif:deadtokens"
+
+
+def dead_confirmed_then_crash(nid: str, token: str) -> None:
+    """The ledger records FCM's UNREGISTERED for ``token``; the process dies before it removes it."""
+    claims = instance.claims()
+    claims.register_part(nid, 0, [token], 0, 0)
+    assert claims.lease(nid, [token], 60_000).leased == {token: 1}
+    assert claims.confirm(nid, [(token, "dead", 0, 1)]).remove == [token]
+    assert claims.ledger_states(nid, [token]) == {token: "F:dead_removed"}
+    # (no remove_dead_many: the instance was killed here)
+
+
+def job_event(nid: str, users: list[str]) -> dict:
+    return pubsub({"version": 1, "id": nid, "user_ids": users, "notification": {"title": "Hi"}})
+
+
+def test_a_dead_token_confirmed_before_a_crash_is_removed_by_a_later_part(fcm, store):
+    from shared import delivery
+
+    store.register("alice", "dead-a1")
+    store.register("alice", "tok-a2")
+    store.register("bob", "tok-b1")
+    assert store.cached_tokens("alice") == {"dead-a1", "tok-a2"}
+    dead_confirmed_then_crash("crashed", "dead-a1")  # owed in the same script that recorded it done
+    assert delivery.handle(job_event("later", ["bob"])) == "delivered"  # any later part pays it
+    assert store.db_tokens("alice") == {"tok-a2": None}
+    assert store.cached_tokens("alice") == {"tok-a2"}
+    assert not store.redis.sismember(OWED, "dead-a1")
+    assert [m["message"]["token"] for m in fcm.messages()] == ["tok-b1"]
+
+
+def test_a_removal_that_completes_owes_nothing(fcm, store):
+    from shared import delivery
+
+    store.register("alice", "dead-a1")
+    store.register("alice", "tok-a2")
+    assert delivery.handle(job_event("clean", ["alice"])) == "delivered"
+    assert store.db_tokens("alice") == {"tok-a2": None}
+    assert store.cached_tokens("alice") == {"tok-a2"}
+    assert store.redis.smembers(OWED) == set()
+    assert instance.claims().status("clean")["counts"]["dead_removed"] == 1
+
+
+def test_a_removal_owed_while_postgresql_is_down_stays_owed(fcm, store, monkeypatch):
+    """The ledger's owed entry is cleared only once PostgreSQL really lost the row."""
+    from shared.db import Database
+
+    store.register("alice", "dead-a1")
+    dead_confirmed_then_crash("pg-down", "dead-a1")
+    down = type(store)(store.redis, Database("postgresql://postgres@127.0.0.1:1/none"), ttl_seconds=store.ttl)
+    down.remove_dead_many({"dead-a1": ["alice"]})
+    assert store.redis.sismember(OWED, "dead-a1")
+    assert store.cached_tokens("alice") is None  # left the cache at once
+    assert store.settle_dead_tokens() == 1
+    assert store.db_tokens("alice") == {}
+    assert not store.redis.sismember(OWED, "dead-a1")
+
+
+def test_a_dead_token_left_only_in_a_cached_set_is_removed_by_the_next_send_to_it(fcm, store):
+    """A crash after PostgreSQL's delete but before the cache's: the owed entry finds no row (and so no
+    holder) to clear; the stale cached member is removed the next time a send reaches it (FCM answers
+    UNREGISTERED again and the holder is known then). One extra request, no device left behind."""
+    from shared import delivery
+
+    store.register("alice", "dead-a1")
+    store.register("alice", "tok-a2")
+    dead_confirmed_then_crash("crashed", "dead-a1")
+    store.db.run("DELETE FROM device_tokens WHERE token = 'dead-a1'")  # the statement ran, then the crash
+    assert store.settle_dead_tokens() == 1
+    assert store.cached_tokens("alice") == {"dead-a1", "tok-a2"}
+    assert delivery.handle(job_event("next", ["alice"])) == "delivered"
+    assert store.cached_tokens("alice") == {"tok-a2"}
+    assert store.redis.smembers(OWED) == set()
