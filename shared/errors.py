@@ -35,7 +35,7 @@ _STATES = (
     (redis.exceptions.BusyLoadingError, "is loading its data (LOADING)"),
     (redis.exceptions.TryAgainError, "is busy (TRYAGAIN)"),
     (redis.exceptions.ExecAbortError, "refused a transaction (EXECABORT)"),
-    (redis.TimeoutError, "did not answer in time"),
+    (redis.TimeoutError, "unreachable (no answer in time)"),
     (redis.ConnectionError, "unreachable"),
 )
 
