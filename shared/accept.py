@@ -16,15 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import bus, jobs
+from shared import bus, jobs, logs
 from shared.claims import Claims
-from shared.errors import REDIS_UNREACHABLE, Unavailable
+from shared.errors import REDIS_OUTAGE, RedisUnavailable
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
-
-class RedisUnavailable(Unavailable):
-    what = "Redis"
+log = logs.get("accept")
 
 
 @dataclass
@@ -44,7 +42,7 @@ def keyed_id(idempotency_key: str, body_fingerprint: str) -> str:
 
 
 def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: str | None = None) -> Answer:
-    """Validate and publish; raises JobError (400), Unavailable (503)."""
+    """Validate and publish; raises JobError (400), Unavailable (503: the bus, or any Redis error)."""
     job = jobs.parse_request(body)
     if idempotency_key is None:
         return _publish(job, claims, users_per_part)
@@ -56,8 +54,8 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
     job = dataclasses.replace(job, id=keyed_id(idempotency_key, print_))
     try:
         held = claims.idempotency_begin(idempotency_key, print_)
-    except REDIS_UNREACHABLE:
-        raise RedisUnavailable() from None
+    except REDIS_OUTAGE as exc:
+        raise _outage(exc) from None
     if held is not None:
         if held.get("fingerprint") != print_:
             return Answer(422, {"error": "Idempotency-Key was already used with a different request body"})
@@ -71,28 +69,35 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
     except BaseException:
         try:
             claims.idempotency_abort(idempotency_key)
-        except REDIS_UNREACHABLE:
+        except REDIS_OUTAGE:
             pass
         raise
     try:
         claims.idempotency_finish(idempotency_key, print_, answer.status, answer.body)
-    except REDIS_UNREACHABLE:
+    except REDIS_OUTAGE:
         pass  # the notification is on its way; a retry with the key will get 409 until the marker expires
     return answer
+
+
+def _outage(exc: Exception) -> RedisUnavailable:
+    """Any Redis error answers 503 (see shared/errors.py), logged with what it means."""
+    outage = RedisUnavailable(exc)
+    log.warning("Redis cannot serve send: answered 503", extra={"reason": str(outage)})
+    return outage
 
 
 def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
     parts = -(-len(job.user_ids) // users_per_part)
     try:
         claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
-    except REDIS_UNREACHABLE:
-        raise RedisUnavailable() from None
+    except REDIS_OUTAGE as exc:
+        raise _outage(exc) from None
     try:
         bus.publish(jobs.to_v1(job), {"notification_id": job.id})
     except bus.BusUnavailable:
         try:
             claims.delete_status(job.id)
-        except REDIS_UNREACHABLE:
+        except REDIS_OUTAGE:
             pass
         raise
     return Answer(202, {"id": job.id})
@@ -103,8 +108,8 @@ def status(nid: str, claims: Claims) -> Answer:
         return Answer(404, {"error": "no such notification"})
     try:
         found = claims.status(nid)
-    except REDIS_UNREACHABLE:
-        raise RedisUnavailable() from None
+    except REDIS_OUTAGE as exc:
+        raise _outage(exc) from None
     if found is None:
         return Answer(404, {"error": "no such notification"})
     return Answer(200, found)

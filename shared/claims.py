@@ -31,6 +31,8 @@ from typing import Any
 
 import redis
 
+from shared.store import DEAD_TOKENS_KEY
+
 OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
@@ -148,10 +150,13 @@ if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.ca
 return out
 """
 
-# KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide).
+# KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
+# store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, then per token:
 # token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms, attempt.
-# Returns {valve_tripped_now, config_error_first, tokens to remove...}.
+# Returns {valve_tripped_now, config_error_first, tokens to remove...}. A token recorded
+# dead_removed is owed for removal in the same step, so a crash before the stores are changed
+# cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
 local answers, mismatches = 0, 0
@@ -188,7 +193,8 @@ for i = 7, #ARGV, 4 do
       if attempts >= maxa then final = 'failed'
       else redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. ARGV[i + 2]); waiting = waiting + 1 end
     elseif r == 'dead' or r == 'mismatch' then
-      if valve then final = 'config_error' else final = 'dead_removed'; out[#out + 1] = t end
+      if valve then final = 'config_error'
+      else final = 'dead_removed'; out[#out + 1] = t; redis.call('SADD', KEYS[6], t) end
     else
       final = r
     end
@@ -368,7 +374,14 @@ class Claims:
         ]
         for token, result, retry_at, attempt in results:
             args += [token, result, retry_at, attempt]
-        keys = [ledger_key(nid), status_key(nid), valve_window_key(bucket), valve_window_key(bucket - 1), VALVE_KEY]
+        keys = [
+            ledger_key(nid),
+            status_key(nid),
+            valve_window_key(bucket),
+            valve_window_key(bucket - 1),
+            VALVE_KEY,
+            DEAD_TOKENS_KEY,
+        ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
             remove=[t.decode() for t in reply[2:]], valve_tripped=bool(reply[0]), config_error_first=bool(reply[1])

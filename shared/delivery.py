@@ -9,9 +9,15 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
 - a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
 - it acknowledges only when every token is final; tokens leased by another live copy, retries
-  not due within this instance's wait, users whose tokens could not be read, and Redis being
-  unreachable all raise ``RetryLater`` (the ledger makes the redelivery skip what is final);
-- a malformed message is logged and acknowledged: it would never become valid.
+  not due within this instance's wait, users whose tokens could not be read, and any Redis error
+  (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
+  (the ledger makes the redelivery skip what is final);
+- a malformed message (undecodable, or an invalid job of a version we know) is logged and
+  acknowledged: it would never become valid;
+- a message of a job version or kind this deliver does not know is not acknowledged (``Unknown``
+  → ``RetryLater``): during a rolling deploy a newer ``send`` or ``deliver`` may publish it while
+  this one still runs, and an instance that knows it takes it later (if none ever does, the
+  subscription dead-letters it and ``replay-dead-letters`` brings it back).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +34,7 @@ from typing import Any
 from shared import bus, instance, jobs, logs
 from shared.config import settings
 from shared.dispatch import dispatch
-from shared.errors import REDIS_UNREACHABLE, Unavailable
+from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
 from shared.fcm_message import MessageTemplate
 
 log = logs.get("deliver")
@@ -39,6 +46,15 @@ class RetryLater(Exception):
 
 class Malformed(ValueError):
     """The message can never be delivered: logged and acknowledged."""
+
+
+class Unknown(Exception):
+    """A job version or message kind this deliver does not know yet: redelivered, never acknowledged."""
+
+
+# What a newer deploy could publish: a kind named like ours, a whole version number above ours.
+_KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+_MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -72,14 +88,32 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
     return "j-" + base64.urlsafe_b64encode(digest).decode().rstrip("=")[:30]
 
 
+def unknown_shape(payload: dict[str, Any]) -> str | None:
+    """What in a message this deliver does not know yet (``"job version 2"``), or None."""
+    kind = payload.get("kind")
+    if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
+        return f"message kind {kind!r}"
+    job = payload.get("job") if kind == "part" else payload
+    version = job.get("version") if isinstance(job, dict) else None
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
+    if isinstance(version, int) and not isinstance(version, bool) and jobs.VERSION < version <= _MAX_VERSION:
+        return f"job version {version}"
+    return None
+
+
 def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
-    """(job, part index, parts) of a message; Malformed when it can never be delivered."""
+    """(job, part index, parts) of a message; Malformed when it can never be delivered, Unknown when
+    a newer deploy may deliver it."""
     try:
         payload = json.loads(env.payload)
     except (ValueError, UnicodeDecodeError, RecursionError):  # (deeply nested: would be redelivered forever)
         raise Malformed("message data is not JSON") from None
     if not isinstance(payload, dict):
         raise Malformed("message data is not a JSON object")
+    newer = unknown_shape(payload)
+    if newer:
+        raise Unknown(newer)
     kind = payload.get("kind")
     try:
         if kind is None:
@@ -113,12 +147,19 @@ def handle(event_data: Any) -> str:
         log.error("malformed message acknowledged without sending", extra={"reason": str(exc)})
         _count("invalid_jobs")
         return "malformed"
+    except Unknown as exc:
+        log.warning(
+            f"{exc} is unknown to this deliver: not acknowledged, the bus redelivers it to an instance "
+            "that knows it (a newer deploy rolling out?), or dead-letters it",
+            extra={"unknown": str(exc)},
+        )
+        raise RetryLater(f"{exc} unknown to this deliver") from None
     try:
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
-    except REDIS_UNREACHABLE as exc:
-        raise RetryLater(f"Redis unreachable ({type(exc).__name__}): nothing sent without a claim") from None
+    except REDIS_OUTAGE as exc:  # any Redis error (shared/errors.py): the bus redelivers
+        raise RetryLater(f"{redis_outage(exc)}: nothing sent without a claim") from None
     except Unavailable as exc:
         raise RetryLater(f"{exc.what} unavailable") from None
 
@@ -228,5 +269,5 @@ def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> 
 def _count(name: str) -> None:
     try:
         instance.claims().count(name)
-    except REDIS_UNREACHABLE:
+    except REDIS_OUTAGE:
         pass

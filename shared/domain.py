@@ -16,7 +16,7 @@ from typing import Any
 from shared import bus, events, instance, logs
 from shared.config import settings
 from shared.delivery import Malformed, RetryLater, envelope
-from shared.errors import REDIS_UNREACHABLE, Unavailable
+from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
 
 log = logs.get("on_event")
 
@@ -44,12 +44,13 @@ def rules() -> dict[str, events.Rule]:
 def handle(event_data: Any) -> str:
     """Turn one domain event into a job published to PUBSUB_TOPIC; returns what happened.
 
-    Raises ``RetryLater`` (the bus redelivers) when the rules are unusable or Redis or the bus is down.
+    Raises ``RetryLater`` (the bus redelivers) when the rules are unusable, the bus is down, or Redis
+    fails in any way (unreachable, out of memory, read-only, ...).
     """
     try:
         return _handle(event_data)
-    except REDIS_UNREACHABLE as exc:
-        raise RetryLater(f"Redis unreachable ({type(exc).__name__})") from None
+    except REDIS_OUTAGE as exc:  # any Redis error (shared/errors.py): the bus redelivers
+        raise RetryLater(redis_outage(exc)) from None
     except Unavailable as exc:
         raise RetryLater(f"{exc.what} unavailable") from None
 

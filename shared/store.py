@@ -9,7 +9,8 @@ Redis, per user (all with the same sliding TTL, ``TOKEN_TTL_SECONDS``):
   ``notif:tokenver:{user_id}``  a counter bumped by every write: a rebuild from PostgreSQL only
                                 lands if no write happened since it began (no stale resurrection)
   ``notif:ratelimit:register:{user_id}:{minute}``  registrations this minute
-  ``notif:deadtokens``          dead tokens whose PostgreSQL deletion is still owed (it was down)
+  ``notif:deadtokens``          dead tokens whose removal is still owed (the ledger adds each one
+                                it records dead; cleared once both stores are changed)
 
 Rules:
 - Writes go to PostgreSQL first (one statement), then Redis (one script call). A write whose Redis
@@ -295,9 +296,11 @@ class TokenStore:
     def remove_dead_many(self, holders: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
         """Remove dead tokens (token -> users known to hold it) from every user, in both stores.
 
-        One SQL statement for the batch. With PostgreSQL down the tokens still leave the cached
-        sets of their known holders at once, and their PostgreSQL deletion is owed in
-        ``notif:deadtokens`` (``settle_dead_tokens`` pays it later).
+        One SQL statement for the batch. The ledger owes each removal in ``notif:deadtokens`` before
+        it calls this (``claims``' confirm script); the debt is cleared only once PostgreSQL and the
+        cache were both changed, so a crash in between leaves it for ``settle_dead_tokens``. With
+        PostgreSQL down the tokens still leave the cached sets of their known holders at once, and
+        stay owed.
         """
         tokens = list(holders)
         if not tokens:
@@ -320,10 +323,18 @@ class TokenStore:
             removed[token].add(user_id)
         for token in tokens:
             self._remove_cached(sorted(removed[token]), token)
+        try:
+            self.redis.srem(DEAD_TOKENS_KEY, *tokens)  # paid (a failure leaves it owed: paid twice)
+        except REDIS_ERRORS:
+            pass
         return {t: sorted(u) for t, u in removed.items()}
 
     def settle_dead_tokens(self, limit: int = 1000) -> int:
-        """Delete from PostgreSQL the dead tokens it missed while it was down. Returns how many."""
+        """Pay owed dead-token removals (PostgreSQL was down, or an instance died between the ledger
+        and the stores): delete the rows and clear the token from its owners' cached sets. Returns
+        how many. A token whose row is already gone has no owner to find here; a cached set that
+        still holds it (a crash after the delete, before the cache's) loses it the next time a
+        send reaches it, when FCM calls it dead again and its holder is known."""
         try:
             tokens = [t.decode() for t in self.redis.srandmember(DEAD_TOKENS_KEY, limit) or []]
         except REDIS_ERRORS:
