@@ -22,11 +22,12 @@ from typing import Any
 import pg8000.native
 import redis
 
-from shared import accept, bus, events, instance, jobs, logs
+from shared import accept, bus, instance, jobs, logs, rules
 from shared.config import ConfigError, settings
 from shared.db import DatabaseUnavailable, migrate
 from shared.errors import Unavailable
-from shared.store import PLATFORMS, TokenStore
+from shared.jobs import PLATFORMS
+from shared.store import TokenStore
 
 DEFAULT_EVENTS_TOPIC = "pushline-events"
 STATS_COUNTERS = ("invalid_jobs", "events_ignored", "events_invalid", "events_rendered")
@@ -220,8 +221,8 @@ def cmd_stats(args: argparse.Namespace) -> Result:
 
 
 def cmd_check_rules(args: argparse.Namespace) -> Result:
-    path = args.file or str(events.rules_path(settings()))
-    problems = events.check_rules_file(path)
+    path = args.file or str(rules.rules_path(settings()))
+    problems = rules.check_rules_file(path)
     data = {"file": path, "ok": not problems, "problems": problems}
     text = "\n".join(f"{path}: {p}" for p in problems) if problems else f"{path}: ok"
     return Result(data, text, 1 if problems else 0)
@@ -233,8 +234,8 @@ def events_topic() -> str:
 
 
 def cmd_publish_event(args: argparse.Namespace) -> Result:
-    if not re.match(events.TYPE_PATTERN, args.type):
-        raise CliError(f"event type must match {events.TYPE_PATTERN}, got {args.type!r}", 2)
+    if not re.match(rules.TYPE_PATTERN, args.type):
+        raise CliError(f"event type must match {rules.TYPE_PATTERN}, got {args.type!r}", 2)
     try:
         payload = json.loads(args.json_data)
     except ValueError as exc:
@@ -425,7 +426,7 @@ def _one_line(exc: BaseException) -> str:
         text = f"PostgreSQL: {exc}"
     elif isinstance(exc, redis.RedisError):
         text = f"Redis: {type(exc).__name__}: {exc}"
-    elif isinstance(exc, ConfigError | events.RulesError):
+    elif isinstance(exc, ConfigError | rules.RulesError):
         text = f"configuration: {exc}"
     else:
         text = f"{type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from shared import bus, events, instance, logs
 from shared.config import settings
 from shared.delivery import Malformed, RetryLater, envelope
 from shared.errors import REDIS_UNREACHABLE, Unavailable
+from shared.rules import Rule, RulesError, load_rules, rules_path
 
 log = logs.get("on_event")
 
@@ -29,14 +30,14 @@ class RulesUnavailable(RetryLater):
 
 
 @functools.cache
-def _rules() -> dict[str, events.Rule]:
-    return events.load_rules(events.rules_path(settings()))
+def _rules() -> dict[str, Rule]:
+    return load_rules(rules_path(settings()))
 
 
-def rules() -> dict[str, events.Rule]:
+def rules() -> dict[str, Rule]:
     try:
         return _rules()
-    except events.RulesError as exc:
+    except RulesError as exc:
         log.error("event rules are invalid: every event fails until they are fixed", extra={"reason": str(exc)})
         raise RulesUnavailable(str(exc)) from None
 
