@@ -1,8 +1,11 @@
 """pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
 
   register  (HTTP)        clients register / unregister their FCM device tokens
-  send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously
-  deliver   (CloudEvent)  Pub/Sub-triggered: sends a job through FCM
+  send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
+                          GET /<id> answers its status
+  deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
+  on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
+  prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
 
 Run locally from the repo root, e.g.:
   functions-framework --source functions/main.py --target register --port 8081

@@ -40,7 +40,8 @@ from shared import instance
 from shared.config import settings
 from shared.db import DatabaseUnavailable
 from shared.errors import Unavailable
-from shared.store import PLATFORMS, REDIS_ERRORS, TokenStore
+from shared.jobs import PLATFORMS
+from shared.store import REDIS_ERRORS, TokenStore
 
 STATIC = Path(__file__).resolve().parent / "console_static"
 USERS_KEY = "notif:console:users"

@@ -82,7 +82,7 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
 
 
 def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
-    parts = -(-len(job.user_ids) // users_per_part)
+    parts = jobs.part_count(len(job.user_ids), users_per_part)
     try:
         claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
     except REDIS_UNREACHABLE:

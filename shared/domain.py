@@ -22,7 +22,7 @@ from shared.rules import Rule, RulesError, load_rules, rules_path
 log = logs.get("on_event")
 
 
-__all__ = ["RetryLater", "RulesUnavailable", "handle", "reset", "rules"]
+__all__ = ["RetryLater", "RulesUnavailable", "handle", "rules"]
 
 
 class RulesUnavailable(RetryLater):
@@ -85,7 +85,3 @@ def _handle(event_data: Any) -> str:
     claims.count("events_rendered")
     log.info("event turned into a notification", extra={"event_type": kind, "notification_id": nid})
     return "rendered"
-
-
-def reset() -> None:
-    _rules.cache_clear()
