@@ -44,6 +44,10 @@ def _use(name: str) -> types.ModuleType:
 
 SETTINGS = config.settings()
 config.check_cloud_safety(SETTINGS)  # refuse to start in the cloud with a local-only switch
+if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
+    from local.bus import plug_in
+
+    plug_in()  # jobs and events go to the in-memory local bus unless PUBSUB_EMULATOR_HOST is set
 logs.setup(SETTINGS.log_level)
 log = logs.get("main")
 
