@@ -191,6 +191,7 @@ def run_fanout(args: argparse.Namespace) -> dict:
     """Ten whole jobs of 10,000 users through ``delivery.handle``: every part published to the bus."""
     from shared import delivery, logs
     from shared.config import settings
+    from shared.jobs import part_count
 
     logs.setup(settings().log_level)
     per_job = 10_000
@@ -209,7 +210,7 @@ def run_fanout(args: argparse.Namespace) -> dict:
         assert delivery.handle(event) == "fanned-out"
         per_job_s.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t0
-    parts_per_job = -(-per_job // settings().fanout_users_per_part)
+    parts_per_job = part_count(per_job, settings().fanout_users_per_part)
     return {
         "mode": "fanout",
         "jobs": jobs_n,

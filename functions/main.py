@@ -1,8 +1,11 @@
 """pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
 
   register  (HTTP)        clients register / unregister their FCM device tokens
-  send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously
-  deliver   (CloudEvent)  Pub/Sub-triggered: sends a job through FCM
+  send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
+                          GET /<id> answers its status
+  deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
+  on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
+  prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
 
 Run locally from the repo root, e.g.:
   functions-framework --source functions/main.py --target register --port 8081
@@ -40,7 +43,11 @@ def _use(name: str) -> types.ModuleType:
 
 
 SETTINGS = config.settings()
-config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), a project named
+config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank); a project named
+if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
+    from local.bus import plug_in
+
+    plug_in()  # jobs and events go to the in-memory local bus unless PUBSUB_EMULATOR_HOST is set
 logs.setup(SETTINGS.log_level)
 log = logs.get("main")
 

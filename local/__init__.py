@@ -1,1 +1,2 @@
-"""Developer-machine tools (fake FCM, console). Never imported by shared/ or functions/."""
+"""Developer-machine tools (the local bus, fake FCM, console, the stack). Never deployed; never imported by
+shared/, and by functions/main.py only behind DELIVER_URL (refused in the cloud)."""

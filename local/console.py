@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from string import Template
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -40,9 +41,12 @@ from shared import instance
 from shared.config import settings
 from shared.db import DatabaseUnavailable
 from shared.errors import Unavailable
-from shared.store import PLATFORMS, REDIS_ERRORS, TokenStore
+from shared.jobs import PLATFORMS
+from shared.store import REDIS_ERRORS, TokenStore
 
 STATIC = Path(__file__).resolve().parent / "console_static"
+# The page's markup; every ${field} is filled with HTML made and escaped by render_page.
+PAGE = Template((Path(__file__).resolve().parent / "console_templates" / "page.html").read_text(encoding="utf-8"))
 USERS_KEY = "notif:console:users"
 DEVICES_KEY = "notif:console:devices"
 SENT_KEY = "notif:console:sent"
@@ -370,7 +374,22 @@ class PageState:
     compose: dict[str, Any] = field(default_factory=dict)
 
 
-async def render_page(app: web.Application, page: PageState) -> str:
+@dataclass
+class _Seen:
+    """What the page shows, read from the stores, the fake FCM and ``send``."""
+
+    users: list[str]
+    sent: list[str]
+    nid: str
+    devices: list[Device]
+    status: dict[str, Any] | None
+    status_error: str | None
+    cached: set[str] | None
+    db: dict[str, str | None]
+    problems: list[str]  # what could not be read
+
+
+async def _look(app: web.Application, page: PageState) -> _Seen:
     problems: list[str] = []
 
     async def attempt(coro: Any, default: Any) -> Any:
@@ -392,20 +411,54 @@ async def render_page(app: web.Application, page: PageState) -> str:
         except ConsoleError as exc:
             status_error = str(exc)
     cached, db = (await attempt(_blocking(_stores_of, page.user), (None, {}))) if page.user else (None, {})
-    current = page.user if page.user in users else (users[-1] if users else "")
-    compose = page.compose
-    chosen = set(compose.get("users", [current] if current else []))
+    return _Seen(users, sent, nid, device_list, status, status_error, cached, db, problems)
+
+
+def _flash(page: PageState, problems: list[str]) -> str:
     flash = "".join(f'<p class="error" role="alert">{_e(p)}</p>' for p in ([page.error] if page.error else []))
     flash += "".join(f'<p class="error" role="alert">{_e(p)}</p>' for p in problems)
     if page.message:
         flash += f'<p class="notice" role="status">{_e(page.message)}</p>'
-    behaviours = list(BEHAVIOURS)
+    return flash
+
+
+def _controls(page: PageState, users: list[str]) -> dict[str, str]:
+    """The users and compose panels' fields of ``page.html``."""
+    current = page.user if page.user in users else (users[-1] if users else "")
+    compose = page.compose
+    chosen = set(compose.get("users", [current] if current else []))
     behaviour_labels = {k: f"{v[1]} — {v[2]}" for k, v in BEHAVIOURS.items()}
     user_list = (
         "<ul>" + "".join(f'<li><a href="{_e(_link(user=u))}#stores">{_e(u)}</a></li>' for u in users) + "</ul>"
         if users
         else '<p class="empty">No test users yet.</p>'
     )
+    device_select = (
+        f'<select id="device-user" name="user" required>{_options(users, current)}</select>'
+        if users
+        else '<select id="device-user" name="user" required disabled><option value="">create a user first</option>'
+        "</select>"
+    )
+    return {
+        "device_select": device_select,
+        "behaviour_options": _options(list(BEHAVIOURS), "healthy", behaviour_labels),
+        "platform_options": _options(list(PLATFORMS), "android"),
+        "device_button_disabled": "" if users else " disabled",
+        "user_list": user_list,
+        "current": _e(current),
+        "title": _e(compose.get("title", "")),
+        "body": _e(compose.get("body", "")),
+        "data": _e(compose.get("data", "")),
+        "user_checkboxes": _checkboxes("users", users, chosen) or '<p class="empty">No test users yet.</p>',
+        "other_users": _e(compose.get("other_users", "")),
+        "platform_checkboxes": _checkboxes("platforms", list(PLATFORMS), set(compose.get("platforms", []))),
+        "once": _e(compose.get("once", "")),
+    }
+
+
+def _views(page: PageState, seen: _Seen) -> dict[str, str]:
+    """The status, devices and stores sections' fields of ``page.html``."""
+    nid, status, sent = seen.nid, seen.status, seen.sent
     recent = (
         "<details><summary>Recent notifications</summary><ul>"
         + "".join(f'<li><a href="{_e(_link(n=n, user=page.user))}#status"><code>{_e(n)}</code></a></li>' for n in sent)
@@ -413,124 +466,30 @@ async def render_page(app: web.Application, page: PageState) -> str:
         if sent
         else ""
     )
-    refresh_without_js = (
-        '<noscript><meta http-equiv="refresh" content="2"></noscript>'
-        if status is not None and status.get("state") != "done"
-        else ""
-    )
     status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and (status or {}).get("state") != "done" else ""
     stores_url = "/fragments/stores?" + urlencode({"user": page.user}) if page.user else ""
-    device_select = (
-        f'<select id="device-user" name="user" required>{_options(users, current)}</select>'
-        if users
-        else '<select id="device-user" name="user" required disabled><option value="">create a user first</option>'
-        "</select>"
-    )
-    platform_options = _options(list(PLATFORMS), "android")
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pushline console</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="/static/console.css">
-<script src="/static/console.js" defer></script>
-{refresh_without_js}
-</head>
-<body>
-<a class="skip" href="#main">Skip to content</a>
-<header>
-<h1>pushline console <small>local only</small></h1>
-<nav aria-label="Sections"><ul>
-<li><a href="#users">Users</a></li><li><a href="#compose">Compose</a></li>
-<li><a href="#status">Status</a></li><li><a href="#devices">Devices</a></li><li><a href="#stores">Stores</a></li>
-</ul></nav>
-</header>
-<main id="main">
-{flash}
-<div class="controls">
-<section id="users" aria-labelledby="users-h">
-<h2 id="users-h">Users</h2>
-<form method="post" action="/users" class="panel">
-<h3>Create a test user</h3>
-<label for="new-user">User id</label>
-<input id="new-user" name="user" pattern="[A-Za-z0-9_.@\\-]{{1,64}}" autocomplete="off"
- aria-describedby="new-user-help">
-<p id="new-user-help" class="help">Letters, digits, <code>_ . @ -</code>; leave empty for a random one.</p>
-<button type="submit">Create user</button>
-</form>
-<form method="post" action="/devices" class="panel">
-<h3>Register a simulated device</h3>
-<p class="help">Through the real <code>register</code> endpoint, with a local ID token for the user.</p>
-<label for="device-user">User</label>
-{device_select}
-<label for="device-behaviour">Behaviour</label>
-<select id="device-behaviour" name="behaviour">{_options(behaviours, "healthy", behaviour_labels)}</select>
-<label for="device-platform">Platform</label>
-<select id="device-platform" name="platform">{platform_options}</select>
-<button type="submit"{"" if users else " disabled"}>Register device</button>
-</form>
-<h3>Test users</h3>
-{user_list}
-</section>
-<section id="compose" aria-labelledby="compose-h">
-<h2 id="compose-h">Compose</h2>
-<form method="post" action="/send" class="panel">
-<input type="hidden" name="current" value="{_e(current)}">
-<p class="help">Sent through the real <code>send</code> endpoint.</p>
-<label for="c-title">Title</label>
-<input id="c-title" name="title" value="{_e(compose.get("title", ""))}">
-<label for="c-body">Body</label>
-<textarea id="c-body" name="body" rows="2">{_e(compose.get("body", ""))}</textarea>
-<label for="c-data">Data <span class="help">(one <code>key=value</code> per line)</span></label>
-<textarea id="c-data" name="data" rows="2">{_e(compose.get("data", ""))}</textarea>
-<fieldset><legend>Users</legend>
-{_checkboxes("users", users, chosen) or '<p class="empty">No test users yet.</p>'}
-<label for="c-other">Other user ids <span class="help">(comma-separated)</span></label>
-<input id="c-other" name="other_users" value="{_e(compose.get("other_users", ""))}">
-</fieldset>
-<fieldset><legend>Platforms <span class="help">(none checked: all)</span></legend>
-{_checkboxes("platforms", list(PLATFORMS), set(compose.get("platforms", [])))}
-</fieldset>
-<label for="c-once">Once key <span class="help">(optional: each user gets it at most once)</span></label>
-<input id="c-once" name="once" value="{_e(compose.get("once", ""))}" autocomplete="off">
-<button type="submit">Send</button>
-</form>
-</section>
-</div>
-<div class="views">
-<section id="status" aria-labelledby="status-h">
-<h2 id="status-h">Status</h2>
-<div id="status-region" aria-live="polite" data-fragment="{_e(status_url)}">
-{render_status(nid, status, status_error)}
-</div>
-{recent}
-</section>
-<section id="devices" aria-labelledby="devices-h">
-<h2 id="devices-h">Devices</h2>
-<p class="help">Every token a test user registered or the fake FCM received, newest first.</p>
-<div id="devices-list" data-fragment="/fragments/devices">
-{render_devices(device_list)}
-</div>
-</section>
-<section id="stores" aria-labelledby="stores-h">
-<h2 id="stores-h">Stores</h2>
-<form method="get" action="/#stores" class="inline">
-<label for="s-user">User</label>
-<input id="s-user" name="user" value="{_e(page.user)}" list="s-users" required>
-<datalist id="s-users">{_options(users, "")}</datalist>
-<button type="submit">Show tokens</button>
-</form>
-<div id="stores-table" data-fragment="{_e(stores_url)}">
-{render_stores(page.user, cached, db)}
-</div>
-</section>
-</div>
-</main>
-</body>
-</html>
-"""
+    return {
+        "refresh_without_js": (
+            '<noscript><meta http-equiv="refresh" content="2"></noscript>'
+            if status is not None and status.get("state") != "done"
+            else ""
+        ),
+        "status_url": _e(status_url),
+        "status": render_status(nid, status, seen.status_error),
+        "recent": recent,
+        "devices": render_devices(seen.devices),
+        "stores_user": _e(page.user),
+        "user_options": _options(seen.users, ""),
+        "stores_url": _e(stores_url),
+        "stores": render_stores(page.user, seen.cached, seen.db),
+    }
+
+
+async def render_page(app: web.Application, page: PageState) -> str:
+    """The whole page: ``console_templates/page.html`` filled with HTML made (and escaped) here."""
+    seen = await _look(app, page)
+    fields = {"flash": _flash(page, seen.problems), **_controls(page, seen.users), **_views(page, seen)}
+    return PAGE.substitute(fields)
 
 
 # --- handlers --------------------------------------------------------------------------------------

@@ -354,6 +354,7 @@ def walkthrough(stack: Stack) -> str:
     project = stack.config.project
     reg, snd = stack.url("register"), stack.url("send")
     pusher = "the Pub/Sub emulator" if stack.using_emulator else "the local bus"
+    cli = "shared.cli" if stack.using_emulator else "local.cli"  # local.cli: the CLI with the local bus plugged in
     wanted = ("GOOGLE_CLOUD_PROJECT", "PUBSUB_EMULATOR_HOST", "DELIVER_URL", "ON_EVENT_URL", "REDIS_URL")
     event_env = " ".join(f"{k}={stack.env[k]}" for k in wanted if k in stack.env)
     lines = [
@@ -380,7 +381,7 @@ def walkthrough(stack: Stack) -> str:
         f"  curl -s '{stack.url('fcm')}/_fake/messages?token=phone-of-alice'",
         "",
         "A domain event turned into a notification by infra/rules.example.json (order.completed):",
-        f"  {event_env} .venv/bin/python -m shared.cli publish-event order.completed \\",
+        f"  {event_env} .venv/bin/python -m {cli} publish-event order.completed \\",
         "       '{\"user_id\": \"alice\", \"order_id\": \"A-17\"}'",
         f"  curl -s '{stack.url('fcm')}/_fake/messages?token=phone-of-alice'   # now also 'Order A-17 completed'",
         "",

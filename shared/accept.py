@@ -87,7 +87,7 @@ def _outage(exc: Exception) -> RedisUnavailable:
 
 
 def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
-    parts = -(-len(job.user_ids) // users_per_part)
+    parts = jobs.part_count(len(job.user_ids), users_per_part)
     try:
         claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
     except REDIS_OUTAGE as exc:

@@ -22,11 +22,12 @@ from typing import Any
 import pg8000.native
 import redis
 
-from shared import accept, bus, events, instance, jobs, logs
+from shared import accept, bus, instance, jobs, logs, rules
 from shared.config import ConfigError, settings
 from shared.db import DatabaseUnavailable, migrate
 from shared.errors import Unavailable
-from shared.store import PLATFORMS, TokenStore
+from shared.jobs import PLATFORMS
+from shared.store import TokenStore
 
 DEFAULT_EVENTS_TOPIC = "pushline-events"
 STATS_COUNTERS = ("invalid_jobs", "events_ignored", "events_invalid", "events_rendered")
@@ -173,19 +174,20 @@ def cmd_send(args: argparse.Namespace) -> Result:
     )
     if answer.status >= 300:
         raise CliError(str(answer.body.get("error", f"send answered {answer.status}")))
-    _drain_local_bus()
+    _hand_over()
     data = dict(answer.body)
     if answer.headers.get("Idempotent-Replayed") == "true":
         data["replayed"] = True
     return Result(data, data["id"])
 
 
-def _drain_local_bus() -> None:
-    """With the in-memory local bus (DELIVER_URL), wait until DELIVER_URL took the messages: this
-    process is about to exit, and the local bus keeps nothing on disk."""
-    local = bus.local_bus()
-    if local is not None and not local.drain(timeout=LOCAL_BUS_DRAIN_SECONDS):
-        raise CliError(f"{local.pending} message(s) published but not yet taken by DELIVER_URL (lost on exit)")
+def _hand_over() -> None:
+    """With a publisher that holds messages in memory (the local bus, plugged in by ``python -m
+    local.cli``), wait until DELIVER_URL took them: this process is about to exit, and the local bus
+    keeps nothing on disk. Pub/Sub has acknowledged each message already."""
+    held = bus.drain(timeout=LOCAL_BUS_DRAIN_SECONDS)
+    if held:
+        raise CliError(f"{held} message(s) published but not yet taken by DELIVER_URL (lost on exit)")
 
 
 def cmd_status(args: argparse.Namespace) -> Result:
@@ -220,8 +222,8 @@ def cmd_stats(args: argparse.Namespace) -> Result:
 
 
 def cmd_check_rules(args: argparse.Namespace) -> Result:
-    path = args.file or str(events.rules_path(settings()))
-    problems = events.check_rules_file(path)
+    path = args.file or str(rules.rules_path(settings()))
+    problems = rules.check_rules_file(path)
     data = {"file": path, "ok": not problems, "problems": problems}
     text = "\n".join(f"{path}: {p}" for p in problems) if problems else f"{path}: ok"
     return Result(data, text, 1 if problems else 0)
@@ -233,8 +235,8 @@ def events_topic() -> str:
 
 
 def cmd_publish_event(args: argparse.Namespace) -> Result:
-    if not re.match(events.TYPE_PATTERN, args.type):
-        raise CliError(f"event type must match {events.TYPE_PATTERN}, got {args.type!r}", 2)
+    if not re.match(rules.TYPE_PATTERN, args.type):
+        raise CliError(f"event type must match {rules.TYPE_PATTERN}, got {args.type!r}", 2)
     try:
         payload = json.loads(args.json_data)
     except ValueError as exc:
@@ -246,7 +248,7 @@ def cmd_publish_event(args: argparse.Namespace) -> Result:
         attributes["event_id"] = args.event_id
     topic = bus.topic_path(args.topic or events_topic())
     message_id = bus.publish(payload, attributes, topic=topic)
-    _drain_local_bus()
+    _hand_over()
     data = {"message_id": message_id, "topic": topic, "attributes": attributes}
     return Result(data, f"published {args.type} to {topic} as message {message_id}")
 
@@ -425,7 +427,7 @@ def _one_line(exc: BaseException) -> str:
         text = f"PostgreSQL: {exc}"
     elif isinstance(exc, redis.RedisError):
         text = f"Redis: {type(exc).__name__}: {exc}"
-    elif isinstance(exc, ConfigError | events.RulesError):
+    elif isinstance(exc, ConfigError | rules.RulesError):
         text = f"configuration: {exc}"
     else:
         text = f"{type(exc).__name__}: {exc}"

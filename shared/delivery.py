@@ -168,7 +168,7 @@ def _whole_job(job: jobs.Job) -> str:
     s = settings()
     claims = instance.claims()
     per_part = s.fanout_users_per_part
-    parts = -(-len(job.user_ids) // per_part)
+    parts = jobs.part_count(len(job.user_ids), per_part)
     claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
     claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
     if parts <= 1:

@@ -17,11 +17,12 @@ from shared import bus, events, instance, logs
 from shared.config import settings
 from shared.delivery import Malformed, RetryLater, envelope
 from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
+from shared.rules import Rule, RulesError, load_rules, rules_path
 
 log = logs.get("on_event")
 
 
-__all__ = ["RetryLater", "RulesUnavailable", "handle", "reset", "rules"]
+__all__ = ["RetryLater", "RulesUnavailable", "handle", "rules"]
 
 
 class RulesUnavailable(RetryLater):
@@ -29,14 +30,14 @@ class RulesUnavailable(RetryLater):
 
 
 @functools.cache
-def _rules() -> dict[str, events.Rule]:
-    return events.load_rules(events.rules_path(settings()))
+def _rules() -> dict[str, Rule]:
+    return load_rules(rules_path(settings()))
 
 
-def rules() -> dict[str, events.Rule]:
+def rules() -> dict[str, Rule]:
     try:
         return _rules()
-    except events.RulesError as exc:
+    except RulesError as exc:
         log.error("event rules are invalid: every event fails until they are fixed", extra={"reason": str(exc)})
         raise RulesUnavailable(str(exc)) from None
 
@@ -85,7 +86,3 @@ def _handle(event_data: Any) -> str:
     claims.count("events_rendered")
     log.info("event turned into a notification", extra={"event_type": kind, "notification_id": nid})
     return "rendered"
-
-
-def reset() -> None:
-    _rules.cache_clear()

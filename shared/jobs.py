@@ -31,9 +31,13 @@ __all__ = [
     "PLATFORMS",
     "Job",
     "JobError",
+    "check_data_key",
+    "check_platforms",
+    "check_user_ids",
     "new_id",
     "parse_request",
     "parse_v1",
+    "part_count",
     "to_v1",
     "type_name",
     "valid_unicode",
@@ -43,7 +47,8 @@ __all__ = [
 VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
-ONCE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_ONCE_CHARS = 64
+ONCE_PATTERN = rf"^[A-Za-z0-9_.-]{{1,{MAX_ONCE_CHARS}}}$"
 MAX_USER_IDS = 10_000
 MAX_USER_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 4096
@@ -286,21 +291,23 @@ def _options(value: object, spec: _Spec, path: str) -> dict:
 # --- the fields ------------------------------------------------------------------------------
 
 
-def _user_ids(value: object) -> tuple[str, ...]:
+def check_user_ids(value: object, path: str = "user_ids") -> tuple[str, ...]:
+    """The user ids of a job (1 to 10,000 strings of 1 to 256 characters, no control characters),
+    duplicates removed keeping order. Raises JobError naming ``path`` (e.g. ``user_ids[3]``)."""
     if not isinstance(value, list | tuple):
-        raise JobError(f"user_ids must be a list of 1 to {MAX_USER_IDS} user ids, got {type_name(value)}")
+        raise JobError(f"{path} must be a list of 1 to {MAX_USER_IDS} user ids, got {type_name(value)}")
     if not value:
-        raise JobError("user_ids must not be empty")
+        raise JobError(f"{path} must not be empty")
     if len(value) > MAX_USER_IDS:
-        raise JobError(f"user_ids has {len(value)} entries; at most {MAX_USER_IDS} are allowed per job")
+        raise JobError(f"{path} has {len(value)} entries; at most {MAX_USER_IDS} are allowed per job")
     seen: dict[str, None] = {}
     for i, uid in enumerate(value):
         if not isinstance(uid, str) or not uid or len(uid) > MAX_USER_ID_CHARS:
-            raise JobError(f"user_ids[{i}] must be a non-empty string of at most {MAX_USER_ID_CHARS} characters")
+            raise JobError(f"{path}[{i}] must be a non-empty string of at most {MAX_USER_ID_CHARS} characters")
         if _CONTROL_RE.search(uid):
-            raise JobError(f"user_ids[{i}] must not contain control characters")
+            raise JobError(f"{path}[{i}] must not contain control characters")
         if not valid_unicode(uid):
-            raise JobError(f"user_ids[{i}] must be valid Unicode text (it contains a lone surrogate)")
+            raise JobError(f"{path}[{i}] must be valid Unicode text (it contains a lone surrogate)")
         seen[uid] = None
     return tuple(seen)
 
@@ -319,25 +326,32 @@ def _notification(value: object) -> dict:
     return out
 
 
+def check_data_key(key: object) -> str:
+    """A data key: a non-empty string that FCM does not reserve. Raises JobError."""
+    if not isinstance(key, str) or not key:
+        raise JobError(f"data keys must be non-empty strings, got {key!r}")
+    if not valid_unicode(key):
+        raise JobError(f"data key {key!r} must be valid Unicode text (it contains a lone surrogate)")
+    if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
+        raise JobError(f"data key {key!r} is reserved by FCM")
+    return key
+
+
 def _data(value: object) -> dict[str, str]:
     obj = _object(value, "data")
     if not obj:
         raise JobError("data must have at least one key (leave data out to send none)")
     out: dict[str, str] = {}
     for key, item in obj.items():
-        if not isinstance(key, str) or not key:
-            raise JobError(f"data keys must be non-empty strings, got {key!r}")
-        if not valid_unicode(key):
-            raise JobError(f"data key {key!r} must be valid Unicode text (it contains a lone surrogate)")
-        if key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
-            raise JobError(f"data key {key!r} is reserved by FCM")
+        check_data_key(key)
         if not isinstance(item, str):
             raise JobError(f"data[{key!r}] must be a string, got {type_name(item)} (FCM data values are strings)")
         out[key] = _string(item, f"data[{key!r}]", max_chars=None)  # the payload limit applies
     return out
 
 
-def _platforms(value: object) -> tuple[str, ...]:
+def check_platforms(value: object) -> tuple[str, ...]:
+    """A non-empty list of distinct platforms, in ``PLATFORMS`` order. Raises JobError."""
     if not isinstance(value, list | tuple) or not value:
         raise JobError(f"platforms must be a non-empty list of {', '.join(repr(p) for p in PLATFORMS)}")
     for i, item in enumerate(value):
@@ -376,12 +390,12 @@ def payload_size(notification: dict | None, data: dict | None) -> int:
 def _build(obj: Mapping, job_id: str) -> Job:
     if "user_ids" not in obj:
         raise JobError("user_ids is required")
-    user_ids = _user_ids(obj["user_ids"])
+    user_ids = check_user_ids(obj["user_ids"])
     notification = _notification(obj["notification"]) if "notification" in obj else None
     data = _data(obj["data"]) if "data" in obj else None
     if notification is None and data is None:
         raise JobError("a job needs a notification, data, or both")
-    platforms = _platforms(obj["platforms"]) if "platforms" in obj else None
+    platforms = check_platforms(obj["platforms"]) if "platforms" in obj else None
     once = _once(obj["once"]) if "once" in obj else None
     options = {name: _options(obj[name], OPTION_SPECS[name], name) for name in OPTION_SPECS if name in obj}
 
@@ -489,4 +503,9 @@ def with_users(job: Job, user_ids: Iterable[str]) -> Job:
     """
     if isinstance(user_ids, str | bytes):
         raise JobError("user_ids must be a list of user ids, got a string")
-    return replace(job, user_ids=_user_ids(list(user_ids)))
+    return replace(job, user_ids=check_user_ids(list(user_ids)))
+
+
+def part_count(users: int, per_part: int) -> int:
+    """How many fan-out parts ``users`` user ids make, ``per_part`` to a part (the last one may be smaller)."""
+    return (users + per_part - 1) // per_part

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shared.store import PLATFORMS, Registration, TokenStore
+from shared.jobs import PLATFORMS
+from shared.store import Registration, TokenStore
 
 MAX_TOKEN_LENGTH = 4096
 _BAD_CHARACTERS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")

@@ -39,7 +39,6 @@ from shared.errors import Unavailable
 
 log = logs.get("store")
 
-PLATFORMS = ("android", "ios", "web")
 # Any Redis failure (unreachable, OOM under noeviction, READONLY during a failover) means "the cache
 # could not be written": the user is marked for a rebuild, never left with a stale set.
 REDIS_ERRORS = (redis.RedisError, OSError)

@@ -12,10 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local.bus import plug_in  # noqa: E402
 from local.idtoken import emulator_id_token  # noqa: E402
 from local.servers import TEST_DATABASE, Servers  # noqa: E402
 from shared import auth, instance  # noqa: E402
 from shared.db import Database, migrate  # noqa: E402
+
+plug_in()  # the tests are a local process: DELIVER_URL means the local bus, as in functions/main.py
 
 PROJECT = "demo-pushline-test"
 ORIGIN = "https://app.example.com"

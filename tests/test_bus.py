@@ -18,13 +18,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import redis
 
+from local.bus import LocalBus, local_bus
 from local.pubsub_emulator import PubSubEmulator, free_port, port_is_open
 from shared import bus
 from shared.config import settings
 
 PROJECT = "demo-pushline"
 TOPIC = "pushline-jobs"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 FUNCTIONS_FRAMEWORK = pathlib.Path(sys.executable).parent / "functions-framework"
 EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -191,7 +194,7 @@ def test_local_bus_delivers_like_eventarc_and_redelivers_until_acknowledged(
     receiver = receiver_factory(lambda n: 500 if n < 2 else 204)
     monkeypatch.setenv("DELIVER_URL", receiver.url)
     settings.cache_clear()
-    local = bus.local_bus()
+    local = local_bus()
     assert local is not None
     local.min_backoff, local.max_backoff = 0.05, 0.08
 
@@ -222,7 +225,7 @@ def test_local_bus_delivers_like_eventarc_and_redelivers_until_acknowledged(
 
 def test_local_bus_redelivers_after_connection_errors(receiver_factory: Callable[..., Receiver]) -> None:
     port = free_port()  # nothing listens here yet
-    local = bus.LocalBus({TOPIC: f"http://127.0.0.1:{port}/"}, project=PROJECT, min_backoff=0.02, max_backoff=0.1)
+    local = LocalBus({TOPIC: f"http://127.0.0.1:{port}/"}, project=PROJECT, min_backoff=0.02, max_backoff=0.1)
     try:
         local.publish(TOPIC, b'{"n":1}')
         assert not local.drain(timeout=0.3)
@@ -243,7 +246,7 @@ def test_local_bus_delivers_concurrently(receiver_factory: Callable[..., Receive
         return 204
 
     receiver = receiver_factory(answer)
-    local = bus.LocalBus({TOPIC: receiver.url}, project=PROJECT, workers=8)
+    local = LocalBus({TOPIC: receiver.url}, project=PROJECT, workers=8)
     try:
         ids = {local.publish(TOPIC, json.dumps({"n": n}).encode()) for n in range(4)}
         assert local.drain(timeout=10)
@@ -255,7 +258,7 @@ def test_local_bus_delivers_concurrently(receiver_factory: Callable[..., Receive
 
 def test_local_bus_routes_topics_and_drops_unsubscribed(receiver_factory: Callable[..., Receiver]) -> None:
     jobs, events = receiver_factory(), receiver_factory()
-    local = bus.LocalBus({TOPIC: jobs.url, "domain-events": events.url}, project=PROJECT)
+    local = LocalBus({TOPIC: jobs.url, "domain-events": events.url}, project=PROJECT)
     try:
         local.publish(f"projects/{PROJECT}/topics/domain-events", b"{}")
         local.publish("nobody-listens", b"{}")
@@ -273,10 +276,10 @@ def test_pubsub_is_used_when_the_emulator_is_set_even_with_deliver_url(monkeypat
     monkeypatch.setenv("DELIVER_URL", "http://127.0.0.1:9/")
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     settings.cache_clear()
-    assert bus.local_bus() is None
+    assert local_bus() is None
     monkeypatch.delenv("PUBSUB_EMULATOR_HOST")
     settings.cache_clear()
-    assert bus.local_bus() is not None
+    assert local_bus() is not None
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ def test_local_bus_reaches_a_cloudevent_function(
     url, received = function
     monkeypatch.setenv("DELIVER_URL", url)
     settings.cache_clear()
-    local = bus.local_bus()
+    local = local_bus()
     assert local is not None
     local.min_backoff = 0.05
 
@@ -367,3 +370,41 @@ def test_local_bus_reaches_a_cloudevent_function(
         "data": {"kind": "job", "n": 2},
         "attributes": {"job_id": "j-local", "fail_first": "1"},
     }
+
+
+# ------------------------------------------------------------------------------------------
+# The command line on the local bus: shared/ cannot reach local/, python -m local.cli plugs it in
+
+
+def run_cli(module: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_local_cli_sends_on_the_local_bus_before_exiting(
+    env: dict[str, str], receiver_factory: Callable[..., Receiver]
+) -> None:
+    receiver = receiver_factory()
+    done = run_cli("local.cli", {**env, "DELIVER_URL": receiver.url}, "send", "alice", "--title", "Hi")
+    assert done.returncode == 0, done.stderr
+    nid = done.stdout.strip()
+    [request] = receiver.requests  # handed over before the process exited
+    assert request["headers"]["ce-type"] == EVENT_TYPE
+    job = json.loads(base64.b64decode(request["body"]["message"]["data"]))
+    assert job["id"] == nid and job["user_ids"] == ["alice"]
+
+
+def test_shared_cli_on_the_local_bus_names_local_cli_and_stores_nothing(
+    env: dict[str, str], receiver_factory: Callable[..., Receiver]
+) -> None:
+    receiver = receiver_factory()
+    send = ("send", "alice", "--title", "Hi", "--idempotency-key", "k-1")
+    done = run_cli("shared.cli", {**env, "DELIVER_URL": receiver.url}, *send)
+    assert done.returncode == 1
+    assert "python -m local.cli" in done.stderr
+    assert receiver.requests == []
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    assert client.dbsize() == 0  # no status, no idempotency key: a retry is a first request
+    client.close()

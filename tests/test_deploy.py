@@ -8,10 +8,12 @@ not installed at all).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -558,3 +560,37 @@ def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     assert result.returncode == 2
     assert message in result.stderr
     assert result.gcloud_calls == ""
+
+
+def test_the_package_holds_no_development_only_code(dry_run: Result) -> None:
+    """What deploy.sh packages is exactly what runs in the cloud: nothing from local/ (no local bus, no
+    fake FCM, no console), and every module of it imports with the package alone, loading nothing from local/."""
+    build = dry_run.build_dir
+    sources = {p.relative_to(build).as_posix(): p.read_text(encoding="utf-8") for p in sorted(build.rglob("*.py"))}
+    assert "main.py" in sources and "shared/bus.py" in sources
+    assert [name for name in sources if name.split("/")[0] not in ("main.py", "shared")] == []
+    for name, text in sources.items():
+        for marker in ("LocalBus", "local_bus", "fake_fcm", "FakeFcm", "console_templates"):
+            assert marker not in text, f"{name} holds {marker!r}: development-only code in the cloud build"
+    script = "\n".join(
+        [
+            "import importlib, json, pkgutil, sys",
+            "import main, shared",
+            "for found in pkgutil.iter_modules(shared.__path__):",
+            "    importlib.import_module('shared.' + found.name)",
+            "ours = [m.__file__ for n, m in sys.modules.items() if n in ('main', 'shared') or n.startswith('shared.')]",
+            "local = sorted(n for n in sys.modules if n == 'local' or n.startswith('local.'))",
+            "print(json.dumps({'ours': ours, 'local': local}))",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "K_SERVICE", "DELIVER_URL", "ON_EVENT_URL")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=build, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded["local"] == []
+    # every module of the package was imported, from the package (not from the repository)
+    assert sorted(Path(path).resolve().relative_to(build.resolve()).as_posix() for path in loaded["ours"]) == sorted(
+        sources
+    )

@@ -1,4 +1,5 @@
-"""Domain-event rules (shared/events.py): the rules file, its validation, and safe rendering into v1 jobs."""
+"""Domain events: safe templates (shared/templates.py), the rules file and its validation (shared/rules.py), and
+rendering an event into a v1 job (shared/events.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import config
-from shared.events import (
-    EventError,
-    NoRecipientsError,
-    Rule,
-    RulesError,
-    check_rules_file,
-    default_rules_path,
-    event_id,
-    event_type,
-    load_rules,
-    notification_id,
-    parse_rules,
-    render,
-    rules_path,
-)
-from shared.jobs import ID_PATTERN, parse_v1
+from shared import templates as tpl
+from shared.events import EventError, NoRecipientsError, event_id, event_type, notification_id, render
+from shared.jobs import ID_PATTERN, MAX_USER_IDS, JobError, parse_v1
+from shared.rules import Rule, RulesError, check_rules_file, default_rules_path, load_rules, parse_rules, rules_path
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "infra" / "rules.example.json"
 
@@ -435,3 +424,72 @@ def test_property_rendering_only_substitutes_and_only_raises_event_error(
     got = job["data"]["k"] if where == "data" else job["notification"][where]
     assert got == expected  # values (even "{x}") are inserted verbatim, never expanded again
     parse_v1(job)
+
+
+# --- templates on their own --------------------------------------------------------------------
+
+
+def test_a_template_is_literal_text_and_fields() -> None:
+    parts = tpl.parse("Order {order_id} {{done}} by {who}")
+    assert parts == ("Order ", tpl.Field("order_id"), " {done} by ", tpl.Field("who"))
+    assert tpl.literal_text(parts) == "Order  {done} by "
+    assert tpl.field_names(parts) == ["order_id", "who"]
+    assert tpl.fill(parts, {"order_id": 7, "who": "{x}"}) == "Order 7 {done} by {x}"
+    assert tpl.parse("") == ()
+
+
+def test_a_bad_template_says_why() -> None:
+    with pytest.raises(tpl.TemplateError, match=r"placeholder \{a\.b\} uses attribute access"):
+        tpl.parse("{a.b}")
+    with pytest.raises(tpl.TemplateError, match="unclosed"):
+        tpl.parse("{a")
+
+
+def test_filling_names_the_field_at_fault() -> None:
+    parts = tpl.parse("{a}")
+    with pytest.raises(tpl.MissingField) as missing:
+        tpl.fill(parts, {})
+    assert missing.value.name == "a"
+    with pytest.raises(tpl.NotScalar) as not_scalar:
+        tpl.fill(parts, {"a": [1]})
+    assert (not_scalar.value.name, not_scalar.value.value) == ("a", [1])
+    assert tpl.scalar_text(True) == "True" and tpl.scalar_text(None) is None
+
+
+# --- the rules speak the job's rules (one definition, in shared/jobs.py) ------------------------
+
+
+def job_error(**fields: object) -> str:
+    with pytest.raises(JobError) as info:
+        parse_v1({"version": 1, "user_ids": ["u"], "notification": {"title": "t"}, **fields})
+    return info.value.message
+
+
+@pytest.mark.parametrize(
+    "users",
+    [[""], ["x" * 257], ["ok", 3], ["a\x00b"], ["\ud800"], ["u"] * (MAX_USER_IDS + 1)],
+    ids=["empty", "too-long", "not-a-string", "control", "surrogate", "too-many"],
+)
+def test_static_recipients_follow_the_job_rules(users: list) -> None:
+    expected = job_error(user_ids=users).replace("user_ids", "recipients.users", 1)
+    assert expected in refused(rule(recipients={"users": users}))
+
+
+@pytest.mark.parametrize("platforms", [["android", "desktop"], ["ios", "ios"], [7]])
+def test_platforms_follow_the_job_rules(platforms: list) -> None:
+    assert job_error(platforms=platforms) in refused(rule(platforms=platforms))
+
+
+@pytest.mark.parametrize("key", ["from", "google.x", "gcm.y", "message_type", ""])
+def test_data_keys_follow_the_job_rules(key: str) -> None:
+    assert job_error(data={key: "v"}) in refused(rule(data={key: "v"}))
+
+
+def test_a_rendered_job_error_names_the_recipients_field_only_when_it_is_about_them() -> None:
+    with pytest.raises(EventError) as about_users:
+        render(one(), {"user_id": ["x" * 300], "order_id": "1"})
+    assert "recipients from event field 'user_id'" in str(about_users.value)
+    assert "user_ids[0] must be a non-empty string of at most 256 characters" in str(about_users.value)
+    with pytest.raises(EventError) as about_payload:
+        render(one(body="{text}"), {"user_id": "u1", "order_id": "1", "text": "x" * 5000})
+    assert "recipients" not in str(about_payload.value)

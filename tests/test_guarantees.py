@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 
+from local.bus import local_bus
 from local.fake_fcm import FakeFcm
 from shared import bus, delivery, dispatch, instance, jobs
 from shared.accept import fingerprint
@@ -389,7 +390,7 @@ def send_app(monkeypatch: pytest.MonkeyPatch, **values: str):
 @pytest.fixture
 def send_client(env, receiver, monkeypatch):
     client = send_app(monkeypatch, DELIVER_URL=receiver.url)
-    assert bus.local_bus() is not None
+    assert local_bus() is not None
     yield client
     bus.reset_for_tests()
 
@@ -417,7 +418,7 @@ def test_idempotency_key_on_send(send_client, receiver):
     assert busy.headers.get("Retry-After")
     assert "in flight" in busy.get_json()["error"]
 
-    assert bus.local_bus().drain(10)
+    assert local_bus().drain(10)
     assert receiver.job_ids() == [nid]  # one message published, for the first request only
 
 
@@ -448,7 +449,7 @@ def test_send_bad_input(send_client, receiver, env, monkeypatch):
     assert send_client.get("/nosuchid").status_code == 404
     assert send_client.get("/not%20an%20id").status_code == 404
     assert r.exists(status_key(nid)) == 0
-    assert bus.local_bus().drain(5)
+    assert local_bus().drain(5)
     assert receiver.job_ids() == []
 
 
@@ -480,7 +481,7 @@ def test_send_bus_unreachable_answers_503_and_leaves_nothing(env, monkeypatch):
     nid = fixed_id(monkeypatch, "bus-down")
     client = send_app(monkeypatch, PUBSUB_EMULATOR_HOST=f"127.0.0.1:{free_port()}")
     try:
-        assert bus.local_bus() is None
+        assert local_bus() is None
         answer = client.post("/", json=BODY, headers={"Idempotency-Key": "down-1"})
     finally:
         bus.reset_for_tests()
@@ -501,7 +502,7 @@ def test_send_redis_unreachable_answers_503(env, receiver, monkeypatch):
         assert client.get("/someid").status_code == 503
         keyed = client.post("/", json=BODY, headers={"Idempotency-Key": "k"})
         assert keyed.status_code == 503
-        assert bus.local_bus().drain(5)
+        assert local_bus().drain(5)
     finally:
         bus.reset_for_tests()
     assert receiver.job_ids() == []  # nothing published without a status

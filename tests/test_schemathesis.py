@@ -347,7 +347,7 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 def test_document_agrees_with_the_validators():
     from shared import jobs, registration
     from shared.claims import OUTCOME_COUNTS
-    from shared.store import PLATFORMS
+    from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
     job_schema = json.loads((ROOT / "infra" / "job.schema.json").read_text())
