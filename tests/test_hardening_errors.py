@@ -16,6 +16,7 @@ import functions_framework
 import pytest
 import redis
 
+from local.bus import local_bus
 from local.servers import RedisServer, wait_until
 from shared import bus, instance
 from tests.test_guarantees import Receiver
@@ -141,7 +142,7 @@ def test_send_answers_503_while_redis_is_out_of_memory(env, private_redis, recei
     assert_retry_later(client.post("/", json=BODY))
     assert_retry_later(client.post("/", json=BODY, headers={"Idempotency-Key": "oom-1"}))
     assert client.get("/nosuchid").status_code == 404  # reads still work under OOM
-    assert bus.local_bus().drain(5)
+    assert local_bus().drain(5)
     assert receiver.job_ids() == []  # nothing published without a status
     recover(admin)
     accepted = client.post("/", json=BODY, headers={"Idempotency-Key": "oom-1"})  # the key was not left held
@@ -155,7 +156,7 @@ def test_send_answers_503_on_a_read_only_replica(env, private_redis, replica, re
     assert_retry_later(client.post("/", json=BODY))  # READONLY
     assert_retry_later(client.post("/", json=BODY, headers={"Idempotency-Key": "ro-1"}))
     assert client.get(f"/{nid}").status_code == 200  # a replica serves reads
-    assert bus.local_bus().drain(5)
+    assert local_bus().drain(5)
     assert receiver.job_ids() == [nid]  # only the job accepted before the fault
 
 
