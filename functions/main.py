@@ -70,9 +70,9 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
+        result = registration.register(instance.token_store(), user_id, device)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
-    result = registration.register(instance.token_store(), user_id, device)
     return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
 
 
@@ -82,9 +82,9 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
         token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
+        removed = registration.unregister(instance.token_store(), user_id, token)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
-    removed = registration.unregister(instance.token_store(), user_id, token)
     return 200, {"removed": removed}
 
 

@@ -24,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,16 @@ PLATFORMS = ("android", "ios", "web")
 REDIS_ERRORS = (redis.RedisError, OSError)
 
 DEAD_TOKENS_KEY = "notif:deadtokens"
+
+# What the store holds. Real FCM registration tokens are ~150-200 characters of [A-Za-z0-9_:-];
+# 1,024 printable ASCII characters plus a 256-character user id (at most 1,024 bytes of UTF-8) stay
+# well inside PostgreSQL's ~2.7 kB limit on an index row, so no accepted value can fail there.
+MAX_TOKEN_CHARS = 1024
+MAX_USER_ID_CHARS = 256  # send's limit too; Firebase uids are at most 128 characters
+TOKEN_RULE = f"printable ASCII without spaces, at most {MAX_TOKEN_CHARS} characters"
+USER_ID_RULE = f"1 to {MAX_USER_ID_CHARS} characters of valid Unicode without control characters"
+_TOKEN = re.compile(r"[!-~]+")  # 0x21-0x7e
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def token_key(user_id: str) -> str:
@@ -66,6 +77,34 @@ class StoreUnavailable(Unavailable):
     """PostgreSQL (the source of truth) cannot be reached: nothing was written."""
 
     what = "the token database"
+
+
+class InvalidInput(ValueError):
+    """A token or user id the store does not hold; the message names the rule, never the value."""
+
+
+def check_token(token: object) -> str:
+    """The token if it follows ``TOKEN_RULE``, else ``InvalidInput`` saying what is wrong."""
+    if not isinstance(token, str) or not token:
+        raise InvalidInput(f"'token' must be a non-empty string: {TOKEN_RULE}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidInput(f"'token' is {len(token)} characters; tokens are {TOKEN_RULE}")
+    if not _TOKEN.fullmatch(token):
+        raise InvalidInput(f"'token' must be {TOKEN_RULE}")
+    return token
+
+
+def check_user_id(user_id: object) -> str:
+    """The user id if it follows ``USER_ID_RULE``, else ``InvalidInput``."""
+    ok = isinstance(user_id, str) and 0 < len(user_id) <= MAX_USER_ID_CHARS and not _CONTROL.search(user_id)
+    if ok:
+        try:
+            user_id.encode()  # type: ignore[union-attr]
+        except UnicodeEncodeError:  # a lone surrogate
+            ok = False
+    if not ok:
+        raise InvalidInput(f"a user id must be {USER_ID_RULE}")
+    return user_id  # type: ignore[return-value]
 
 
 class RateLimited(RuntimeError):
@@ -220,8 +259,11 @@ class TokenStore:
         """Register or refresh a device; it is taken away from any other user.
 
         Raises ``RateLimited`` beyond ``REGISTER_RATE_PER_MINUTE`` and ``StoreUnavailable`` when
-        PostgreSQL cannot be reached (then nothing is written anywhere).
+        PostgreSQL cannot be reached (then nothing is written anywhere); ``InvalidInput`` (nothing
+        written) for a token or user id outside the rules.
         """
+        check_user_id(user_id)
+        check_token(token)
         expected = self._before_register(user_id)
         rows = self._sql(
             _SQL_REGISTER, user_id=user_id, token=token, platform=platform, keep=self.max_tokens - 1, ttl=self.ttl
@@ -267,6 +309,8 @@ class TokenStore:
 
     def unregister(self, user_id: str, token: str) -> bool:
         """Remove one of the user's devices from both stores. False if the user did not hold it."""
+        check_user_id(user_id)
+        check_token(token)
         rows = self._sql(
             "DELETE FROM device_tokens WHERE user_id = :user_id AND token = :token RETURNING 1",
             user_id=user_id,
@@ -277,6 +321,7 @@ class TokenStore:
 
     def unregister_all(self, user_id: str) -> int:
         """Remove every device of the user (sign out everywhere); returns how many."""
+        check_user_id(user_id)
         rows = self._sql("DELETE FROM device_tokens WHERE user_id = :user_id RETURNING token", user_id=user_id)
         try:
             pipe = self.redis.pipeline()

@@ -1,0 +1,100 @@
+"""Issue 18: the stores' failure modes (long input, lost Redis writes, races, awkward strings)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+
+from shared import store as store_module
+from tests.conftest import bearer
+
+
+def post(client, uid: str, body: dict):
+    return client.post("/", data=json.dumps(body), headers={**bearer(uid), "Content-Type": "application/json"})
+
+
+def delete(client, uid: str, body: dict):
+    return client.delete("/", data=json.dumps(body), headers={**bearer(uid), "Content-Type": "application/json"})
+
+
+def random_token(length: int) -> str:
+    """Incompressible printable ASCII (PostgreSQL compresses repeated characters below its index limit)."""
+    return secrets.token_urlsafe(length)[:length]
+
+
+def stored(store) -> list[tuple[str, str]]:
+    return sorted((u, t) for u, t in store.db.run("SELECT user_id, token FROM device_tokens"))
+
+
+# --- item 2: tokens are printable ASCII without spaces, at most 1,024 characters ----------------
+
+
+@pytest.mark.parametrize("length", [1025, 3000, 4096, 12000])
+def test_long_tokens_are_a_400_naming_the_rule_never_a_500(register_client, store, length):
+    token = random_token(length)
+    r = post(register_client, "alice", {"token": token})
+    assert r.status_code == 400, r.get_json()
+    assert "at most 1024 characters" in r.get_json()["error"]
+    assert token not in r.get_json()["error"]
+    r = delete(register_client, "alice", {"token": token})
+    assert r.status_code == 400, r.get_json()
+    assert "at most 1024 characters" in r.get_json()["error"]
+    assert stored(store) == []
+    assert store.redis.keys("notif:token:*") == []
+
+
+@pytest.mark.parametrize("token", ["caf\u00e9-token", "emoji-\U0001f600", "nbsp\u00a0x", "tab\tx", "sp ace", "\x7f"])
+def test_tokens_outside_printable_ascii_are_a_400(register_client, store, token):
+    body = {"token": token}
+    for answer in (post(register_client, "alice", body), delete(register_client, "alice", body)):
+        assert answer.status_code == 400, answer.get_json()
+        assert "printable ASCII" in answer.get_json()["error"]
+    assert stored(store) == []
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "u" * 128,  # Firebase's longest uid
+        "\u00e9" * 128,  # 2 bytes each in UTF-8
+        "\u20ac" * 128,  # 3 bytes each
+        "\U0001f600" * 128,  # 4 bytes each: 512 bytes of user id
+        "null",
+        'a"b,{c}\\d',
+    ],
+)
+def test_the_longest_token_with_any_user_id_is_stored(register_client, store, user_id):
+    token = random_token(1024)
+    r = post(register_client, user_id, {"token": token, "platform": "web"})
+    assert r.status_code == 200, r.get_json()
+    assert stored(store) == [(user_id, token)]
+    assert store.tokens(user_id) == {token: "web"}
+    r = delete(register_client, user_id, {"token": token})
+    assert r.status_code == 200 and r.get_json() == {"removed": 1}
+    assert stored(store) == [] and store.tokens(user_id) == {}
+
+
+@pytest.mark.parametrize("user_id", ["u" * 129, "\U0001f600" * 129, "nul\x00id", "bell\x07", "lone\ud800surrogate"])
+def test_a_user_id_outside_the_rule_is_a_4xx_never_a_500(register_client, store, user_id):
+    for answer in (
+        post(register_client, user_id, {"token": "ok-token"}),
+        delete(register_client, user_id, {"token": "ok-token"}),
+        delete(register_client, user_id, {"all": True}),
+    ):
+        assert 400 <= answer.status_code < 500, answer.get_json()
+        assert answer.get_json()["error"]
+    assert stored(store) == []
+
+
+def test_the_store_itself_refuses_what_register_refuses(store):
+    """Every writer (the CLI, benchmarks, the console) goes through the same rule."""
+    for token in (random_token(1025), "sp ace", "caf\u00e9"):
+        with pytest.raises(store_module.InvalidInput):
+            store.register("alice", token)
+        with pytest.raises(store_module.InvalidInput):
+            store.unregister("alice", token)
+    with pytest.raises(store_module.InvalidInput):
+        store.register("nul\x00", "ok-token")
+    assert stored(store) == []
