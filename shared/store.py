@@ -18,7 +18,8 @@ Rules:
 - A register never creates a partial set: if the user's set is absent it is created from the
   whole of the user's live rows, which the register statement returns.
 - Reads come from Redis; an absent (or dirty) set is rebuilt from rows younger than the TTL
-  window and given the remaining life of its newest row. With Redis unreachable, reads come from
+  window and given the remaining life of its newest row. A dirty mark is cleared only where the
+  rebuild landed (not refused by a write that bumped the user's version meanwhile). With Redis unreachable, reads come from
   PostgreSQL (logged as a warning).
 """
 
@@ -458,9 +459,9 @@ class TokenStore:
                 now_ms = int(a)
         if not rebuilt:
             return cached
-        self._write_rebuilt(rebuilt, newest, versions)
-        if dirty:
-            self._clear_dirty(sorted(dirty), now_ms)
+        written = self._write_rebuilt(rebuilt, newest, versions)
+        if dirty & written:  # a rebuild refused (a write raced it) leaves its user dirty
+            self._clear_dirty(sorted(dirty & written), now_ms)
         return {u: rebuilt[u] if u in rebuilt else cached[u] for u in users}
 
     def _read_cached(
@@ -487,10 +488,14 @@ class TokenStore:
 
     def _write_rebuilt(
         self, rebuilt: dict[str, dict[str, str | None]], newest: dict[str, int], versions: dict[str, str]
-    ) -> None:
+    ) -> set[str]:
+        """Rebuild each user's cached set unless a write bumped its version since it was read;
+        returns the users whose rebuild landed."""
+        users = list(rebuilt)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for user_id, devices in rebuilt.items():
+            for user_id in users:
+                devices = rebuilt[user_id]
                 expire_at = newest.get(user_id, 0) + self.ttl * 1000
                 args: list[str | int] = [versions.get(user_id, "-"), expire_at]
                 for token, platform in devices.items():
@@ -498,9 +503,11 @@ class TokenStore:
                 self._rebuild(
                     keys=[token_key(user_id), platform_key(user_id), version_key(user_id)], args=args, client=pipe
                 )
-            pipe.execute()
+            landed = pipe.execute()
         except REDIS_ERRORS:
             log.warning("Redis unreachable: token cache not rebuilt")
+            return set()
+        return {user_id for user_id, ok in zip(users, landed, strict=True) if ok == 1}
 
     def _clear_dirty(self, users: list[str], read_at_ms: int) -> None:
         try:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 
 import pytest
+import redis
 
+from local.servers import free_port
 from shared import store as store_module
+from shared.store import TokenStore
 from tests.conftest import bearer
 
 
@@ -98,3 +102,43 @@ def test_the_store_itself_refuses_what_register_refuses(store):
     with pytest.raises(store_module.InvalidInput):
         store.register("nul\x00", "ok-token")
     assert stored(store) == []
+
+
+# --- item 3: the dirty mark is cleared only where the rebuild landed -----------------------------
+
+
+def unreachable_store(store: TokenStore) -> TokenStore:
+    """The same PostgreSQL, and a Redis that does not answer (a real refused connection)."""
+    dead = redis.Redis(
+        port=free_port(), socket_connect_timeout=1, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    )
+    return TokenStore(dead, store.db, ttl_seconds=store.ttl)
+
+
+class RacingStore(TokenStore):
+    """The real store with a hook between its read (Redis, then PostgreSQL) and its rebuild."""
+
+    race: Callable[[], object] | None = None
+
+    def _write_rebuilt(self, *args, **kwargs):
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return super()._write_rebuilt(*args, **kwargs)
+
+
+def dirty_users(store: TokenStore) -> set[str]:
+    return {r[0] for r in store.db.run("SELECT user_id FROM token_cache_dirty")}
+
+
+def test_a_rebuild_that_lost_a_race_leaves_the_user_dirty(store):
+    store.register("alice", "old")
+    assert store.tokens("alice") == {"old": None}
+    assert unreachable_store(store).unregister("alice", "old") is True  # signed out during an outage
+    assert dirty_users(store) == {"alice"}  # Redis came back with the stale set {"old"}
+    reader = RacingStore(store.redis, store.db, ttl_seconds=store.ttl)
+    reader.race = lambda: store.register("alice", "new")  # lands between the read and the rebuild
+    reader.tokens("alice")
+    assert dirty_users(store) == {"alice"}, "the mark was cleared although the rebuild was refused"
+    assert store.tokens("alice") == {"new": None}  # the next read rebuilds: "old" stops receiving
+    assert dirty_users(store) == set()
