@@ -19,8 +19,8 @@ Rules:
   whole of the user's live rows, which the register statement returns.
 - Reads come from Redis; an absent (or dirty) set is rebuilt from rows younger than the TTL
   window and given the remaining life of its newest row. A dirty mark is cleared only where the
-  rebuild landed (not refused by a write that bumped the user's version meanwhile). With Redis unreachable, reads come from
-  PostgreSQL (logged as a warning).
+  rebuild landed (not refused by a write that bumped the user's version meanwhile). With Redis
+  unreachable, reads come from PostgreSQL (logged as a warning).
 """
 
 from __future__ import annotations
@@ -188,7 +188,13 @@ return #KEYS
 # --- SQL -----------------------------------------------------------------------------------------
 
 # One statement: take the token from its other owners, upsert it, evict the least recently
-# refreshed devices beyond the per-user limit, and return the user's live devices.
+# refreshed devices beyond the per-user limit, record what the cache owes, and return the user's
+# live devices. What the cache owes: the users the token moved from (and the user, when a device
+# was evicted) are marked in token_cache_dirty in the same transaction as the change, because a
+# retry of this registration finds nothing left to move or evict and would never clean their
+# cached sets if this one's Redis step did not run (a timeout after the commit, a failover, the
+# instance killed). The marks are left in place after a successful Redis step: moves and evictions
+# are rare, and the cost is one rebuild of that user on their next read, not a second statement.
 _SQL_REGISTER = """
 WITH moved AS (
     DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id RETURNING user_id
@@ -202,6 +208,11 @@ WITH moved AS (
         SELECT token FROM device_tokens WHERE user_id = :user_id AND token <> :token
         ORDER BY updated_at DESC, token OFFSET :keep
     ) RETURNING token
+), owed AS (
+    INSERT INTO token_cache_dirty (user_id)
+    SELECT user_id FROM moved
+    UNION SELECT CAST(:user_id AS text) WHERE EXISTS (SELECT 1 FROM evicted)
+    ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
 )
 SELECT 'moved', user_id, NULL FROM moved
 UNION ALL SELECT 'evicted', token, NULL FROM evicted
@@ -287,7 +298,7 @@ class TokenStore:
             self._register(keys=keys, args=args)
         except REDIS_ERRORS:
             result.cached = False
-            self._mark_dirty([user_id, *result.moved_from])
+            self._mark_dirty([user_id])  # the users it moved from are marked by the statement
         return result
 
     def _before_register(self, user_id: str) -> str:

@@ -142,3 +142,41 @@ def test_a_rebuild_that_lost_a_race_leaves_the_user_dirty(store):
     assert dirty_users(store) == {"alice"}, "the mark was cleared although the rebuild was refused"
     assert store.tokens("alice") == {"new": None}  # the next read rebuilds: "old" stops receiving
     assert dirty_users(store) == set()
+
+
+# --- item 4: what the cache owes is recorded in the registration's own statement ----------------
+
+
+def commit_only(store: TokenStore, user_id: str, token: str) -> None:
+    """A registration whose statement committed and whose Redis step never ran (a timeout after the
+    commit answered 503, a failover, the instance killed between the two)."""
+    store._sql(
+        store_module._SQL_REGISTER,
+        user_id=user_id,
+        token=token,
+        platform=None,
+        keep=store.max_tokens - 1,
+        ttl=store.ttl,
+    )
+
+
+def test_a_move_whose_redis_step_never_ran_still_cleans_the_previous_owner(store):
+    store.register("alice", "phone")
+    store.register("alice", "tablet")
+    assert store.tokens("alice") == {"phone": None, "tablet": None}
+    commit_only(store, "bob", "phone")  # bob signs in on alice's phone; the answer is lost
+    assert store.register("bob", "phone").moved_from == []  # bob's retry has nothing left to move
+    assert store.tokens("alice") == {"tablet": None}  # alice's phone no longer gets her notifications
+    assert store.cached_tokens("alice") == {"tablet"}
+    assert store.tokens("bob") == {"phone": None}
+
+
+def test_an_eviction_whose_redis_step_never_ran_still_leaves_the_cache(store):
+    capped = TokenStore(store.redis, store.db, ttl_seconds=store.ttl, max_tokens_per_user=2)
+    capped.register("alice", "t1")
+    capped.register("alice", "t2")
+    store.db.run("UPDATE device_tokens SET updated_at = now() - interval '1 hour' WHERE token = 't1'")
+    assert capped.tokens("alice") == {"t1": None, "t2": None}
+    commit_only(capped, "alice", "t3")  # evicts t1 in PostgreSQL
+    assert capped.register("alice", "t3").evicted == []  # the retry evicts nothing more
+    assert capped.tokens("alice") == {"t2": None, "t3": None}
