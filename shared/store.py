@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -187,6 +188,10 @@ return #KEYS
 
 # --- SQL -----------------------------------------------------------------------------------------
 
+# A list parameter is bound as JSON text (``_sql`` does it) and unpacked by PostgreSQL with
+# json_array_elements_text(CAST(:x AS json)): each element stays exactly its string (pg8000's own
+# array literals turn the string "null" into SQL NULL).
+
 # One statement: take the token from its other owners, upsert it, evict the least recently
 # refreshed devices beyond the per-user limit, record what the cache owes, and return the user's
 # live devices. What the cache owes: the users the token moved from (and the user, when a device
@@ -224,22 +229,45 @@ UNION ALL SELECT 'done', (SELECT count(*) FROM upserted)::text, NULL
 """
 
 _SQL_MARK_DIRTY = """
-INSERT INTO token_cache_dirty (user_id) SELECT unnest(CAST(:users AS text[]))
+INSERT INTO token_cache_dirty (user_id) SELECT DISTINCT json_array_elements_text(CAST(:users AS json))
 ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
 """
 
-# Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks.
+_SQL_DELETE_TOKENS = """
+DELETE FROM device_tokens WHERE token = ANY(ARRAY(SELECT json_array_elements_text(CAST(:tokens AS json))))
+RETURNING user_id, token
+"""
+
+# Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks. One array of
+# users, so the rows are found through the primary key (an OR of two lists scanned the whole table).
 _SQL_READ = """
 WITH dirty AS (
-    SELECT user_id, marked_at FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[]))
+    SELECT user_id, marked_at FROM token_cache_dirty
+    WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
 )
 SELECT 'dirty', user_id, NULL, NULL FROM dirty
 UNION ALL
 SELECT 'row', user_id, token, coalesce(platform, '') || '|' || (extract(epoch FROM updated_at) * 1000)::bigint::text
 FROM device_tokens
-WHERE (user_id = ANY(CAST(:absent AS text[])) OR user_id IN (SELECT user_id FROM dirty))
+WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:absent AS json)) UNION SELECT user_id FROM dirty))
   AND updated_at > now() - make_interval(secs => :ttl)
 UNION ALL SELECT 'now', (extract(epoch FROM now()) * 1000)::bigint::text, NULL, NULL
+"""
+
+_SQL_CLEAR_DIRTY = """
+DELETE FROM token_cache_dirty WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
+  AND marked_at <= to_timestamp(:at / 1000.0)
+"""
+
+_SQL_READ_DB = """
+SELECT user_id, token, platform FROM device_tokens
+WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
+  AND updated_at > now() - make_interval(secs => :ttl)
+"""
+
+_SQL_OWNERS = """
+SELECT token, user_id, platform FROM device_tokens
+WHERE token = ANY(ARRAY(SELECT json_array_elements_text(CAST(:tokens AS json))))
 """
 
 
@@ -362,7 +390,7 @@ class TokenStore:
         removed: dict[str, set[str]] = {t: set(holders[t]) for t in tokens}
         try:
             rows = self._sql(
-                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                _SQL_DELETE_TOKENS,
                 tokens=tokens,
             )
         except StoreUnavailable:
@@ -389,7 +417,7 @@ class TokenStore:
             return 0
         try:
             rows = self._sql(
-                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                _SQL_DELETE_TOKENS,
                 tokens=tokens,
             )
         except StoreUnavailable:
@@ -523,8 +551,7 @@ class TokenStore:
     def _clear_dirty(self, users: list[str], read_at_ms: int) -> None:
         try:
             self._sql(
-                "DELETE FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[])) "
-                "AND marked_at <= to_timestamp(:at / 1000.0)",
+                _SQL_CLEAR_DIRTY,
                 users=users,
                 at=read_at_ms,
             )
@@ -533,8 +560,7 @@ class TokenStore:
 
     def _read_db(self, users: list[str]) -> dict[str, dict[str, str | None]]:
         rows = self._sql(
-            "SELECT user_id, token, platform FROM device_tokens WHERE user_id = ANY(CAST(:users AS text[])) "
-            "AND updated_at > now() - make_interval(secs => :ttl)",
+            _SQL_READ_DB,
             users=users,
             ttl=self.ttl,
         )
@@ -567,7 +593,7 @@ class TokenStore:
         if not tokens:
             return {}
         rows = self._sql(
-            "SELECT token, user_id, platform FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[]))",
+            _SQL_OWNERS,
             tokens=tokens,
         )
         return {t: (u, p) for t, u, p in rows}
@@ -623,8 +649,10 @@ class TokenStore:
         return self.unregister_all(user_id)
 
     def _sql(self, sql: str, **params: object) -> list[list]:
+        """Run one statement. A list is bound as JSON text (see the note at the top of the SQL)."""
+        bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
         try:
-            return self.db.run(sql, **params)
+            return self.db.run(sql, **bound)
         except DatabaseUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         except pg8000.native.DatabaseError as exc:

@@ -180,3 +180,50 @@ def test_an_eviction_whose_redis_step_never_ran_still_leaves_the_cache(store):
     commit_only(capped, "alice", "t3")  # evicts t1 in PostgreSQL
     assert capped.register("alice", "t3").evicted == []  # the retry evicts nothing more
     assert capped.tokens("alice") == {"t2": None, "t3": None}
+
+
+# --- item 5: every string bound in a list stays a string -----------------------------------------
+
+AWKWARD = ["null", "NULL", "Null", '"quoted"', "{braces}", "a,b", "back\\slash", "\\N", "''", "()", "[1]"]
+
+
+def test_awkward_tokens_are_removed_as_dead(store):
+    for i, token in enumerate(AWKWARD):
+        store.register(f"user-{i}", token)
+    removed = store.remove_dead_many({token: [] for token in AWKWARD})
+    assert removed == {token: [f"user-{i}"] for i, token in enumerate(AWKWARD)}
+    assert stored(store) == []
+    assert all(store.cached_tokens(f"user-{i}") is None for i in range(len(AWKWARD)))
+
+
+def test_awkward_dead_tokens_owed_while_postgres_was_down_are_settled(store):
+    for token in AWKWARD:
+        store.register("alice", token)
+    store.redis.sadd(store_module.DEAD_TOKENS_KEY, *AWKWARD)  # what remove_dead_many owes after an outage
+    assert store.settle_dead_tokens() == len(AWKWARD)
+    assert stored(store) == []
+    assert store.redis.scard(store_module.DEAD_TOKENS_KEY) == 0
+
+
+def test_awkward_tokens_have_owners(store):
+    for i, token in enumerate(AWKWARD):
+        store.register(f"user-{i}", token, "ios")
+    assert store.owners([*AWKWARD, "unknown"]) == {token: (f"user-{i}", "ios") for i, token in enumerate(AWKWARD)}
+
+
+def test_awkward_user_ids_are_read_rebuilt_and_marked(store):
+    tokens = {user: f"token-{i}" for i, user in enumerate(AWKWARD)}
+    for user, token in tokens.items():
+        store.register(user, token)
+    store.redis.flushdb()  # every set is rebuilt from PostgreSQL
+    assert store.tokens_for_users(AWKWARD) == {u: {t: None} for u, t in tokens.items()}
+    assert {u: store.cached_tokens(u) for u in AWKWARD} == {u: {t} for u, t in tokens.items()}
+    down = unreachable_store(store)
+    assert down.tokens_for_users(AWKWARD) == {u: {t: None} for u, t in tokens.items()}  # from PostgreSQL
+    for user, token in tokens.items():  # registered while Redis is down: committed, and marked
+        assert down.register(user, f"{token}-during").cached is False
+    assert dirty_users(store) == set(AWKWARD)
+    expected = {u: {t: None, f"{t}-during": None} for u, t in tokens.items()}
+    assert store.tokens_for_users(AWKWARD) == expected  # Redis back: the stale sets are rebuilt
+    assert {u: store.cached_tokens(u) for u in AWKWARD} == {u: set(d) for u, d in expected.items()}
+    assert dirty_users(store) == set()
