@@ -10,6 +10,7 @@ Run locally from the repo root, e.g.:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import sys
@@ -156,10 +157,15 @@ def _redeliver(reason: str) -> NoReturn:
 
 
 def _prune(request: flask.Request) -> tuple[int, dict]:
-    return 200, {"pruned": instance.token_store().prune()}
+    store = instance.token_store()
+    answer: dict = {"pruned": store.prune(), "reconciled": None}
+    if SETTINGS.reconcile_seconds:  # 0 turns the reconciliation off
+        answer["reconciled"] = dataclasses.asdict(store.reconcile(budget_seconds=SETTINGS.reconcile_seconds))
+    return 200, answer
 
 
 @functions_framework.http
 def prune(request: flask.Request) -> flask.Response:
-    """Deletes tokens past the TTL window (Cloud Scheduler calls it; deployed private)."""
+    """Deletes tokens past the TTL window, then reconciles a page of the token cache with
+    PostgreSQL for at most RECONCILE_SECONDS (Cloud Scheduler calls it hourly; deployed private)."""
     return web.serve(request, {"POST": _prune})

@@ -10,6 +10,7 @@ Redis, per user (all with the same sliding TTL, ``TOKEN_TTL_SECONDS``):
                                 lands if no write happened since it began (no stale resurrection)
   ``notif:ratelimit:register:{user_id}:{minute}``  registrations this minute
   ``notif:deadtokens``          dead tokens whose PostgreSQL deletion is still owed (it was down)
+  ``notif:reconcile:cursor``    where the paged reconciliation with PostgreSQL resumes (``reconcile``)
 
 Rules:
 - Writes go to PostgreSQL first (one statement), then Redis (one script call). A write whose Redis
@@ -21,6 +22,8 @@ Rules:
   window and given the remaining life of its newest row. A dirty mark is cleared only where the
   rebuild landed (not refused by a write that bumped the user's version meanwhile). With Redis
   unreachable, reads come from PostgreSQL (logged as a warning).
+- Writes Redis acknowledged and then lost (a failover, a snapshot restore) are repaired by
+  ``reconcile`` (``prune`` runs it): a paged, resumable sweep comparing cached sets with PostgreSQL.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ PLATFORMS = ("android", "ios", "web")
 REDIS_ERRORS = (redis.RedisError, OSError)
 
 DEAD_TOKENS_KEY = "notif:deadtokens"
+# Where the paged reconciliation of the cache with PostgreSQL resumes: a SCAN cursor over
+# notif:token:* (absent: a new sweep starts). Kept a week, so a forgotten one starts over.
+RECONCILE_CURSOR_KEY = "notif:reconcile:cursor"
+RECONCILE_CURSOR_TTL = 7 * 86_400
 
 # What the store holds. Real FCM registration tokens are ~150-200 characters of [A-Za-z0-9_:-];
 # 1,024 printable ASCII characters plus a 256-character user id (at most 1,024 bytes of UTF-8) stay
@@ -79,6 +86,12 @@ class StoreUnavailable(Unavailable):
     """PostgreSQL (the source of truth) cannot be reached: nothing was written."""
 
     what = "the token database"
+
+
+class CacheUnavailable(Unavailable):
+    """Redis cannot be reached for work that only concerns the cache (the reconciliation)."""
+
+    what = "the token cache (Redis)"
 
 
 class InvalidInput(ValueError):
@@ -269,6 +282,53 @@ _SQL_OWNERS = """
 SELECT token, user_id, platform FROM device_tokens
 WHERE token = ANY(ARRAY(SELECT json_array_elements_text(CAST(:tokens AS json))))
 """
+
+
+@dataclass
+class Reconciled:
+    """One reconciliation call: users whose cached sets it compared with PostgreSQL, sets it rebuilt,
+    and whether it finished a sweep of the whole keyspace (else the next call resumes)."""
+
+    checked: int = 0
+    rebuilt: int = 0
+    sweep_done: bool = False
+
+
+@dataclass
+class _Found:
+    """What ``_SQL_READ`` found: dirty users, live devices per user, newest row per user (ms)."""
+
+    dirty: set[str]
+    devices: dict[str, dict[str, str | None]]
+    newest: dict[str, int]
+    now_ms: int = 0
+
+    @classmethod
+    def parse(cls, rows: list[list], absent: Iterable[str]) -> _Found:
+        found = cls(set(), {u: {} for u in absent}, {})
+        for kind, a, b, c in rows:
+            if kind == "dirty":
+                found.dirty.add(a)
+                found.devices.setdefault(a, {})
+            elif kind == "row":
+                platform, _, updated_ms = c.rpartition("|")
+                found.devices.setdefault(a, {})[b] = platform or None
+                found.newest[a] = max(found.newest.get(a, 0), int(updated_ms))
+            elif kind == "now":
+                found.now_ms = int(a)
+        return found
+
+
+def _users_of(keys: Iterable[bytes]) -> list[str]:
+    """The user ids of ``notif:token:{user_id}`` keys (a SCAN may repeat a key: once each)."""
+    prefix = len(token_key(""))
+    users: dict[str, None] = {}
+    for key in keys:
+        try:
+            users[key[prefix:].decode()] = None
+        except UnicodeDecodeError:  # not a key this store wrote
+            continue
+    return list(users)
 
 
 class TokenStore:
@@ -482,26 +542,18 @@ class TokenStore:
                 extra={"users": len(users), "unanswered": len(absent)},
             )
             return cached
-        dirty: set[str] = set()
-        rebuilt: dict[str, dict[str, str | None]] = {u: {} for u in absent}
-        newest: dict[str, int] = {}
-        now_ms = 0
-        for kind, a, b, c in rows:
-            if kind == "dirty":
-                dirty.add(a)
-                rebuilt.setdefault(a, {})
-            elif kind == "row":
-                platform, _, updated_ms = c.rpartition("|")
-                rebuilt.setdefault(a, {})[b] = platform or None
-                newest[a] = max(newest.get(a, 0), int(updated_ms))
-            elif kind == "now":
-                now_ms = int(a)
-        if not rebuilt:
+        found = _Found.parse(rows, absent)
+        if not found.devices:
             return cached
-        written = self._write_rebuilt(rebuilt, newest, versions)
-        if dirty & written:  # a rebuild refused (a write raced it) leaves its user dirty
-            self._clear_dirty(sorted(dirty & written), now_ms)
-        return {u: rebuilt[u] if u in rebuilt else cached[u] for u in users}
+        self._land(found, versions)
+        return {u: found.devices[u] if u in found.devices else cached[u] for u in users}
+
+    def _land(self, found: _Found, versions: dict[str, str]) -> set[str]:
+        """Rebuild the found users' sets; clear the dirty marks of those whose rebuild landed."""
+        written = self._write_rebuilt(found.devices, found.newest, versions)
+        if found.dirty & written:  # a rebuild refused (a write raced it) leaves its user dirty
+            self._clear_dirty(sorted(found.dirty & written), found.now_ms)
+        return written
 
     def _read_cached(
         self, users: list[str], extend_ttl: bool
@@ -597,6 +649,50 @@ class TokenStore:
             tokens=tokens,
         )
         return {t: (u, p) for t, u, p in rows}
+
+    def reconcile(self, *, budget_seconds: float = 400, page: int = 500, max_batches: int | None = None) -> Reconciled:
+        """Converge the cached sets to PostgreSQL after Redis lost acknowledged writes.
+
+        Walks ``notif:token:*`` with SCAN from the cursor kept at ``RECONCILE_CURSOR_KEY``, for at
+        most ``budget_seconds`` (or ``max_batches`` batches of about ``page`` keys), and compares
+        each batch of cached users with their live PostgreSQL rows (one statement per batch).
+        Users whose set differs (a token PostgreSQL no longer holds, or lacks one it holds) or who
+        are marked dirty get the versioned rebuild, so a write racing it wins. Stops at the end of
+        a sweep; the next call starts the next sweep.
+        """
+        try:
+            return self._sweep(time.monotonic() + budget_seconds, page, max_batches)
+        except REDIS_ERRORS as exc:
+            raise CacheUnavailable(f"reconciliation stopped: {type(exc).__name__}") from exc
+
+    def _sweep(self, deadline: float, page: int, max_batches: int | None) -> Reconciled:
+        result = Reconciled()
+        cursor = int(self.redis.get(RECONCILE_CURSOR_KEY) or 0)
+        batches = 0
+        while True:
+            cursor, keys = self.redis.scan(cursor, match=token_key("*"), count=page)
+            users = _users_of(keys)
+            if users:
+                result.checked += len(users)
+                result.rebuilt += self._reconcile_batch(users)
+            batches += 1
+            if cursor == 0:
+                self.redis.delete(RECONCILE_CURSOR_KEY)
+                result.sweep_done = True
+                return result
+            self.redis.set(RECONCILE_CURSOR_KEY, cursor, ex=RECONCILE_CURSOR_TTL)
+            if time.monotonic() >= deadline or (max_batches is not None and batches >= max_batches):
+                return result
+
+    def _reconcile_batch(self, users: list[str]) -> int:
+        """Rebuild the users whose cached set is not PostgreSQL's (or who are dirty); how many landed."""
+        cached, versions = self._read_cached(users, extend_ttl=False)
+        found = _Found.parse(self._sql(_SQL_READ, users=users, absent=users, ttl=self.ttl), users)
+        stale = {u for u, devices in found.devices.items() if u in found.dirty or cached.get(u, {}) != devices}
+        if not stale:
+            return 0
+        found.devices = {u: found.devices[u] for u in stale}
+        return len(self._land(found, versions))
 
     def cached_tokens(self, user_id: str) -> set[str] | None:
         """The user's cached set as it is in Redis (None when absent)."""

@@ -227,3 +227,84 @@ def test_awkward_user_ids_are_read_rebuilt_and_marked(store):
     assert store.tokens_for_users(AWKWARD) == expected  # Redis back: the stale sets are rebuilt
     assert {u: store.cached_tokens(u) for u in AWKWARD} == {u: set(d) for u, d in expected.items()}
     assert dirty_users(store) == set()
+
+
+# --- item 6b: after lost Redis writes the cache converges to PostgreSQL, in resumable pages -------
+
+
+def plant_lost_writes(store: TokenStore) -> dict[str, set[str]]:
+    """Users, their devices, then four acknowledged Redis writes lost (as a Redis restored from an
+    older snapshot or a failover to a lagging replica loses them). Returns PostgreSQL's truth."""
+    for i in range(40):
+        store.register(f"user-{i:02}", f"t-{i:02}-a", "android")
+        store.register(f"user-{i:02}", f"t-{i:02}-b")
+    store.register("user-03", "t-03-b")  # refresh, nothing lost
+    store.unregister("user-05", "t-05-a")  # removed ...
+    store.redis.sadd("notif:token:user-05", "t-05-a")  # ... but the removal was lost
+    store.register("user-07", "t-09-a", "ios")  # moved from user-09 ...
+    store.redis.sadd("notif:token:user-09", "t-09-a")  # ... but user-09's removal was lost
+    store.unregister_all("user-11")  # signed out everywhere ...
+    store.redis.sadd("notif:token:user-11", "t-11-a", "t-11-b")  # ... but the deletion was lost
+    store.redis.expire("notif:token:user-11", 3600)
+    store.redis.srem("notif:token:user-13", "t-13-b")  # a registration's SADD lost: device invisible
+    truth = {f"user-{i:02}": set(store.db_tokens(f"user-{i:02}")) for i in range(40)}
+    assert store.cached_tokens("user-05") != truth["user-05"]
+    return truth
+
+
+def assert_converged(store: TokenStore, truth: dict[str, set[str]]) -> None:
+    for user, tokens in truth.items():
+        assert (store.cached_tokens(user) or set()) == tokens, user
+        assert store.tokens(user) == dict(store.db_tokens(user)), user
+
+
+def test_reconcile_converges_in_resumable_pages(store):
+    truth = plant_lost_writes(store)
+    calls, rebuilt, checked = 0, 0, 0
+    while True:
+        calls += 1
+        assert calls <= 500, "the sweep never finished: each call must resume where the last one stopped"
+        fresh = TokenStore(store.redis, store.db, ttl_seconds=store.ttl)  # another run, another instance
+        result = fresh.reconcile(page=2, max_batches=1)
+        rebuilt += result.rebuilt
+        checked += result.checked
+        if result.sweep_done:
+            break
+        assert store.redis.exists(store_module.RECONCILE_CURSOR_KEY)  # where the next call resumes
+        assert store.redis.ttl(store_module.RECONCILE_CURSOR_KEY) > 0
+    assert calls > 3
+    assert checked >= 40 and rebuilt >= 4
+    assert not store.redis.exists(store_module.RECONCILE_CURSOR_KEY)  # the next sweep starts afresh
+    assert_converged(store, truth)
+
+
+def test_the_prune_function_reconciles_and_reports(env, store):
+    import functions_framework
+
+    from tests.conftest import ROOT
+
+    truth = plant_lost_writes(store)
+    app = functions_framework.create_app(target="prune", source=str(ROOT / "functions" / "main.py"))
+    r = app.test_client().post("/")
+    assert r.status_code == 200, r.get_json()
+    assert_converged(store, truth)
+    answer = r.get_json()
+    assert answer["pruned"] == 0
+    assert answer["reconciled"]["sweep_done"] is True
+    assert answer["reconciled"]["checked"] >= 39 and answer["reconciled"]["rebuilt"] == 4
+
+
+def test_reconcile_seconds_0_turns_the_reconciliation_off(env, store, monkeypatch):
+    import functions_framework
+
+    from shared import instance
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("RECONCILE_SECONDS", "0")
+    instance.reset()
+    store = instance.token_store()
+    plant_lost_writes(store)
+    app = functions_framework.create_app(target="prune", source=str(ROOT / "functions" / "main.py"))
+    r = app.test_client().post("/")
+    assert r.status_code == 200 and r.get_json() == {"pruned": 0, "reconciled": None}
+    assert "t-05-a" in store.cached_tokens("user-05")  # left as it was
