@@ -13,6 +13,7 @@ Run locally from the repo root, e.g.:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import sys
@@ -77,9 +78,9 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
+        result = registration.register(instance.token_store(), user_id, device)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
-    result = registration.register(instance.token_store(), user_id, device)
     return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
 
 
@@ -89,9 +90,9 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     user_id = _caller(request)
     try:
         token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
+        removed = registration.unregister(instance.token_store(), user_id, token)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
-    removed = registration.unregister(instance.token_store(), user_id, token)
     return 200, {"removed": removed}
 
 
@@ -163,10 +164,15 @@ def _redeliver(reason: str) -> NoReturn:
 
 
 def _prune(request: flask.Request) -> tuple[int, dict]:
-    return 200, {"pruned": instance.token_store().prune()}
+    store = instance.token_store()
+    answer: dict = {"pruned": store.prune(), "reconciled": None}
+    if SETTINGS.reconcile_seconds:  # 0 turns the reconciliation off
+        answer["reconciled"] = dataclasses.asdict(store.reconcile(budget_seconds=SETTINGS.reconcile_seconds))
+    return 200, answer
 
 
 @functions_framework.http
 def prune(request: flask.Request) -> flask.Response:
-    """Deletes tokens past the TTL window (Cloud Scheduler calls it; deployed private)."""
+    """Deletes tokens past the TTL window, then reconciles a page of the token cache with
+    PostgreSQL for at most RECONCILE_SECONDS (Cloud Scheduler calls it hourly; deployed private)."""
     return web.serve(request, {"POST": _prune})

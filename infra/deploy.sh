@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stand pushline up in a Google Cloud project: APIs, Pub/Sub topics and dead letters, one service
 # account per function with least privilege, secrets, the schema, the five functions, their
-# subscriptions' retry / dead-letter policy, and the nightly prune.
+# subscriptions' retry / dead-letter policy, and the scheduled prune (with the cache reconciliation).
 #
 #   bash infra/deploy.sh --project P --region R [--dry-run] [--fcm-key-file PATH]
 #        [--rules-file PATH] [--redis-secret NAME] [--database-secret NAME] [--max-instances N]
@@ -28,7 +28,9 @@ JOBS_DEAD="pushline-jobs-dead"
 EVENTS_DEAD="pushline-events-dead"
 FCM_ROLE_ID="pushlineFcmSender"
 PRUNE_JOB="pushline-prune"
-PRUNE_SCHEDULE="17 3 * * *"
+# Every 15 minutes: each run prunes expired tokens, then reconciles up to RECONCILE_SECONDS (400 s)
+# of the token cache with PostgreSQL, so a full sweep at 10 million devices takes hours, not days.
+PRUNE_SCHEDULE="*/15 * * * *"
 # Deploy timeout of the event functions: under the subscriptions' ack deadline (540 s < 600 s), so
 # Pub/Sub never redelivers a job that is still being worked on.
 EVENT_TIMEOUT="540s"
@@ -545,7 +547,7 @@ configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
 configure_subscription deliver "$JOBS_DEAD"
 configure_subscription on-event "$EVENTS_DEAD"
 
-# --- 10. prune every night -----------------------------------------------------------------------
+# --- 10. prune (and reconcile the token cache) every 15 minutes ---------------------------------
 
 step "schedule prune"
 run gcloud functions add-invoker-policy-binding prune --region="$REGION" "${P[@]}" \

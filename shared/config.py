@@ -57,6 +57,7 @@ class Settings:
     token_ttl_seconds: int = 60 * DAY
     max_tokens_per_user: int = 50
     register_rate_per_minute: int = 60
+    reconcile_seconds: int = 400
     # Google Cloud / Firebase
     google_cloud_project: str = "demo-pushline"
     firebase_auth_emulator_host: str | None = None
@@ -125,6 +126,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         token_ttl_seconds=_int(env, "TOKEN_TTL_SECONDS", Settings.token_ttl_seconds, minimum=1),
         max_tokens_per_user=_int(env, "MAX_TOKENS_PER_USER", Settings.max_tokens_per_user, minimum=1),
         register_rate_per_minute=_int(env, "REGISTER_RATE_PER_MINUTE", Settings.register_rate_per_minute),
+        reconcile_seconds=_int(env, "RECONCILE_SECONDS", Settings.reconcile_seconds),
         google_cloud_project=project,
         firebase_auth_emulator_host=_str(env, "FIREBASE_AUTH_EMULATOR_HOST"),
         cors_allowed_origins=origins,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from shared.jobs import PLATFORMS
-from shared.store import Registration, TokenStore
+from shared.store import MAX_TOKEN_CHARS, InvalidInput, Registration, TokenStore, check_token, check_user_id
 
-MAX_TOKEN_LENGTH = 4096
-_BAD_CHARACTERS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+MAX_TOKEN_LENGTH = MAX_TOKEN_CHARS
 
 
 class InvalidRegistration(ValueError):
@@ -40,11 +38,18 @@ def _token(body: dict[str, Any]) -> str:
         raise InvalidRegistration("'token' must be a string")
     if not token:
         raise InvalidRegistration("'token' must not be empty")
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise InvalidRegistration(f"'token' is {len(token)} characters; the limit is {MAX_TOKEN_LENGTH}")
-    if _BAD_CHARACTERS.search(token):
-        raise InvalidRegistration("'token' must not contain whitespace or control characters")
-    return token
+    try:
+        return check_token(token)
+    except InvalidInput as exc:
+        raise InvalidRegistration(str(exc)) from None
+
+
+def _user(user_id: str) -> str:
+    """The signed-in user (the ID token's subject) must be a user id the store holds."""
+    try:
+        return check_user_id(user_id)
+    except InvalidInput as exc:
+        raise InvalidRegistration(f"the signed-in user's id (the ID token's subject) is unusable: {exc}") from None
 
 
 def parse_device(body: Any) -> Device:
@@ -70,11 +75,12 @@ def parse_removal(body: Any) -> str | None:
 
 
 def register(store: TokenStore, user_id: str, device: Device) -> Registration:
-    return store.register(user_id, device.token, device.platform)
+    return store.register(_user(user_id), device.token, device.platform)
 
 
 def unregister(store: TokenStore, user_id: str, token: str | None) -> int:
     """Remove one device (or all, when token is None); returns how many were removed."""
+    _user(user_id)
     if token is None:
         return store.unregister_all(user_id)
     return int(store.unregister(user_id, token))

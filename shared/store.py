@@ -11,6 +11,7 @@ Redis, per user (all with the same sliding TTL, ``TOKEN_TTL_SECONDS``):
   ``notif:ratelimit:register:{user_id}:{minute}``  registrations this minute
   ``notif:deadtokens``          dead tokens whose removal is still owed (the ledger adds each one
                                 it records dead; cleared once both stores are changed)
+  ``notif:reconcile:cursor``    where the paged reconciliation with PostgreSQL resumes (``reconcile``)
 
 Rules:
 - Writes go to PostgreSQL first (one statement), then Redis (one script call). A write whose Redis
@@ -19,12 +20,17 @@ Rules:
 - A register never creates a partial set: if the user's set is absent it is created from the
   whole of the user's live rows, which the register statement returns.
 - Reads come from Redis; an absent (or dirty) set is rebuilt from rows younger than the TTL
-  window and given the remaining life of its newest row. With Redis unreachable, reads come from
-  PostgreSQL (logged as a warning).
+  window and given the remaining life of its newest row. A dirty mark is cleared only where the
+  rebuild landed (not refused by a write that bumped the user's version meanwhile). With Redis
+  unreachable, reads come from PostgreSQL (logged as a warning).
+- Writes Redis acknowledged and then lost (a failover, a snapshot restore) are repaired by
+  ``reconcile`` (``prune`` runs it): a paged, resumable sweep comparing cached sets with PostgreSQL.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +50,20 @@ log = logs.get("store")
 REDIS_ERRORS = (redis.RedisError, OSError)
 
 DEAD_TOKENS_KEY = "notif:deadtokens"
+# Where the paged reconciliation of the cache with PostgreSQL resumes: a SCAN cursor over
+# notif:token:* (absent: a new sweep starts). Kept a week, so a forgotten one starts over.
+RECONCILE_CURSOR_KEY = "notif:reconcile:cursor"
+RECONCILE_CURSOR_TTL = 7 * 86_400
+
+# What the store holds. Real FCM registration tokens are ~150-200 characters of [A-Za-z0-9_:-];
+# 1,024 printable ASCII characters plus a 256-character user id (at most 1,024 bytes of UTF-8) stay
+# well inside PostgreSQL's ~2.7 kB limit on an index row, so no accepted value can fail there.
+MAX_TOKEN_CHARS = 1024
+MAX_USER_ID_CHARS = 256  # send's limit too; Firebase uids are at most 128 characters
+TOKEN_RULE = f"printable ASCII without spaces, at most {MAX_TOKEN_CHARS} characters"
+USER_ID_RULE = f"1 to {MAX_USER_ID_CHARS} characters of valid Unicode without control characters"
+_TOKEN = re.compile(r"[!-~]+")  # 0x21-0x7e
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def token_key(user_id: str) -> str:
@@ -66,6 +86,40 @@ class StoreUnavailable(Unavailable):
     """PostgreSQL (the source of truth) cannot be reached: nothing was written."""
 
     what = "the token database"
+
+
+class CacheUnavailable(Unavailable):
+    """Redis cannot be reached for work that only concerns the cache (the reconciliation)."""
+
+    what = "the token cache (Redis)"
+
+
+class InvalidInput(ValueError):
+    """A token or user id the store does not hold; the message names the rule, never the value."""
+
+
+def check_token(token: object) -> str:
+    """The token if it follows ``TOKEN_RULE``, else ``InvalidInput`` saying what is wrong."""
+    if not isinstance(token, str) or not token:
+        raise InvalidInput(f"'token' must be a non-empty string: {TOKEN_RULE}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidInput(f"'token' is {len(token)} characters; tokens are {TOKEN_RULE}")
+    if not _TOKEN.fullmatch(token):
+        raise InvalidInput(f"'token' must be {TOKEN_RULE}")
+    return token
+
+
+def check_user_id(user_id: object) -> str:
+    """The user id if it follows ``USER_ID_RULE``, else ``InvalidInput``."""
+    ok = isinstance(user_id, str) and 0 < len(user_id) <= MAX_USER_ID_CHARS and not _CONTROL.search(user_id)
+    if ok:
+        try:
+            user_id.encode()  # type: ignore[union-attr]
+        except UnicodeEncodeError:  # a lone surrogate
+            ok = False
+    if not ok:
+        raise InvalidInput(f"a user id must be {USER_ID_RULE}")
+    return user_id  # type: ignore[return-value]
 
 
 class RateLimited(RuntimeError):
@@ -147,8 +201,18 @@ return #KEYS
 
 # --- SQL -----------------------------------------------------------------------------------------
 
+# A list parameter is bound as JSON text (``_sql`` does it) and unpacked by PostgreSQL with
+# json_array_elements_text(CAST(:x AS json)): each element stays exactly its string (pg8000's own
+# array literals turn the string "null" into SQL NULL).
+
 # One statement: take the token from its other owners, upsert it, evict the least recently
-# refreshed devices beyond the per-user limit, and return the user's live devices.
+# refreshed devices beyond the per-user limit, record what the cache owes, and return the user's
+# live devices. What the cache owes: the users the token moved from (and the user, when a device
+# was evicted) are marked in token_cache_dirty in the same transaction as the change, because a
+# retry of this registration finds nothing left to move or evict and would never clean their
+# cached sets if this one's Redis step did not run (a timeout after the commit, a failover, the
+# instance killed). The marks are left in place after a successful Redis step: moves and evictions
+# are rare, and the cost is one rebuild of that user on their next read, not a second statement.
 _SQL_REGISTER = """
 WITH moved AS (
     DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id RETURNING user_id
@@ -162,6 +226,11 @@ WITH moved AS (
         SELECT token FROM device_tokens WHERE user_id = :user_id AND token <> :token
         ORDER BY updated_at DESC, token OFFSET :keep
     ) RETURNING token
+), owed AS (
+    INSERT INTO token_cache_dirty (user_id)
+    SELECT user_id FROM moved
+    UNION SELECT CAST(:user_id AS text) WHERE EXISTS (SELECT 1 FROM evicted)
+    ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
 )
 SELECT 'moved', user_id, NULL FROM moved
 UNION ALL SELECT 'evicted', token, NULL FROM evicted
@@ -173,23 +242,93 @@ UNION ALL SELECT 'done', (SELECT count(*) FROM upserted)::text, NULL
 """
 
 _SQL_MARK_DIRTY = """
-INSERT INTO token_cache_dirty (user_id) SELECT unnest(CAST(:users AS text[]))
+INSERT INTO token_cache_dirty (user_id) SELECT DISTINCT json_array_elements_text(CAST(:users AS json))
 ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
 """
 
-# Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks.
+_SQL_DELETE_TOKENS = """
+DELETE FROM device_tokens WHERE token = ANY(ARRAY(SELECT json_array_elements_text(CAST(:tokens AS json))))
+RETURNING user_id, token
+"""
+
+# Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks. One array of
+# users, so the rows are found through the primary key (an OR of two lists scanned the whole table).
 _SQL_READ = """
 WITH dirty AS (
-    SELECT user_id, marked_at FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[]))
+    SELECT user_id, marked_at FROM token_cache_dirty
+    WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
 )
 SELECT 'dirty', user_id, NULL, NULL FROM dirty
 UNION ALL
 SELECT 'row', user_id, token, coalesce(platform, '') || '|' || (extract(epoch FROM updated_at) * 1000)::bigint::text
 FROM device_tokens
-WHERE (user_id = ANY(CAST(:absent AS text[])) OR user_id IN (SELECT user_id FROM dirty))
+WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:absent AS json)) UNION SELECT user_id FROM dirty))
   AND updated_at > now() - make_interval(secs => :ttl)
 UNION ALL SELECT 'now', (extract(epoch FROM now()) * 1000)::bigint::text, NULL, NULL
 """
+
+_SQL_CLEAR_DIRTY = """
+DELETE FROM token_cache_dirty WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
+  AND marked_at <= to_timestamp(:at / 1000.0)
+"""
+
+_SQL_READ_DB = """
+SELECT user_id, token, platform FROM device_tokens
+WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
+  AND updated_at > now() - make_interval(secs => :ttl)
+"""
+
+_SQL_OWNERS = """
+SELECT token, user_id, platform FROM device_tokens
+WHERE token = ANY(ARRAY(SELECT json_array_elements_text(CAST(:tokens AS json))))
+"""
+
+
+@dataclass
+class Reconciled:
+    """One reconciliation call: users whose cached sets it compared with PostgreSQL, sets it rebuilt,
+    and whether it finished a sweep of the whole keyspace (else the next call resumes)."""
+
+    checked: int = 0
+    rebuilt: int = 0
+    sweep_done: bool = False
+
+
+@dataclass
+class _Found:
+    """What ``_SQL_READ`` found: dirty users, live devices per user, newest row per user (ms)."""
+
+    dirty: set[str]
+    devices: dict[str, dict[str, str | None]]
+    newest: dict[str, int]
+    now_ms: int = 0
+
+    @classmethod
+    def parse(cls, rows: list[list], absent: Iterable[str]) -> _Found:
+        found = cls(set(), {u: {} for u in absent}, {})
+        for kind, a, b, c in rows:
+            if kind == "dirty":
+                found.dirty.add(a)
+                found.devices.setdefault(a, {})
+            elif kind == "row":
+                platform, _, updated_ms = c.rpartition("|")
+                found.devices.setdefault(a, {})[b] = platform or None
+                found.newest[a] = max(found.newest.get(a, 0), int(updated_ms))
+            elif kind == "now":
+                found.now_ms = int(a)
+        return found
+
+
+def _users_of(keys: Iterable[bytes]) -> list[str]:
+    """The user ids of ``notif:token:{user_id}`` keys (a SCAN may repeat a key: once each)."""
+    prefix = len(token_key(""))
+    users: dict[str, None] = {}
+    for key in keys:
+        try:
+            users[key[prefix:].decode()] = None
+        except UnicodeDecodeError:  # not a key this store wrote
+            continue
+    return list(users)
 
 
 class TokenStore:
@@ -220,8 +359,11 @@ class TokenStore:
         """Register or refresh a device; it is taken away from any other user.
 
         Raises ``RateLimited`` beyond ``REGISTER_RATE_PER_MINUTE`` and ``StoreUnavailable`` when
-        PostgreSQL cannot be reached (then nothing is written anywhere).
+        PostgreSQL cannot be reached (then nothing is written anywhere); ``InvalidInput`` (nothing
+        written) for a token or user id outside the rules.
         """
+        check_user_id(user_id)
+        check_token(token)
         expected = self._before_register(user_id)
         rows = self._sql(
             _SQL_REGISTER, user_id=user_id, token=token, platform=platform, keep=self.max_tokens - 1, ttl=self.ttl
@@ -244,7 +386,7 @@ class TokenStore:
             self._register(keys=keys, args=args)
         except REDIS_ERRORS:
             result.cached = False
-            self._mark_dirty([user_id, *result.moved_from])
+            self._mark_dirty([user_id])  # the users it moved from are marked by the statement
         return result
 
     def _before_register(self, user_id: str) -> str:
@@ -267,6 +409,8 @@ class TokenStore:
 
     def unregister(self, user_id: str, token: str) -> bool:
         """Remove one of the user's devices from both stores. False if the user did not hold it."""
+        check_user_id(user_id)
+        check_token(token)
         rows = self._sql(
             "DELETE FROM device_tokens WHERE user_id = :user_id AND token = :token RETURNING 1",
             user_id=user_id,
@@ -277,6 +421,7 @@ class TokenStore:
 
     def unregister_all(self, user_id: str) -> int:
         """Remove every device of the user (sign out everywhere); returns how many."""
+        check_user_id(user_id)
         rows = self._sql("DELETE FROM device_tokens WHERE user_id = :user_id RETURNING token", user_id=user_id)
         try:
             pipe = self.redis.pipeline()
@@ -307,7 +452,7 @@ class TokenStore:
         removed: dict[str, set[str]] = {t: set(holders[t]) for t in tokens}
         try:
             rows = self._sql(
-                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                _SQL_DELETE_TOKENS,
                 tokens=tokens,
             )
         except StoreUnavailable:
@@ -342,7 +487,7 @@ class TokenStore:
             return 0
         try:
             rows = self._sql(
-                "DELETE FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[])) RETURNING user_id, token",
+                _SQL_DELETE_TOKENS,
                 tokens=tokens,
             )
         except StoreUnavailable:
@@ -407,26 +552,18 @@ class TokenStore:
                 extra={"users": len(users), "unanswered": len(absent)},
             )
             return cached
-        dirty: set[str] = set()
-        rebuilt: dict[str, dict[str, str | None]] = {u: {} for u in absent}
-        newest: dict[str, int] = {}
-        now_ms = 0
-        for kind, a, b, c in rows:
-            if kind == "dirty":
-                dirty.add(a)
-                rebuilt.setdefault(a, {})
-            elif kind == "row":
-                platform, _, updated_ms = c.rpartition("|")
-                rebuilt.setdefault(a, {})[b] = platform or None
-                newest[a] = max(newest.get(a, 0), int(updated_ms))
-            elif kind == "now":
-                now_ms = int(a)
-        if not rebuilt:
+        found = _Found.parse(rows, absent)
+        if not found.devices:
             return cached
-        self._write_rebuilt(rebuilt, newest, versions)
-        if dirty:
-            self._clear_dirty(sorted(dirty), now_ms)
-        return {u: rebuilt[u] if u in rebuilt else cached[u] for u in users}
+        self._land(found, versions)
+        return {u: found.devices[u] if u in found.devices else cached[u] for u in users}
+
+    def _land(self, found: _Found, versions: dict[str, str]) -> set[str]:
+        """Rebuild the found users' sets; clear the dirty marks of those whose rebuild landed."""
+        written = self._write_rebuilt(found.devices, found.newest, versions)
+        if found.dirty & written:  # a rebuild refused (a write raced it) leaves its user dirty
+            self._clear_dirty(sorted(found.dirty & written), found.now_ms)
+        return written
 
     def _read_cached(
         self, users: list[str], extend_ttl: bool
@@ -452,10 +589,14 @@ class TokenStore:
 
     def _write_rebuilt(
         self, rebuilt: dict[str, dict[str, str | None]], newest: dict[str, int], versions: dict[str, str]
-    ) -> None:
+    ) -> set[str]:
+        """Rebuild each user's cached set unless a write bumped its version since it was read;
+        returns the users whose rebuild landed."""
+        users = list(rebuilt)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for user_id, devices in rebuilt.items():
+            for user_id in users:
+                devices = rebuilt[user_id]
                 expire_at = newest.get(user_id, 0) + self.ttl * 1000
                 args: list[str | int] = [versions.get(user_id, "-"), expire_at]
                 for token, platform in devices.items():
@@ -463,15 +604,16 @@ class TokenStore:
                 self._rebuild(
                     keys=[token_key(user_id), platform_key(user_id), version_key(user_id)], args=args, client=pipe
                 )
-            pipe.execute()
+            landed = pipe.execute()
         except REDIS_ERRORS:
             log.warning("Redis unreachable: token cache not rebuilt")
+            return set()
+        return {user_id for user_id, ok in zip(users, landed, strict=True) if ok == 1}
 
     def _clear_dirty(self, users: list[str], read_at_ms: int) -> None:
         try:
             self._sql(
-                "DELETE FROM token_cache_dirty WHERE user_id = ANY(CAST(:users AS text[])) "
-                "AND marked_at <= to_timestamp(:at / 1000.0)",
+                _SQL_CLEAR_DIRTY,
                 users=users,
                 at=read_at_ms,
             )
@@ -480,8 +622,7 @@ class TokenStore:
 
     def _read_db(self, users: list[str]) -> dict[str, dict[str, str | None]]:
         rows = self._sql(
-            "SELECT user_id, token, platform FROM device_tokens WHERE user_id = ANY(CAST(:users AS text[])) "
-            "AND updated_at > now() - make_interval(secs => :ttl)",
+            _SQL_READ_DB,
             users=users,
             ttl=self.ttl,
         )
@@ -514,10 +655,54 @@ class TokenStore:
         if not tokens:
             return {}
         rows = self._sql(
-            "SELECT token, user_id, platform FROM device_tokens WHERE token = ANY(CAST(:tokens AS text[]))",
+            _SQL_OWNERS,
             tokens=tokens,
         )
         return {t: (u, p) for t, u, p in rows}
+
+    def reconcile(self, *, budget_seconds: float = 400, page: int = 500, max_batches: int | None = None) -> Reconciled:
+        """Converge the cached sets to PostgreSQL after Redis lost acknowledged writes.
+
+        Walks ``notif:token:*`` with SCAN from the cursor kept at ``RECONCILE_CURSOR_KEY``, for at
+        most ``budget_seconds`` (or ``max_batches`` batches of about ``page`` keys), and compares
+        each batch of cached users with their live PostgreSQL rows (one statement per batch).
+        Users whose set differs (a token PostgreSQL no longer holds, or lacks one it holds) or who
+        are marked dirty get the versioned rebuild, so a write racing it wins. Stops at the end of
+        a sweep; the next call starts the next sweep.
+        """
+        try:
+            return self._sweep(time.monotonic() + budget_seconds, page, max_batches)
+        except REDIS_ERRORS as exc:
+            raise CacheUnavailable(f"reconciliation stopped: {type(exc).__name__}") from exc
+
+    def _sweep(self, deadline: float, page: int, max_batches: int | None) -> Reconciled:
+        result = Reconciled()
+        cursor = int(self.redis.get(RECONCILE_CURSOR_KEY) or 0)
+        batches = 0
+        while True:
+            cursor, keys = self.redis.scan(cursor, match=token_key("*"), count=page)
+            users = _users_of(keys)
+            if users:
+                result.checked += len(users)
+                result.rebuilt += self._reconcile_batch(users)
+            batches += 1
+            if cursor == 0:
+                self.redis.delete(RECONCILE_CURSOR_KEY)
+                result.sweep_done = True
+                return result
+            self.redis.set(RECONCILE_CURSOR_KEY, cursor, ex=RECONCILE_CURSOR_TTL)
+            if time.monotonic() >= deadline or (max_batches is not None and batches >= max_batches):
+                return result
+
+    def _reconcile_batch(self, users: list[str]) -> int:
+        """Rebuild the users whose cached set is not PostgreSQL's (or who are dirty); how many landed."""
+        cached, versions = self._read_cached(users, extend_ttl=False)
+        found = _Found.parse(self._sql(_SQL_READ, users=users, absent=users, ttl=self.ttl), users)
+        stale = {u for u, devices in found.devices.items() if u in found.dirty or cached.get(u, {}) != devices}
+        if not stale:
+            return 0
+        found.devices = {u: found.devices[u] for u in stale}
+        return len(self._land(found, versions))
 
     def cached_tokens(self, user_id: str) -> set[str] | None:
         """The user's cached set as it is in Redis (None when absent)."""
@@ -570,8 +755,10 @@ class TokenStore:
         return self.unregister_all(user_id)
 
     def _sql(self, sql: str, **params: object) -> list[list]:
+        """Run one statement. A list is bound as JSON text (see the note at the top of the SQL)."""
+        bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
         try:
-            return self.db.run(sql, **params)
+            return self.db.run(sql, **bound)
         except DatabaseUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         except pg8000.native.DatabaseError as exc:

@@ -451,12 +451,12 @@ def test_migration_reads_the_url_from_secret_manager_unexpanded(dry_run: Result)
     assert position("shared.cli migrate") < position("gcloud functions deploy")
 
 
-def test_prune_runs_every_night(dry_run: Result) -> None:
+def test_prune_runs_every_15_minutes(dry_run: Result) -> None:
     jobs = [c for c in dry_run.commands() if c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"]]
     assert len(jobs) == 1
     job = jobs[0]
     assert job[5] == "pushline-prune"
-    assert flag(job, "schedule") == "17 3 * * *"
+    assert flag(job, "schedule") == "*/15 * * * *"  # prune, then a page of cache reconciliation
     assert flag(job, "oidc-service-account-email") == "pushline-scheduler@demo-p.iam.gserviceaccount.com"
     assert flag(job, "uri").startswith("https://")
 
