@@ -15,7 +15,7 @@ from local.fake_fcm import FakeFcm
 from shared import config
 from shared.credentials import AccessTokenProvider, StaticTokenCredentials
 from shared.fcm import HttpFcmClient, SdkFcmClient, make_client
-from shared.outcomes import Kind, Outcome
+from shared.outcomes import Cause, Kind, Outcome
 
 PROJECT = "demo-fcm-test"
 
@@ -30,7 +30,7 @@ def server() -> Iterator[FakeFcm]:
 
 @pytest.fixture
 def fake(server: FakeFcm) -> FakeFcm:
-    server.configure(delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True)
+    server.configure(delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True, refused_bearers=[])
     server.reset()
     return server
 
@@ -126,7 +126,7 @@ def test_scripted_answers(fake: FakeFcm, kind: str) -> None:
     outcomes = [send_all(make(kind, fake.url), [{"token": "s-1"}])[0] for _ in range(4)]
     assert [(o.kind, o.code) for o in outcomes] == [
         (Kind.RETRY, "INTERNAL"),
-        (Kind.CONFIG_ERROR, "PERMISSION_DENIED"),
+        (Kind.RETRY, "PERMISSION_DENIED"),
         (Kind.DELIVERED, ""),
         (Kind.DELIVERED, ""),
     ]
@@ -190,8 +190,8 @@ def test_http_401_invalidates_the_token_and_only_fails_that_send(fake: FakeFcm) 
             await client.close()
 
     first, after, refreshes = asyncio.run(run())
-    assert [o.kind for o in first] == [Kind.CONFIG_ERROR, Kind.DELIVERED, Kind.DELIVERED]
-    assert first[0].code == "UNAUTHENTICATED"
+    assert [o.kind for o in first] == [Kind.RETRY, Kind.DELIVERED, Kind.DELIVERED]
+    assert (first[0].code, first[0].cause, first[0].charged) == ("UNAUTHENTICATED", Cause.CREDENTIALS, False)
     assert after.kind is Kind.DELIVERED
     assert refreshes == 1  # the next request fetched a new token
 
@@ -207,6 +207,20 @@ def test_sdk_401_refreshes_the_credential_once(fake: FakeFcm) -> None:
     assert (failed.kind, failed.code) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR")
     assert len(fake.messages("auth-3")) == 2
     assert creds.count >= 1
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_quota_exceeded_waits_a_minute_unless_fcm_says_otherwise(fake: FakeFcm, kind: str) -> None:
+    fake.script("q-project", ["PROJECT_QUOTA_EXCEEDED"])
+    fake.script("q-said", ["QUOTA_EXCEEDED:120"])
+    fake.script("q-device", ["DEVICE_QUOTA_EXCEEDED"])
+    results = send_all(make(kind, fake.url), [{"token": t} for t in ["q-project", "q-said", "q-device"]])
+    assert [(o.kind, o.cause, o.retry_after, o.charged) for o in results] == [
+        (Kind.RETRY, Cause.QUOTA, 60.0, True),
+        (Kind.RETRY, Cause.QUOTA, 120.0, True),
+        (Kind.RETRY, Cause.DEVICE_QUOTA, 60.0, True),
+    ]
+    assert [o.counts_as_outage for o in results] == [True, True, False]
 
 
 def test_fake_requires_a_bearer_token(fake: FakeFcm) -> None:
