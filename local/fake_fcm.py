@@ -21,8 +21,10 @@ and ``DROP`` (close the connection); an error name may end in ``:SECONDS`` to se
 Control API:
 - ``POST /_fake/script {"token": ..., "responses": ["UNAVAILABLE", "OK", ...]}``: used in order,
   before the prefix rule, then the token is healthy again.
-- ``POST /_fake/config {"delay_ms", "fail_rate", "seed", "fail_codes", "record"}``: injected
-  failures are decided by a hash of (seed, token, attempt number), so runs repeat.
+- ``POST /_fake/config {"delay_ms", "fail_rate", "seed", "fail_codes", "record", "refused_bearers"}``:
+  injected failures are decided by a hash of (seed, token, attempt number), so runs repeat;
+  ``refused_bearers`` lists OAuth access tokens answered 401 UNAUTHENTICATED without an FCM code
+  (``"*"``: every one), as FCM answers a revoked or expired access token.
 - ``GET /_fake/messages[?token=]``; ``DELETE /_fake/messages`` resets records, attempt counters
   and scripts; ``GET /_fake/stats`` (counts per answer, max requests in flight); ``GET /healthz``.
 
@@ -46,6 +48,7 @@ from aiohttp import web
 
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 
 # name -> (HTTP status, gRPC status, message, FCM errorCode or None, Retry-After or None)
 ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
@@ -73,6 +76,9 @@ ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
         "QUOTA_EXCEEDED",
         "1",
     ),
+    # QUOTA_EXCEEDED without Retry-After, with a google.rpc.QuotaFailure naming the quota (QUOTA_VIOLATIONS)
+    "PROJECT_QUOTA_EXCEEDED": (429, "RESOURCE_EXHAUSTED", "Quota exceeded.", "QUOTA_EXCEEDED", None),
+    "DEVICE_QUOTA_EXCEEDED": (429, "RESOURCE_EXHAUSTED", "Device message rate exceeded.", "QUOTA_EXCEEDED", None),
     "UNAVAILABLE": (503, "UNAVAILABLE", "The service is currently unavailable.", "UNAVAILABLE", "1"),
     "INTERNAL": (500, "INTERNAL", "Internal error encountered.", "INTERNAL", None),
     "THIRD_PARTY_AUTH_ERROR": (
@@ -97,6 +103,10 @@ ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
         None,
         None,
     ),
+}
+QUOTA_VIOLATIONS = {
+    "PROJECT_QUOTA_EXCEEDED": {"subject": "project", "description": "Send requests per minute exceeded"},
+    "DEVICE_QUOTA_EXCEEDED": {"subject": "device", "description": "Device message rate exceeded"},
 }
 # Script-only answers: hold the request this long, or drop the connection without an answer.
 HANG_SECONDS = 30.0
@@ -136,6 +146,8 @@ def error_body(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         error["details"] = [{"@type": FCM_ERROR, "errorCode": fcm_code}]
     elif name == "INVALID_ARGUMENT":
         error["details"] = [{"@type": BAD_REQUEST, "fieldViolations": [{"field": "message", "description": message}]}]
+    if name in QUOTA_VIOLATIONS:
+        error["details"].append({"@type": QUOTA_FAILURE, "violations": [QUOTA_VIOLATIONS[name]]})
     headers = {"Retry-After": retry_after} if retry_after else {}
     return status, {"error": error}, headers
 
@@ -148,6 +160,7 @@ class FakeState:
         self.fail_rate = 0.0
         self.seed = 0
         self.fail_codes = ["UNAVAILABLE"]
+        self.refused_bearers: list[str] = []
         self.record = record
         self.in_flight = 0  # a live gauge: requests still being answered survive a reset
         self.reset()
@@ -162,7 +175,7 @@ class FakeState:
         self.ids = itertools.count(1)
 
     def configure(self, cfg: dict[str, Any]) -> None:
-        for key in ("delay_ms", "fail_rate", "seed", "fail_codes", "record"):
+        for key in ("delay_ms", "fail_rate", "seed", "fail_codes", "record", "refused_bearers"):
             if key in cfg:
                 setattr(self, key, cfg[key])
         unknown = [c for c in self.fail_codes if c not in ERRORS]
@@ -212,7 +225,8 @@ async def _send(request: web.Request) -> web.StreamResponse:
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
     try:
-        if not request.headers.get("Authorization", "").startswith("Bearer "):
+        bearer = request.headers.get("Authorization", "")
+        if not bearer.startswith("Bearer ") or bearer[7:] in state.refused_bearers or "*" in state.refused_bearers:
             state.answers["UNAUTHENTICATED"] += 1
             status, body, headers = error_body("UNAUTHENTICATED")
             return _json(body, status, headers)
@@ -276,6 +290,7 @@ async def _config(request: web.Request) -> web.Response:
             "seed": state.seed,
             "fail_codes": state.fail_codes,
             "record": state.record,
+            "refused_bearers": state.refused_bearers,
         }
     )
 

@@ -1,30 +1,45 @@
 """The closed set of FCM send outcomes, and the one table from FCM errors to them.
 
-This is the only module that looks at FCM error codes. Everything else reads ``Outcome.kind``.
-The code is FCM's ``errorCode`` from the ``error.details[]`` entry of type
-``type.googleapis.com/google.firebase.fcm.v1.FcmError`` (the HTTP status alone is ambiguous:
-a 400 can be a bad token or a bad payload).
+This is the only module that looks at FCM error codes. Everything else reads ``Outcome.kind`` and,
+for a RETRY, ``Outcome.cause`` (why, and so who waits). The code is FCM's ``errorCode`` from the
+``error.details[]`` entry of type ``type.googleapis.com/google.firebase.fcm.v1.FcmError`` (the HTTP
+status alone is ambiguous: a 400 can be a bad token or a bad payload).
 
-| answer from FCM                                               | kind               |
-|---------------------------------------------------------------|--------------------|
-| 2xx                                                           | DELIVERED          |
-| UNREGISTERED (404)                                            | DEAD_TOKEN         |
-| SENDER_ID_MISMATCH (403)                                      | DEAD_TOKEN, sender_mismatch=True |
-| INVALID_ARGUMENT whose message names the registration token   | DEAD_TOKEN         |
-| INVALID_ARGUMENT, any other (payload, TTL, data key, size...) | PAYLOAD_REJECTED   |
-| THIRD_PARTY_AUTH_ERROR (APNs / web push credentials)          | CONFIG_ERROR       |
-| 401 / 403 without a token-level code (our OAuth token, IAM)   | CONFIG_ERROR       |
-| QUOTA_EXCEEDED (429), UNAVAILABLE (503), INTERNAL (500)       | RETRY (+Retry-After) |
-| any other 5xx, 429 or 408                                     | RETRY (+Retry-After) |
-| timeout, connection refused/reset (no HTTP answer)            | RETRY, code TIMEOUT / CONNECTION |
-| message cannot be encoded (TypeError/ValueError, never sent)  | PAYLOAD_REJECTED, code INVALID_MESSAGE |
-| any other 4xx (unknown code)                                  | PAYLOAD_REJECTED   |
-| anything else (1xx/3xx, unparseable)                          | RETRY              |
+| answer from FCM                                               | kind               | cause        |
+|---------------------------------------------------------------|--------------------|--------------|
+| 2xx                                                           | DELIVERED          |              |
+| UNREGISTERED (404)                                            | DEAD_TOKEN         |              |
+| SENDER_ID_MISMATCH (403)                                      | DEAD_TOKEN, sender_mismatch=True | |
+| INVALID_ARGUMENT whose message names the registration token   | DEAD_TOKEN         |              |
+| INVALID_ARGUMENT, any other (payload, TTL, data key, size...) | PAYLOAD_REJECTED   |              |
+| THIRD_PARTY_AUTH_ERROR (APNs / web push credentials)          | CONFIG_ERROR       |              |
+| 401 without a token-level code (our OAuth access token)       | RETRY              | CREDENTIALS  |
+| 403 without a token-level code (IAM: the send permission)     | RETRY              | CREDENTIALS  |
+| credentials that cannot be refreshed (``from_credentials_error``, google-auth errors) | RETRY | CREDENTIALS |
+| QUOTA_EXCEEDED (429) naming a device or topic quota           | RETRY (+Retry-After, else 60 s) | DEVICE_QUOTA |
+| QUOTA_EXCEEDED (429), any other (the project's quota)         | RETRY (+Retry-After, else 60 s) | QUOTA |
+| UNAVAILABLE (503), INTERNAL (500), any other 5xx, 429 or 408  | RETRY (+Retry-After) | TRANSIENT  |
+| timeout, connection refused/reset (no HTTP answer)            | RETRY, code TIMEOUT / CONNECTION | TRANSIENT |
+| message cannot be encoded (TypeError/ValueError, never sent)  | PAYLOAD_REJECTED, code INVALID_MESSAGE | |
+| any other 4xx (unknown code)                                  | PAYLOAD_REJECTED   |              |
+| anything else (1xx/3xx, unparseable)                          | RETRY              | TRANSIENT    |
 
 ``retry_after`` is taken from a ``Retry-After`` header (delta-seconds or an HTTP date) on every
-RETRY answer that has one. ``maybe_sent`` is True when the request may have reached FCM although
-no answer came back (read timeout, connection lost mid-answer): the caller may then deliver twice
-if it retries. ``message`` is FCM's text with the token (when known) redacted, never the token.
+RETRY answer that has one; QUOTA_EXCEEDED without one gets ``QUOTA_MIN_RETRY_AFTER`` (60 s, FCM's
+minimum initial delay). ``maybe_sent`` is True when the request may have reached FCM although no
+answer came back (read timeout, connection lost mid-answer): the caller may then deliver twice if it
+retries. ``message`` is FCM's text with the token (when known) redacted, never the token.
+
+Which quota: FCM's ErrorCode reference says a QUOTA_EXCEEDED answer carries a
+``google.rpc.QuotaFailure`` whose violations (``subject``, ``description``) name the quota that was
+exceeded — the project's message rate, one device's, or one topic's — without documenting their exact
+words. A violation (or FCM's message, e.g. "Topic quota exceeded.") that mentions a device or a topic
+is DEVICE_QUOTA: only that token waits. Anything else is QUOTA, the safe reading: the project is
+over its quota and every send should slow down.
+
+``Outcome.charged`` is False for CREDENTIALS (such answers are ours, not the token's, and never spend
+one of its ``MAX_ATTEMPTS``); ``Outcome.counts_as_outage`` is True for TRANSIENT, QUOTA and
+CREDENTIALS (the answers a breaker counts against FCM or our side of it).
 """
 
 from __future__ import annotations
@@ -41,17 +56,23 @@ from typing import Any
 import aiohttp
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+QUOTA_FAILURE_TYPE = "type.googleapis.com/google.rpc.QuotaFailure"
 
 # Codes that say the registration token itself is finished: delete it, never retry it.
 TOKEN_FATAL_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
 # Codes that say this message can never be delivered as it is (the token may be fine).
 MESSAGE_FATAL_CODES = frozenset({"INVALID_ARGUMENT"})
-# Codes that say our project's configuration is broken (not the token, not the message).
+# Codes that say our project's APNs / web push configuration is broken (not the token, not the message).
 CONFIG_FATAL_CODES = frozenset({"THIRD_PARTY_AUTH_ERROR", "APNS_AUTH_ERROR"})
-# Codes worth another attempt later.
-RETRYABLE_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+# Codes worth another attempt later (QUOTA_EXCEEDED has rules of its own).
+RETRYABLE_CODES = frozenset({"UNAVAILABLE", "INTERNAL"})
+QUOTA_CODE = "QUOTA_EXCEEDED"
 # An INVALID_ARGUMENT whose message contains one of these is about the token, not the payload.
 TOKEN_INVALID_MARKERS = ("registration token", "message.token")
+# A QUOTA_EXCEEDED whose QuotaFailure (or message) contains one of these is a per-target quota.
+TARGET_QUOTA_MARKERS = ("device", "topic")
+# FCM: "use exponential backoff with a minimum initial delay of 1 minute" when there is no Retry-After.
+QUOTA_MIN_RETRY_AFTER = 60.0
 
 _MAX_MESSAGE = 300
 
@@ -64,14 +85,39 @@ class Kind(enum.Enum):
     RETRY = "retry"
 
 
-@dataclass(frozen=True)
+class Cause(enum.Enum):
+    """Why a RETRY answer is worth another attempt, and so who waits."""
+
+    TRANSIENT = "transient"  # FCM or the network had a moment: this token backs off
+    QUOTA = "quota"  # the project's quota: every send slows down
+    DEVICE_QUOTA = "device_quota"  # one device's (or topic's) rate: only that token waits
+    CREDENTIALS = "credentials"  # our access token, IAM or a credentials refresh: not the token's fault
+
+
+_CREDENTIALS = Cause.CREDENTIALS
+_DEVICE_QUOTA = Cause.DEVICE_QUOTA
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     kind: Kind
-    code: str = ""  # FCM errorCode (or the gRPC status when FCM gave none), or 'TIMEOUT'/'CONNECTION'
+    code: str = ""  # FCM errorCode (or the gRPC status when FCM gave none), or 'TIMEOUT'/'CONNECTION'/'CREDENTIALS'
     message: str = ""  # FCM's message text, never the token
     retry_after: float | None = None
     sender_mismatch: bool = False
     maybe_sent: bool = False  # True when the request may have reached FCM without an answer coming back
+    cause: Cause | None = None  # set on every RETRY, None otherwise
+
+    @property
+    def charged(self) -> bool:
+        """Whether this answer spends one of the token's MAX_ATTEMPTS (not when our credentials failed)."""
+        return self.cause is not _CREDENTIALS
+
+    @property
+    def counts_as_outage(self) -> bool:
+        """Whether this answer says FCM, the project's quota or our credentials are failing (not one token)."""
+        cause = self.cause
+        return cause is not None and cause is not _DEVICE_QUOTA
 
 
 DELIVERED = Outcome(Kind.DELIVERED)
@@ -134,6 +180,18 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
     return value
 
 
+def _quota_cause(error: Mapping[str, Any], message: str) -> Cause:
+    """DEVICE_QUOTA when FCM names a device or topic quota (QuotaFailure violations, or its message)."""
+    said = [message]
+    for detail in error.get("details") or ():
+        if isinstance(detail, dict) and detail.get("@type") == QUOTA_FAILURE_TYPE:
+            for violation in detail.get("violations") or ():
+                if isinstance(violation, dict):
+                    said += (str(violation.get("subject") or ""), str(violation.get("description") or ""))
+    text = " ".join(said).lower()
+    return Cause.DEVICE_QUOTA if any(marker in text for marker in TARGET_QUOTA_MARKERS) else Cause.QUOTA
+
+
 def from_response(
     status: int,
     body: bytes | str | dict | None,
@@ -158,13 +216,31 @@ def from_response(
         return Outcome(Kind.PAYLOAD_REJECTED, code, message)
     if fcm_code in CONFIG_FATAL_CODES:
         return Outcome(Kind.CONFIG_ERROR, code, message)
+    retry_after = parse_retry_after(_header(headers, "Retry-After"))
+    if fcm_code == QUOTA_CODE:
+        retry_after = QUOTA_MIN_RETRY_AFTER if retry_after is None else retry_after
+        return Outcome(Kind.RETRY, code, message, retry_after=retry_after, cause=_quota_cause(error, message))
     if fcm_code in RETRYABLE_CODES or status >= 500 or status in (408, 429):
-        return Outcome(Kind.RETRY, code, message, retry_after=parse_retry_after(_header(headers, "Retry-After")))
-    if status in (401, 403):
-        return Outcome(Kind.CONFIG_ERROR, code, message)
+        return Outcome(Kind.RETRY, code, message, retry_after=retry_after, cause=Cause.TRANSIENT)
+    if status in (401, 403):  # no token-level code: our access token, or our service account's permission
+        return Outcome(Kind.RETRY, code, message, cause=Cause.CREDENTIALS)
     if 400 <= status < 500:
         return Outcome(Kind.PAYLOAD_REJECTED, code, message)
-    return Outcome(Kind.RETRY, code, message, retry_after=parse_retry_after(_header(headers, "Retry-After")))
+    return Outcome(Kind.RETRY, code, message, retry_after=retry_after, cause=Cause.TRANSIENT)
+
+
+def refuses_access_token(status: int, outcome: Outcome) -> bool:
+    """True for FCM's answer to an access token it does not accept (HTTP 401, no token-level code):
+    refresh the token and try once more. A THIRD_PARTY_AUTH_ERROR 401 is about APNs / web push, not it."""
+    return status == 401 and outcome.cause is Cause.CREDENTIALS
+
+
+def from_credentials_error(exc: BaseException) -> Outcome:
+    """The outcome of a send that got no access token (the refresh failed or timed out): nothing was
+    sent, and the fault is ours (Secret Manager, the key, the metadata server or the token endpoint)."""
+    detail = str(exc)[:200]
+    text = f"cannot get an FCM access token: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    return Outcome(Kind.RETRY, "CREDENTIALS", text[:_MAX_MESSAGE], cause=Cause.CREDENTIALS)
 
 
 def from_exception(exc: BaseException) -> Outcome:
@@ -172,15 +248,18 @@ def from_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, TypeError | ValueError):  # raised while encoding, before anything was sent
         return Outcome(Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE", f"message cannot be encoded: {exc}"[:_MAX_MESSAGE])
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return Outcome(Kind.RETRY, "TIMEOUT", "timed out connecting to FCM")
+        return Outcome(Kind.RETRY, "TIMEOUT", "timed out connecting to FCM", cause=Cause.TRANSIENT)
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError on 3.11
-        return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=True)
+        return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=True, cause=Cause.TRANSIENT)
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
-        return Outcome(Kind.RETRY, "CONNECTION", f"cannot connect to FCM: {type(exc).__name__}")
+        text = f"cannot connect to FCM: {type(exc).__name__}"
+        return Outcome(Kind.RETRY, "CONNECTION", text, cause=Cause.TRANSIENT)
     if isinstance(exc, aiohttp.ClientError | OSError):
         # Server disconnected, connection reset, truncated answer: the request may have arrived.
-        return Outcome(Kind.RETRY, "CONNECTION", f"connection to FCM lost: {type(exc).__name__}", maybe_sent=True)
-    return Outcome(Kind.RETRY, "UNKNOWN", f"unexpected error: {type(exc).__name__}", maybe_sent=True)
+        text = f"connection to FCM lost: {type(exc).__name__}"
+        return Outcome(Kind.RETRY, "CONNECTION", text, maybe_sent=True, cause=Cause.TRANSIENT)
+    text = f"unexpected error: {type(exc).__name__}"
+    return Outcome(Kind.RETRY, "UNKNOWN", text, maybe_sent=True, cause=Cause.TRANSIENT)
 
 
 def _requests_maybe_sent(cause: BaseException | None) -> bool:
@@ -204,9 +283,8 @@ _SDK_CODE_KINDS = {
     "NOT_FOUND": Kind.PAYLOAD_REJECTED,
     "ALREADY_EXISTS": Kind.PAYLOAD_REJECTED,
     "CONFLICT": Kind.PAYLOAD_REJECTED,
-    "UNAUTHENTICATED": Kind.CONFIG_ERROR,
-    "PERMISSION_DENIED": Kind.CONFIG_ERROR,
 }
+_SDK_CREDENTIAL_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 def from_sdk_exception(exc: Exception) -> Outcome:
@@ -214,27 +292,33 @@ def from_sdk_exception(exc: Exception) -> Outcome:
     from firebase_admin import exceptions as fb  # imported here: only the SDK client needs it
     from google.auth import exceptions as auth_exc
 
-    if isinstance(exc, auth_exc.RefreshError):
-        kind = Kind.RETRY if exc.retryable else Kind.CONFIG_ERROR
-        return Outcome(kind, "CREDENTIALS", f"cannot refresh the FCM access token: {type(exc).__name__}")
-    if isinstance(exc, auth_exc.TransportError):
-        return Outcome(Kind.RETRY, "CONNECTION", "cannot reach the OAuth token endpoint")
+    if isinstance(exc, auth_exc.GoogleAuthError):  # the credential could not be refreshed: nothing was sent
+        return from_credentials_error(exc)
     if isinstance(exc, ValueError):  # the SDK refused the message before sending it
         return Outcome(Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE", str(exc)[:_MAX_MESSAGE])
     if not isinstance(exc, fb.FirebaseError):
-        return Outcome(Kind.RETRY, "UNKNOWN", f"unexpected error: {type(exc).__name__}", maybe_sent=True)
+        text = f"unexpected error: {type(exc).__name__}"
+        return Outcome(Kind.RETRY, "UNKNOWN", text, maybe_sent=True, cause=Cause.TRANSIENT)
 
     response = exc.http_response
     if response is not None:
         return from_response(response.status_code, response.content, response.headers)
     cause = exc.cause
     if isinstance(cause, auth_exc.GoogleAuthError):
-        return from_sdk_exception(cause)
+        return from_credentials_error(cause)
     if isinstance(exc, fb.DeadlineExceededError):
-        return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=_requests_maybe_sent(cause))
+        maybe_sent = _requests_maybe_sent(cause)
+        return Outcome(
+            Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=maybe_sent, cause=Cause.TRANSIENT
+        )
     if isinstance(exc, fb.UnavailableError):
         maybe_sent = _requests_maybe_sent(cause)
         text = "connection to FCM lost" if maybe_sent else "cannot connect to FCM"
-        return Outcome(Kind.RETRY, "CONNECTION", text, maybe_sent=maybe_sent)
-    kind = _SDK_CODE_KINDS.get(str(exc.code), Kind.RETRY)
-    return Outcome(kind, str(exc.code), str(exc)[:_MAX_MESSAGE], maybe_sent=kind is Kind.RETRY)
+        return Outcome(Kind.RETRY, "CONNECTION", text, maybe_sent=maybe_sent, cause=Cause.TRANSIENT)
+    code = str(exc.code)
+    if code in _SDK_CREDENTIAL_CODES:
+        return Outcome(Kind.RETRY, code, str(exc)[:_MAX_MESSAGE], cause=Cause.CREDENTIALS)
+    kind = _SDK_CODE_KINDS.get(code)
+    if kind is not None:
+        return Outcome(kind, code, str(exc)[:_MAX_MESSAGE])
+    return Outcome(Kind.RETRY, code, str(exc)[:_MAX_MESSAGE], maybe_sent=True, cause=Cause.TRANSIENT)

@@ -1,12 +1,15 @@
 """Where the FCM token comes from: Secret Manager (over its real REST API, served locally),
-the static local token, ADC; and the AccessTokenProvider's refresh rules."""
+the static local token, ADC; the AccessTokenProvider's refresh rules; and a Secret Manager that
+fails, seen through both FCM clients against the fake FCM."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import datetime
+import io
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,17 +21,22 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import GoogleAuthError, RefreshError
 from google.oauth2 import service_account
 
-from shared import config, credentials
+from local.fake_fcm import FakeFcm
+from shared import config, credentials, logs
 from shared.credentials import (
     FCM_SCOPE,
     LOCAL_TOKEN,
+    REFRESH_FAILURE_HOLD_SECONDS,
     AccessTokenProvider,
     StaticTokenCredentials,
     fcm_credentials,
     load_secret,
 )
+from shared.fcm import HttpFcmClient, SdkFcmClient
+from shared.outcomes import Cause, Kind
 
 SECRET = "projects/demo-creds/secrets/fcm-key/versions/latest"
 
@@ -127,9 +135,9 @@ def apis() -> Iterator[GoogleApis]:
 
 @pytest.fixture(autouse=True)
 def fresh_cache() -> Iterator[None]:
-    credentials._service_account_credentials.cache_clear()
+    credentials._secret_credentials.cache_clear()
     yield
-    credentials._service_account_credentials.cache_clear()
+    credentials._secret_credentials.cache_clear()
 
 
 def test_load_secret_over_secret_managers_rest_api(apis: GoogleApis) -> None:
@@ -147,17 +155,29 @@ def test_load_secret_checks_the_checksum(apis: GoogleApis) -> None:
         apis.bad_checksum = False
 
 
-def test_secret_is_read_once_and_gives_a_scoped_service_account(apis: GoogleApis) -> None:
+@pytest.fixture
+def json_lines() -> Iterator[io.StringIO]:
+    """What ``pushline.credentials`` writes at INFO and above, as the JSON lines Cloud Logging gets."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("pushline.credentials")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_secret_is_read_once_and_gives_a_scoped_service_account(apis: GoogleApis, json_lines: io.StringIO) -> None:
     s = config.load({"FCM_CREDENTIALS_SECRET": SECRET})
     reads = len(apis.secret_reads)
     kwargs = {"secret_api_endpoint": apis.url, "secret_client_credentials": AnonymousCredentials()}
     first = fcm_credentials(s, **kwargs)
     second = fcm_credentials(s, **kwargs)
     assert first is second
-    assert len(apis.secret_reads) == reads + 1
-    assert isinstance(first, service_account.Credentials)
-    assert first.service_account_email == "pushline-fcm@demo-creds.iam.gserviceaccount.com"
-    assert FCM_SCOPE in first.scopes
+    assert len(apis.secret_reads) == reads  # read on the first refresh, not when the client is made
 
     # The real JWT-bearer flow, against the local token endpoint named in the key.
     provider = AccessTokenProvider(first)
@@ -169,6 +189,65 @@ def test_secret_is_read_once_and_gives_a_scoped_service_account(apis: GoogleApis
     got = asyncio.run(tokens())
     assert set(got) == {f"ya29.local-{before + 1}"}
     assert apis.token_requests == before + 1  # twenty callers, one refresh
+    assert len(apis.secret_reads) == reads + 1
+    key = first.resolve()
+    assert isinstance(key, service_account.Credentials)
+    assert key.service_account_email == "pushline-fcm@demo-creds.iam.gserviceaccount.com"
+    assert FCM_SCOPE in key.scopes
+    asyncio.run(AccessTokenProvider(first).token())
+    assert len(apis.secret_reads) == reads + 1  # the key is kept once read
+    # One JSON line says where the key came from (never the key or the token).
+    [line] = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+    assert (line["severity"], line["logger"]) == ("INFO", "pushline.credentials")
+    assert SECRET in line["message"]
+    assert "PRIVATE KEY" not in json_lines.getvalue() and "ya29." not in json_lines.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["http", "sdk"])
+def test_secret_manager_failure_is_a_credentials_outage_until_the_secret_is_back(apis: GoogleApis, kind: str) -> None:
+    # A deleted (or not yet created) secret version: Secret Manager answers 404 on the first refresh.
+    missing = f"projects/demo-creds/secrets/fcm-key-{kind}/versions/2"
+    s = config.load({"FCM_CREDENTIALS_SECRET": missing})
+    creds = fcm_credentials(s, secret_api_endpoint=apis.url, secret_client_credentials=AnonymousCredentials())
+
+    def send_one() -> Any:
+        if kind == "http":
+            client: Any = HttpFcmClient("demo-creds", fake.url, tokens=AccessTokenProvider(creds), timeout=5)
+        else:
+            client = SdkFcmClient("demo-creds", credentials=creds, endpoint=fake.url, timeout=5)
+
+        async def run() -> Any:
+            try:
+                return await client.send({"token": "sm-1"})
+            finally:
+                await client.close()
+
+        return asyncio.run(run())
+
+    with FakeFcm() as fake:
+        outcome = send_one()
+        assert (outcome.kind, outcome.cause, outcome.charged, outcome.maybe_sent) == (
+            Kind.RETRY,
+            Cause.CREDENTIALS,
+            False,
+            False,
+        )
+        assert "Secret Manager" in outcome.message and missing in outcome.message
+        assert fake.stats()["received"] == 0
+        apis.secrets[missing] = apis.secrets[SECRET]  # the version is restored
+        try:
+            assert send_one().kind is Kind.DELIVERED
+        finally:
+            del apis.secrets[missing]
+
+
+def test_no_application_default_credentials_is_a_refresh_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    creds = fcm_credentials(config.load({}))  # nothing is looked up yet
+    with pytest.raises(GoogleAuthError):
+        asyncio.run(AccessTokenProvider(creds).token())
 
 
 def test_fcm_endpoint_means_a_static_token_without_oauth() -> None:
@@ -188,9 +267,9 @@ def test_application_default_credentials(tmp_path: Path, monkeypatch: pytest.Mon
     key_file = tmp_path / "key.json"
     key_file.write_text(json.dumps(service_account_info("http://127.0.0.1:1/token")))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
-    creds = fcm_credentials(config.load({}))
-    assert isinstance(creds, service_account.Credentials)
-    assert FCM_SCOPE in creds.scopes
+    key = fcm_credentials(config.load({})).resolve()
+    assert isinstance(key, service_account.Credentials)
+    assert FCM_SCOPE in key.scopes
 
 
 class Rotating(StaticTokenCredentials):
@@ -209,21 +288,58 @@ class Rotating(StaticTokenCredentials):
             self.expiry = now + datetime.timedelta(seconds=self.lifetime)
 
 
-def test_invalidate_forces_one_refresh_for_the_rejected_token_only() -> None:
+def test_renew_refreshes_once_for_a_burst_of_refusals() -> None:
     creds = Rotating(lifetime=3600)
     provider = AccessTokenProvider(creds)
 
+    async def run() -> tuple[str, list[str], str, str]:
+        first = await provider.token()
+        # Twenty requests refused with t1 at once: one refresh, every one of them waits for its result.
+        renewed = await asyncio.gather(*(provider.renew(first) for _ in range(20)))
+        late = await provider.renew(first)  # a refusal of t1 answered after t2 was there: t2, no refresh
+        return first, list(renewed), late, provider.cached() or ""
+
+    first, renewed, late, cached = asyncio.run(run())
+    assert (first, set(renewed), late, cached) == ("t1", {"t2"}, "t2", "t2")
+    assert creds.count == 2
+
+
+class FailingAfter(Rotating):
+    def __init__(self, good: int) -> None:
+        super().__init__(lifetime=3600)
+        self.good = good
+        self.attempts = 0
+
+    def refresh(self, request: Any) -> None:
+        self.attempts += 1
+        if self.attempts > self.good:
+            raise RefreshError("invalid_grant: account disabled")
+        super().refresh(request)
+
+
+def test_a_failed_refresh_is_shared_and_not_repeated_at_once() -> None:
+    creds = FailingAfter(good=1)
+    now = [100.0]
+    provider = AccessTokenProvider(creds, clock=lambda: now[0])
+
+    async def attempt(coro: Any) -> str:
+        try:
+            return await coro
+        except RefreshError as exc:
+            return f"failed: {exc}"
+
     async def run() -> list[str]:
         first = await provider.token()
-        provider.invalidate(first)
-        provider.invalidate(first)  # a burst of 401s for the same token
-        second = await provider.token()
-        provider.invalidate(first)  # a late 401 for the token already replaced
-        third = await provider.token()
-        return [first, second, third]
+        results = await asyncio.gather(*(attempt(provider.renew(first)) for _ in range(20)))
+        # Right after a failure, callers get it at once instead of hammering Secret Manager / the metadata server.
+        results.append(await attempt(provider.token()))
+        now[0] += REFRESH_FAILURE_HOLD_SECONDS
+        results.append(await attempt(provider.token()))
+        return results
 
-    assert asyncio.run(run()) == ["t1", "t2", "t2"]
-    assert creds.count == 2
+    results = asyncio.run(run())
+    assert all(r.startswith("failed:") for r in results)
+    assert creds.attempts == 3  # the first token, one shared failed refresh, one more after the hold
 
 
 def test_token_near_expiry_is_refreshed() -> None:

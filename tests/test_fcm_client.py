@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import socket
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from google.auth.exceptions import RefreshError
 
 from local.fake_fcm import FakeFcm
-from shared import config
-from shared.credentials import AccessTokenProvider, StaticTokenCredentials
+from shared import config, logs
+from shared.credentials import AccessTokenProvider, CredentialsAlarm, StaticTokenCredentials
 from shared.fcm import HttpFcmClient, SdkFcmClient, make_client
-from shared.outcomes import Kind, Outcome
+from shared.outcomes import Cause, Kind, Outcome
 
 PROJECT = "demo-fcm-test"
 
@@ -30,7 +34,7 @@ def server() -> Iterator[FakeFcm]:
 
 @pytest.fixture
 def fake(server: FakeFcm) -> FakeFcm:
-    server.configure(delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True)
+    server.configure(delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True, refused_bearers=[])
     server.reset()
     return server
 
@@ -47,13 +51,39 @@ class CountingCredentials(StaticTokenCredentials):
         self.token = f"tok-{self.count}"
 
 
-def http_client(url: str, creds: Any = None, timeout: float = 5.0, max_connections: int = 500) -> HttpFcmClient:
+class BrokenCredentials(CountingCredentials):
+    """Refreshes work ``good`` times, then fail as a revoked key or an unreachable metadata server does."""
+
+    def __init__(self, good: int = 0, token: str | None = None) -> None:
+        super().__init__()
+        self.good = good
+        self.token = token
+
+    def refresh(self, request: Any) -> None:
+        if self.count >= self.good:
+            raise RefreshError("invalid_grant: Invalid JWT Signature.")
+        super().refresh(request)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def http_client(
+    url: str, creds: Any = None, timeout: float = 5.0, max_connections: int = 500, alarm: Any = None
+) -> HttpFcmClient:
     tokens = AccessTokenProvider(creds or StaticTokenCredentials())
-    return HttpFcmClient(PROJECT, url, tokens=tokens, max_connections=max_connections, timeout=timeout)
+    return HttpFcmClient(PROJECT, url, tokens=tokens, max_connections=max_connections, timeout=timeout, alarm=alarm)
 
 
-def sdk_client(url: str, creds: Any = None, timeout: float = 5.0) -> SdkFcmClient:
-    return SdkFcmClient(PROJECT, credentials=creds or StaticTokenCredentials(), endpoint=url, timeout=timeout)
+def sdk_client(url: str, creds: Any = None, timeout: float = 5.0, alarm: Any = None) -> SdkFcmClient:
+    return SdkFcmClient(
+        PROJECT, credentials=creds or StaticTokenCredentials(), endpoint=url, timeout=timeout, alarm=alarm
+    )
 
 
 def make(kind: str, url: str, **kwargs: Any) -> HttpFcmClient | SdkFcmClient:
@@ -70,7 +100,35 @@ def send_all(client: HttpFcmClient | SdkFcmClient, messages: list[dict[str, Any]
     return asyncio.run(run())
 
 
+def send_each_in_turn(client: HttpFcmClient | SdkFcmClient, messages: list[dict[str, Any]]) -> list[Outcome]:
+    async def run() -> list[Outcome]:
+        try:
+            return [await client.send(m) for m in messages]
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+@contextlib.contextmanager
+def critical_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """Yields a function returning the CRITICAL JSON log lines written under ``pushline`` so far."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.setLevel(logging.CRITICAL)
+    logger = logging.getLogger("pushline")
+    logger.addHandler(handler)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        logger.removeHandler(handler)
+
+
 CLIENTS = ["http", "sdk"]
+# The token each client's first request carries: the HTTP client refreshes before its first request
+# (tok-1); the SDK uses the credential's token while it is valid (tok-0).
+FIRST_TOKEN = {"http": "tok-1", "sdk": "tok-0"}
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
@@ -126,17 +184,11 @@ def test_scripted_answers(fake: FakeFcm, kind: str) -> None:
     outcomes = [send_all(make(kind, fake.url), [{"token": "s-1"}])[0] for _ in range(4)]
     assert [(o.kind, o.code) for o in outcomes] == [
         (Kind.RETRY, "INTERNAL"),
-        (Kind.CONFIG_ERROR, "PERMISSION_DENIED"),
+        (Kind.RETRY, "PERMISSION_DENIED"),
         (Kind.DELIVERED, ""),
         (Kind.DELIVERED, ""),
     ]
     assert [m["attempt"] for m in fake.messages("s-1")] == [1, 2, 3, 4]
-
-
-def test_http_third_party_auth_error_is_config_error(fake: FakeFcm) -> None:
-    fake.script("apns-1", ["THIRD_PARTY_AUTH_ERROR"])
-    [outcome] = send_all(http_client(fake.url), [{"token": "apns-1"}])
-    assert (outcome.kind, outcome.code) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR")
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
@@ -175,38 +227,122 @@ def test_sdk_sends_slices_of_at_most_500(fake: FakeFcm) -> None:
     assert fake.stats()["received"] == 1200
 
 
-def test_http_401_invalidates_the_token_and_only_fails_that_send(fake: FakeFcm) -> None:
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_refused_access_token_is_refreshed_once_and_the_request_retried_inline(fake: FakeFcm, kind: str) -> None:
+    # FCM answers 401 UNAUTHENTICATED (no FCM code) to every request carrying the first access token.
     creds = CountingCredentials()
-    client = http_client(fake.url, creds=creds)
-    fake.script("auth-1", ["UNAUTHENTICATED"])
+    fake.configure(refused_bearers=[FIRST_TOKEN[kind]])
+    tokens = [f"refused-{kind}-{i}" for i in range(50)]
+    results = send_all(make(kind, fake.url, creds=creds), [{"token": t} for t in tokens])
+    assert [o.kind for o in results] == [Kind.DELIVERED] * 50  # each send retried inline with the new token
+    assert fake.stats()["answers"]["UNAUTHENTICATED"] == 50
+    # Fifty concurrent refusals, one refresh (the HTTP client also fetched its first token).
+    assert creds.count == (2 if kind == "http" else 1)
+    assert all(len(fake.messages(t)) == 1 for t in tokens)
 
-    async def run() -> tuple[list[Outcome], Outcome, int]:
-        try:
-            first = await asyncio.gather(*(client.send({"token": t}) for t in ["auth-1", "ok-1", "ok-2"]))
-            refreshes_before = creds.count
-            after = await client.send({"token": "ok-3"})
-            return list(first), after, creds.count - refreshes_before
-        finally:
-            await client.close()
 
-    first, after, refreshes = asyncio.run(run())
-    assert [o.kind for o in first] == [Kind.CONFIG_ERROR, Kind.DELIVERED, Kind.DELIVERED]
-    assert first[0].code == "UNAUTHENTICATED"
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_access_token_refused_again_is_a_credentials_outage(fake: FakeFcm, kind: str) -> None:
+    creds = CountingCredentials()
+    fake.configure(refused_bearers=["*"])
+    results = send_all(make(kind, fake.url, creds=creds), [{"token": f"always-{i}"} for i in range(10)])
+    assert {(o.kind, o.cause, o.code, o.charged, o.maybe_sent) for o in results} == {
+        (Kind.RETRY, Cause.CREDENTIALS, "UNAUTHENTICATED", False, False)
+    }
+    assert fake.stats()["answers"]["UNAUTHENTICATED"] == 20  # each request once more, not more
+    assert creds.count == (2 if kind == "http" else 1)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_third_party_auth_error_keeps_the_access_token(fake: FakeFcm, kind: str) -> None:
+    # A broken APNs / web push key answers 401 THIRD_PARTY_AUTH_ERROR: a fact about those devices'
+    # platform, not about our OAuth token, so no refresh and no second request.
+    creds = CountingCredentials()
+    fake.script("apns-1", ["THIRD_PARTY_AUTH_ERROR"])
+    fake.script("apns-2", ["THIRD_PARTY_AUTH_ERROR"])
+    first, second, after = send_each_in_turn(
+        make(kind, fake.url, creds=creds), [{"token": "apns-1"}, {"token": "apns-2"}, {"token": "ok-1"}]
+    )
+    assert (first.kind, first.code, second.kind) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR", Kind.CONFIG_ERROR)
     assert after.kind is Kind.DELIVERED
-    assert refreshes == 1  # the next request fetched a new token
+    assert creds.count == (1 if kind == "http" else 0)
+    assert len(fake.messages("apns-1")) == 1 and len(fake.messages("apns-2")) == 1
 
 
-def test_sdk_401_refreshes_the_credential_once(fake: FakeFcm) -> None:
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_permission_denied_is_a_credentials_outage_with_one_critical_line_a_minute(fake: FakeFcm, kind: str) -> None:
+    # IAM not (yet) granting cloudmessaging.messages.create: 403 PERMISSION_DENIED without an FCM code.
+    clock = Clock()
+    secret = "projects/demo-fcm-test/secrets/fcm-key/versions/3"
+    alarm = CredentialsAlarm(PROJECT, secret, clock=clock)
     creds = CountingCredentials()
-    fake.script("auth-2", ["UNAUTHENTICATED"])
-    fake.script("auth-3", ["THIRD_PARTY_AUTH_ERROR", "THIRD_PARTY_AUTH_ERROR", "THIRD_PARTY_AUTH_ERROR"])
-    client = sdk_client(fake.url, creds=creds)
-    recovered, failed = send_all(client, [{"token": "auth-2"}, {"token": "auth-3"}])
-    # google-auth's session refreshes and repeats a request after a 401 — bounded to once.
-    assert recovered.kind is Kind.DELIVERED
-    assert (failed.kind, failed.code) == (Kind.CONFIG_ERROR, "THIRD_PARTY_AUTH_ERROR")
-    assert len(fake.messages("auth-3")) == 2
-    assert creds.count >= 1
+    fake.configure(fail_rate=1.0, fail_codes=["PERMISSION_DENIED"])
+
+    def burst(n: int) -> list[Outcome]:
+        return send_all(make(kind, fake.url, creds=creds, alarm=alarm), [{"token": f"iam-{i}"} for i in range(n)])
+
+    with critical_lines() as lines:
+        results = burst(40)
+        assert {(o.kind, o.cause, o.code, o.charged) for o in results} == {
+            (Kind.RETRY, Cause.CREDENTIALS, "PERMISSION_DENIED", False)
+        }
+        [line] = lines()
+        assert "cloudmessaging.messages.create" in line["message"] and secret in line["message"]
+        assert f"GOOGLE_CLOUD_PROJECT={PROJECT}" in line["message"]
+        clock.now += 59
+        burst(10)
+        assert len(lines()) == 1
+        clock.now += 2
+        burst(5)
+        assert len(lines()) == 2
+        assert [line["similar_answers"] for line in lines()] == [1, 50]  # the 49 not logged in between, and this one
+        assert all("tok-" not in json.dumps(line) for line in lines())
+    # A 403 is not an access-token problem: no refresh (the HTTP clients each fetched their first token).
+    assert creds.count == (3 if kind == "http" else 0)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_failed_refresh_is_a_credentials_outage_and_sends_nothing(fake: FakeFcm, kind: str) -> None:
+    alarm = CredentialsAlarm(PROJECT, None, clock=Clock())
+    with critical_lines() as lines:
+        results = send_all(make(kind, fake.url, creds=BrokenCredentials(), alarm=alarm), [{"token": "nr-1"}])
+        [line] = lines()
+    [outcome] = results
+    assert (outcome.kind, outcome.cause, outcome.charged, outcome.maybe_sent) == (
+        Kind.RETRY,
+        Cause.CREDENTIALS,
+        False,
+        False,
+    )
+    assert "RefreshError" in outcome.message and "invalid_grant" in outcome.message
+    assert "FCM_CREDENTIALS_SECRET" in line["message"] and "metadata server" in line["message"]
+    assert fake.stats()["received"] == 0
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_failed_refresh_after_a_refused_token_is_a_credentials_outage(fake: FakeFcm, kind: str) -> None:
+    # The first token works until FCM refuses it; then the key turns out to be revoked.
+    creds = BrokenCredentials(good=1 if kind == "http" else 0, token="tok-0")
+    fake.configure(refused_bearers=[FIRST_TOKEN[kind]])
+    results = send_all(make(kind, fake.url, creds=creds), [{"token": f"rv-{i}"} for i in range(5)])
+    assert {(o.kind, o.cause, o.code, o.charged) for o in results} == {
+        (Kind.RETRY, Cause.CREDENTIALS, "CREDENTIALS", False)
+    }
+    assert fake.stats()["answers"]["UNAUTHENTICATED"] == 5
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_quota_exceeded_waits_a_minute_unless_fcm_says_otherwise(fake: FakeFcm, kind: str) -> None:
+    fake.script("q-project", ["PROJECT_QUOTA_EXCEEDED"])
+    fake.script("q-said", ["QUOTA_EXCEEDED:120"])
+    fake.script("q-device", ["DEVICE_QUOTA_EXCEEDED"])
+    results = send_all(make(kind, fake.url), [{"token": t} for t in ["q-project", "q-said", "q-device"]])
+    assert [(o.kind, o.cause, o.retry_after, o.charged) for o in results] == [
+        (Kind.RETRY, Cause.QUOTA, 60.0, True),
+        (Kind.RETRY, Cause.QUOTA, 120.0, True),
+        (Kind.RETRY, Cause.DEVICE_QUOTA, 60.0, True),
+    ]
+    assert [o.counts_as_outage for o in results] == [True, True, False]
 
 
 def test_fake_requires_a_bearer_token(fake: FakeFcm) -> None:
