@@ -40,8 +40,9 @@ def _use(name: str) -> types.ModuleType:
 
 
 SETTINGS = config.settings()
-config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), a project named
 logs.setup(SETTINGS.log_level)
+config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
+config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), a project named
 log = logs.get("main")
 
 REGISTER_MAX_BODY = 16 * 1024

@@ -2,8 +2,8 @@
 
 Each ``Settings`` field below is one declaration (``variable(...)``): its type is the field's
 annotation, and the declaration drives loading (``load``), the cloud-safety check (``local_only``),
-and the README's configuration tables (tests/test_config.py compares them row by row). Adding a
-variable is adding one field.
+the README's configuration tables (tests/test_config.py compares them row by row) and the start-up
+warning about variables nothing reads (``warn_unknown``). Adding a variable is adding one field.
 
 Nothing else in the code calls ``os.environ`` for configuration. ``settings()`` reads the
 environment once per instance (cached); tests that change the environment call
@@ -13,11 +13,14 @@ environment once per instance (cached); tests that change the environment call
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from shared import logs
 
 DAY = 86_400
 KINDS = ("int", "str", "str | None", "tuple[str, ...]")  # the annotations a declared field may have
@@ -273,6 +276,36 @@ VARIABLES: tuple[Variable, ...] = (
 )
 LOCAL_ONLY_VARIABLES = tuple(v.name for v in VARIABLES if v.local_only)
 
+# Known but not pushline's to document: set by the platform (PORT), read by firebase-admin (its other
+# emulators), or by the test harness. Setting them is no warning.
+READ_ELSEWHERE = (
+    "PORT",
+    "FIREBASE_DATABASE_EMULATOR_HOST",
+    "FIREBASE_STORAGE_EMULATOR_HOST",
+    "FIRESTORE_EMULATOR_HOST",
+    "PUSHLINE_TEST_DB",
+    "PUSHLINE_TEST_REDIS_DB",
+)
+KNOWN_NAMES = tuple(
+    sorted({v.name for v in VARIABLES} | {v.fallback for v in VARIABLES if v.fallback} | set(READ_ELSEWHERE))
+)
+# A variable nothing reads is warned about when it starts like one of ours, or is close to a known name.
+PREFIXES = (
+    "FCM_",
+    "REDIS_",
+    "DATABASE_",
+    "TOKEN_",
+    "MAX_",
+    "LEDGER_",
+    "ONCE_",
+    "IDEMPOTENCY_",
+    "FANOUT_",
+    "EVENT",
+    "REGISTER_",
+    "DELIVERY_",
+)
+CLOSE_MATCH = 0.85  # difflib's ratio: FCM_MAX_INFLIGHT is 0.97 from FCM_MAX_IN_FLIGHT
+
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from an environment mapping (default: ``os.environ``)."""
@@ -310,3 +343,27 @@ def check_cloud_safety(s: Settings) -> None:
         )
     if problems:
         raise ConfigError(f"refusing to start (K_SERVICE={s.k_service}): " + "; ".join(problems))
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The variables in ``env`` that nothing reads but look meant for pushline (one of its prefixes,
+    or close to a known name), each with the known name closest to it (or None), by name."""
+    found = []
+    for name in sorted(env):
+        if name in KNOWN_NAMES:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_NAMES, n=1, cutoff=CLOSE_MATCH)
+        if close or name.startswith(PREFIXES):
+            found.append((name, close[0] if close else None))
+    return found
+
+
+def warn_unknown(env: Mapping[str, str] | None = None) -> None:
+    """Log one warning per variable nothing reads that looks meant for pushline (a typo, a stale
+    name), as Sygnal warns about configuration it does not understand: the name, never the value."""
+    log = logs.get("config")
+    for name, close in unknown_variables(os.environ if env is None else env):
+        hint = f"; did you mean {close}?" if close else ""
+        log.warning(
+            f"{name} is set but pushline does not read it{hint}", extra={"variable": name, "did_you_mean": close}
+        )

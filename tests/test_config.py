@@ -1,12 +1,18 @@
 """Configuration is one table: each variable declared once in shared/config.py drives loading, the
-cloud-safety check and the README's tables.
+cloud-safety check, the README's tables and the warning about variables nothing reads.
 
-The README is parsed here (its configuration tables, row by row) and compared with the declarations.
+The README is parsed here (its configuration tables, row by row) and compared with the declarations;
+the warning is checked through a real start of the function module (functions-framework's
+``create_app`` in a process of its own, its stderr read as JSON lines).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +20,10 @@ from shared import config
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
+MAIN = ROOT / "functions" / "main.py"
 DAY = 86_400
+# Read by a library, the platform or the test harness, not documented in the README: never warned about.
+READ_ELSEWHERE = ("GCLOUD_PROJECT", "PORT", "PUSHLINE_TEST_DB", "PUSHLINE_TEST_REDIS_DB")
 
 
 # --- the README's tables ------------------------------------------------------------------------------
@@ -181,3 +190,92 @@ def test_bounds_in_a_declaration_name_the_variable() -> None:
     assert window.read({"DELIVERY_WINDOW_SECONDS": "50400"}) == 50400
     with pytest.raises(config.ConfigError, match=r"^DELIVERY_WINDOW_SECONDS must be at most 50400, got 50401$"):
         window.read({"DELIVERY_WINDOW_SECONDS": "50401"})
+
+
+# --- unknown variables: one warning each at start ---------------------------------------------------------
+
+UNKNOWN = {
+    "FCM_MAX_INFLIGHT": "FCM_MAX_IN_FLIGHT",  # a close match with a prefix
+    "REDIS_URLL": "REDIS_URL",
+    "DELIVERY_PARALLELISM": None,  # a prefix, close to nothing
+    "GOOGLE_CLOUD_PROJCT": "GOOGLE_CLOUD_PROJECT",  # a close match without a prefix
+}
+
+
+def test_unknown_variables_are_those_with_a_prefix_or_close_to_a_known_name() -> None:
+    env = {**dict.fromkeys(UNKNOWN, "1"), "PATH": "/bin", "HOME": "/", "PUBSUB_PROJECT_ID": "p", "K_REVISION": "r"}
+    env.update(dict.fromkeys(declared(), "1"))
+    env.update(dict.fromkeys(READ_ELSEWHERE, "1"))
+    assert config.unknown_variables(env) == sorted(UNKNOWN.items())
+
+
+def known_env(cloud: bool) -> dict[str, str]:
+    """Every variable the README documents (the local-only ones only off the cloud), and those read by
+    libraries, each set to a value that loads: the documented default where there is one."""
+    main, local = configuration_tables()
+    env = {}
+    for name, row in main.items():
+        shown = re.match(r"`([^`]*)`", row[1])
+        env[name] = shown.group(1) if shown else "4"
+    if cloud:
+        env["K_SERVICE"] = "pushline-config-test"
+    else:
+        env.update(dict.fromkeys(local, "127.0.0.1:1"))
+        env.pop("K_SERVICE", None)
+    env.update(dict.fromkeys(READ_ELSEWHERE, "8080"))
+    env["GOOGLE_CLOUD_PROJECT"] = "demo-config-test"
+    return env
+
+
+def start(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """Start ``register`` as functions-framework does, in a process of its own; its JSON log lines."""
+    started = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import functions_framework, sys; functions_framework.create_app(target='register', source=sys.argv[1])",
+            str(MAIN),
+        ],
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = []
+    for line in started.stderr.splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return started, lines
+
+
+@pytest.mark.parametrize("cloud", [False, True], ids=["local", "cloud"])
+def test_each_unknown_variable_is_warned_about_once_at_start(cloud: bool) -> None:
+    env = {**known_env(cloud), **dict.fromkeys(UNKNOWN, "redis://:hunter2@10.0.0.1:6379/0")}
+    started, lines = start(env)
+    assert started.returncode == 0, started.stderr
+    warnings = [line for line in lines if line.get("logger") == "pushline.config"]
+    assert sorted(w["variable"] for w in warnings) == sorted(UNKNOWN), started.stderr
+    for w in warnings:
+        assert w["severity"] == "WARNING"
+        assert w["variable"] in w["message"]
+        assert w["did_you_mean"] == UNKNOWN[w["variable"]]
+        if w["did_you_mean"]:
+            assert w["did_you_mean"] in w["message"]
+    assert "hunter2" not in started.stderr  # names only, never a value
+
+
+@pytest.mark.parametrize("cloud", [False, True], ids=["local", "cloud"])
+def test_known_variables_start_without_a_warning(cloud: bool) -> None:
+    started, lines = start(known_env(cloud))
+    assert started.returncode == 0, started.stderr
+    assert [line for line in lines if line.get("severity") != "INFO"] == [], started.stderr
+
+
+def test_a_misspelt_project_in_the_cloud_is_named_before_the_refusal() -> None:
+    env = known_env(cloud=True)
+    env["GOOGLE_CLOUD_PROJCT"] = env.pop("GOOGLE_CLOUD_PROJECT")
+    started, lines = start(env)
+    assert started.returncode != 0 and "ConfigError" in started.stderr, started.stderr
+    assert [w["variable"] for w in lines if w.get("logger") == "pushline.config"] == ["GOOGLE_CLOUD_PROJCT"]
