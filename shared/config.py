@@ -263,7 +263,7 @@ def _declared_settings() -> tuple[Variable, ...]:
     return tuple(found)
 
 
-# Every variable, in README order of declaration: Settings' fields, then those only a library reads
+# Every variable, in order of declaration: Settings' fields, then those only a library reads
 # (declared for the README and so that setting them is no warning).
 VARIABLES: tuple[Variable, ...] = (
     *_declared_settings(),
