@@ -44,12 +44,13 @@ def _use(name: str) -> types.ModuleType:
 
 
 SETTINGS = config.settings()
+logs.setup(SETTINGS.log_level)
+config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
 config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank); a project named
 if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
     from local.bus import plug_in
 
     plug_in()  # jobs and events go to the in-memory local bus unless PUBSUB_EMULATOR_HOST is set
-logs.setup(SETTINGS.log_level)
 log = logs.get("main")
 
 REGISTER_MAX_BODY = 16 * 1024

@@ -1,4 +1,9 @@
-"""Every environment variable pushline reads, typed, with its default, in one place.
+"""Every environment variable pushline reads, declared once: name, type, default, meaning.
+
+Each ``Settings`` field below is one declaration (``variable(...)``): its type is the field's
+annotation, and the declaration drives loading (``load``), the cloud-safety check (``local_only``),
+the README's configuration tables (tests/test_config.py compares them row by row) and the start-up
+warning about variables nothing reads (``warn_unknown``). Adding a variable is adding one field.
 
 Nothing else in the code calls ``os.environ`` for configuration. ``settings()`` reads the
 environment once per instance (cached); tests that change the environment call
@@ -7,88 +12,231 @@ environment once per instance (cached); tests that change the environment call
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from shared import logs
 
 DAY = 86_400
-
-# Variables that only make sense on a developer's machine: each one either disables a security
-# check (unsigned ID tokens) or diverts notifications to somewhere that is not Google. In the cloud
-# one *present* at all is refused, blank or not: firebase-admin and google-cloud-pubsub read the raw
-# value, and to them " " is set (unsigned ID tokens would pass).
-LOCAL_ONLY_VARIABLES = (
-    "FIREBASE_AUTH_EMULATOR_HOST",
-    "FCM_ENDPOINT",
-    "DELIVER_URL",
-    "PUBSUB_EMULATOR_HOST",
-    "ON_EVENT_URL",
-)
+KINDS = ("int", "str", "str | None", "tuple[str, ...]")  # the annotations a declared field may have
+_DECLARATION = "pushline.variable"  # the dataclass field metadata key holding a Variable
 
 
 class ConfigError(RuntimeError):
     """The configuration cannot work; the message says which variable and why."""
 
 
-def _int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: how it is read and checked, and what the README says about it."""
+
+    name: str
+    default: Any
+    meaning: str  # the README's meaning column, one line
+    # Only for a developer's machine (it disables a security check or diverts notifications): in the
+    # cloud one *present* at all is refused, blank or not (firebase-admin and google-cloud-pubsub read
+    # the raw value, and to them " " is set).
+    local_only: bool = False
+    minimum: int = 0  # whole numbers: below is a ConfigError naming the variable
+    maximum: int | None = None  # whole numbers: above is a ConfigError naming the variable
+    choices: tuple[str, ...] = ()  # text: anything else (after normalise) is a ConfigError
+    normalise: Callable[[str], str] | None = None  # applied to a text value, or to each item of a list
+    fallback: str | None = None  # another variable read when this one is unset or blank
+    shown_default: str | None = None  # the README's default column, when it is not the default itself
+    kind: str = "str"  # one of KINDS: the Settings field's annotation
+    attr: str | None = None  # the Settings field; None: read by a library, declared for README and warning
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        """This variable's value in ``env`` (blank is unset: the default)."""
+        raw = env.get(self.name, "").strip()
+        if not raw and self.fallback:
+            raw = env.get(self.fallback, "").strip()
+        if not raw:
+            return self.default
+        if self.kind == "int":
+            return self._whole(raw)
+        if self.kind == "tuple[str, ...]":
+            return tuple(self._text(item.strip()) for item in raw.split(",") if item.strip())
+        return self._text(raw)
+
+    def _whole(self, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{self.name} must be a whole number, got {raw!r}") from None
+        if value < self.minimum:
+            raise ConfigError(f"{self.name} must be at least {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{self.name} must be at most {self.maximum}, got {value}")
+        return value
+
+    def _text(self, raw: str) -> str:
+        value = self.normalise(raw) if self.normalise else raw
+        if self.choices and value not in self.choices:
+            allowed = " or ".join(repr(choice) for choice in self.choices)
+            raise ConfigError(f"{self.name} must be {allowed}, got {value!r}")
+        return value
 
 
-def _str(env: dict[str, str], name: str, default: str | None = None) -> str | None:
-    raw = env.get(name, "").strip()
-    return raw or default
+def variable(name: str, default: Any, meaning: str, **options: Any) -> Any:
+    """A ``Settings`` field read from the environment variable ``name``: its one declaration."""
+    return field(default=default, metadata={_DECLARATION: Variable(name, default, meaning, **options)})
+
+
+def _origin(origin: str) -> str:
+    return origin.rstrip("/")
 
 
 @dataclass(frozen=True)
 class Settings:
     # Stores
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    cloud_sql_instance: str | None = None
-    token_ttl_seconds: int = 60 * DAY
-    max_tokens_per_user: int = 50
-    register_rate_per_minute: int = 60
-    reconcile_seconds: int = 400
+    redis_url: str = variable(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis: token cache, ledger, claims, statuses (a secret in the cloud: it may carry a password)",
+    )
+    database_url: str = variable(
+        "DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "PostgreSQL, `postgresql://user:pass@host:port/db`; also "
+        "`postgresql://user:pass@/db?unix_sock=/cloudsql/PROJECT:REGION:INSTANCE/.s.PGSQL.5432`, "
+        "`?host=/socket/dir` and `?sslmode=require` (a secret in the cloud)",
+    )
+    cloud_sql_instance: str | None = variable(
+        "CLOUD_SQL_INSTANCE",
+        None,
+        "`PROJECT:REGION:INSTANCE`: connect through the Cloud SQL Python Connector instead "
+        "(install `cloud-sql-python-connector`)",
+    )
+    token_ttl_seconds: int = variable(
+        "TOKEN_TTL_SECONDS",
+        60 * DAY,
+        "sliding life of a device: a device expires this long after its last registration (apps "
+        "re-register at start); every register or send also extends the user's cached set",
+        minimum=1,
+    )
+    max_tokens_per_user: int = variable(
+        "MAX_TOKENS_PER_USER",
+        50,
+        "registering more evicts the user's least recently refreshed device",
+        minimum=1,
+    )
+    register_rate_per_minute: int = variable(
+        "REGISTER_RATE_PER_MINUTE",
+        60,
+        "registrations per user per minute (429 beyond); `0` turns it off; not enforced while Redis is down",
+    )
+    reconcile_seconds: int = variable(
+        "RECONCILE_SECONDS",
+        400,
+        "each `prune` run's time budget for reconciling the token cache with PostgreSQL (a paged sweep that "
+        "resumes where the last run stopped); `0` turns it off; keep it under `prune`'s 540 s timeout",
+    )
     # Google Cloud / Firebase
-    google_cloud_project: str = "demo-pushline"
-    firebase_auth_emulator_host: str | None = None
-    cors_allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    google_cloud_project: str = variable(
+        "GOOGLE_CLOUD_PROJECT",
+        "demo-pushline",
+        "the Firebase / Google Cloud project: ID tokens must be issued for it, FCM sends in it, topics "
+        "live in it. With `K_SERVICE` set, unset or blank stops the function from starting (the local "
+        "default is never used there); locally, `GCLOUD_PROJECT` is read when it is unset",
+        fallback="GCLOUD_PROJECT",
+        shown_default="`demo-pushline` locally; **required** in the cloud",
+    )
+    firebase_auth_emulator_host: str | None = variable(
+        "FIREBASE_AUTH_EMULATOR_HOST", None, "accept the Auth emulator's unsigned ID tokens", local_only=True
+    )
+    cors_allowed_origins: tuple[str, ...] = variable(
+        "CORS_ALLOWED_ORIGINS",
+        (),
+        "comma-separated origins allowed to call `register` from a browser (`*` for any)",
+        normalise=_origin,
+    )
     # Bus
-    pubsub_topic: str = "pushline-jobs"
-    pubsub_emulator_host: str | None = None
-    deliver_url: str | None = None
-    events_topic: str = "pushline-events"
-    on_event_url: str | None = None
+    pubsub_topic: str = variable(
+        "PUBSUB_TOPIC",
+        "pushline-jobs",
+        "the jobs topic (a name in `GOOGLE_CLOUD_PROJECT`, or `projects/P/topics/T`)",
+    )
+    pubsub_emulator_host: str | None = variable(
+        "PUBSUB_EMULATOR_HOST", None, "use the Pub/Sub emulator", local_only=True
+    )
+    deliver_url: str | None = variable(
+        "DELIVER_URL", None, "the local bus: POST jobs to this URL as Eventarc would", local_only=True
+    )
+    events_topic: str = variable(
+        "EVENTS_TOPIC", "pushline-events", "the domain-events topic (`publish-event`, the local bus)"
+    )
+    on_event_url: str | None = variable(
+        "ON_EVENT_URL", None, "the local bus: POST domain events to this URL as Eventarc would", local_only=True
+    )
     # FCM
-    fcm_credentials_secret: str | None = None
-    fcm_endpoint: str | None = None
-    fcm_client: str = "http"
-    fcm_max_in_flight: int = 500
-    fcm_rate_per_minute: int = 600_000
-    fcm_timeout_seconds: int = 10
-    max_attempts: int = 5
+    fcm_credentials_secret: str | None = variable(
+        "FCM_CREDENTIALS_SECRET",
+        None,
+        "`projects/P/secrets/S/versions/latest`: the FCM service-account key, read once per instance from "
+        "Secret Manager; unset: the function's own service account (Application Default Credentials)",
+    )
+    fcm_endpoint: str | None = variable(
+        "FCM_ENDPOINT",
+        None,
+        "send FCM HTTP v1 calls to this base URL (the fake FCM) with a static access token",
+        local_only=True,
+    )
+    fcm_client: str = variable(
+        "FCM_CLIENT",
+        "http",
+        "`http`: our aiohttp FCM HTTP v1 client; `sdk`: firebase-admin's `send_each` in slices of 500",
+        choices=("http", "sdk"),
+        normalise=str.lower,
+    )
+    fcm_max_in_flight: int = variable(
+        "FCM_MAX_IN_FLIGHT",
+        500,
+        "tokens between lease and confirmed answer per instance (= requests in flight; = the most that may "
+        "be sent twice after a crash)",
+        minimum=1,
+    )
+    fcm_rate_per_minute: int = variable(
+        "FCM_RATE_PER_MINUTE",
+        600_000,
+        "project-wide FCM budget shared by all instances through Redis (FCM's default quota); `0` turns it off",
+    )
+    fcm_timeout_seconds: int = variable("FCM_TIMEOUT_SECONDS", 10, "one FCM request's timeout", minimum=1)
+    max_attempts: int = variable("MAX_ATTEMPTS", 5, "attempts per token in all, across instances", minimum=1)
     # Claims
-    ledger_ttl_seconds: int = 7 * DAY
-    once_ttl_seconds: int = DAY
-    idempotency_ttl_seconds: int = DAY
+    ledger_ttl_seconds: int = variable(
+        "LEDGER_TTL_SECONDS", 7 * DAY, "how long a notification's ledger and status are kept", minimum=60
+    )
+    once_ttl_seconds: int = variable("ONCE_TTL_SECONDS", DAY, "life of a one-time claim (`once`)", minimum=1)
+    idempotency_ttl_seconds: int = variable(
+        "IDEMPOTENCY_TTL_SECONDS", DAY, "how long an `Idempotency-Key` is remembered", minimum=1
+    )
     # Fan-out: users per part of a job
-    fanout_users_per_part: int = 500
+    fanout_users_per_part: int = variable("FANOUT_USERS_PER_PART", 500, "users per part when a job fans out", minimum=1)
     # Domain events
-    event_rules: str | None = None
+    event_rules: str | None = variable(
+        "EVENT_RULES",
+        None,
+        "the domain-event rules file",
+        shown_default="`infra/rules.example.json` locally; **required** in the cloud",
+    )
     # Runtime
-    k_service: str | None = None
-    log_level: str = "INFO"
-    # For check_cloud_safety: the local-only variables present in the environment (blank ones too),
-    # and whether GOOGLE_CLOUD_PROJECT was given (the default project is for local runs only).
+    k_service: str | None = variable(
+        "K_SERVICE",
+        None,
+        "set by Cloud Run, never by hand: a function with it is in the cloud, where a local-only variable "
+        "or no `GOOGLE_CLOUD_PROJECT` stops it from starting",
+    )
+    log_level: str = variable(
+        "LOG_LEVEL", "INFO", "the lowest severity logged (`DEBUG`, `INFO`, `WARNING`, `ERROR`)", normalise=str.upper
+    )
+    # Not variables, for check_cloud_safety: the local-only variables present in the environment
+    # (blank ones too), and whether GOOGLE_CLOUD_PROJECT was given (the default is for local runs only).
     local_only_present: tuple[str, ...] = ()
     project_given: bool = False
 
@@ -110,47 +258,69 @@ class Settings:
         return f"projects/{self.google_cloud_project}/topics/{topic}"
 
 
-def load(env: dict[str, str] | None = None) -> Settings:
+def _declared_settings() -> tuple[Variable, ...]:
+    found = []
+    for f in dataclasses.fields(Settings):
+        if _DECLARATION in f.metadata:
+            declared = dataclasses.replace(f.metadata[_DECLARATION], attr=f.name, kind=str(f.type))
+            if declared.kind not in KINDS:
+                raise TypeError(f"Settings.{f.name}: a declared variable's type must be one of {KINDS}")
+            found.append(declared)
+    return tuple(found)
+
+
+# Every variable, in order of declaration: Settings' fields, then those only a library reads
+# (declared for the README and so that setting them is no warning).
+VARIABLES: tuple[Variable, ...] = (
+    *_declared_settings(),
+    Variable(
+        "THREADS",
+        None,
+        "request threads per instance (set with `--concurrency` on `register` / `send`)",
+        shown_default="functions-framework's",
+    ),
+)
+LOCAL_ONLY_VARIABLES = tuple(v.name for v in VARIABLES if v.local_only)
+
+# Known but not pushline's to document: set by the platform (PORT), read by firebase-admin (its other
+# emulators), or by the test harness. Setting them is no warning.
+READ_ELSEWHERE = (
+    "PORT",
+    "FIREBASE_DATABASE_EMULATOR_HOST",
+    "FIREBASE_STORAGE_EMULATOR_HOST",
+    "FIRESTORE_EMULATOR_HOST",
+    "PUSHLINE_TEST_DB",
+    "PUSHLINE_TEST_REDIS_DB",
+)
+KNOWN_NAMES = tuple(
+    sorted({v.name for v in VARIABLES} | {v.fallback for v in VARIABLES if v.fallback} | set(READ_ELSEWHERE))
+)
+# A variable nothing reads is warned about when it starts like one of ours, or is close to a known name.
+PREFIXES = (
+    "FCM_",
+    "REDIS_",
+    "DATABASE_",
+    "TOKEN_",
+    "MAX_",
+    "LEDGER_",
+    "ONCE_",
+    "IDEMPOTENCY_",
+    "FANOUT_",
+    "EVENT",
+    "REGISTER_",
+    "DELIVERY_",
+)
+CLOSE_MATCH = 0.85  # difflib's ratio: FCM_MAX_INFLIGHT is 0.97 from FCM_MAX_IN_FLIGHT
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from an environment mapping (default: ``os.environ``)."""
     env = dict(os.environ if env is None else env)
-    origins = tuple(o.strip().rstrip("/") for o in env.get("CORS_ALLOWED_ORIGINS", "").split(",") if o.strip())
-    fcm_client = (_str(env, "FCM_CLIENT", "http") or "http").lower()
-    if fcm_client not in ("http", "sdk"):
-        raise ConfigError(f"FCM_CLIENT must be 'http' or 'sdk', got {fcm_client!r}")
-    given_project = _str(env, "GOOGLE_CLOUD_PROJECT")
-    project = given_project or _str(env, "GCLOUD_PROJECT") or "demo-pushline"
+    values = {v.attr: v.read(env) for v in VARIABLES if v.attr is not None}
     return Settings(
-        redis_url=_str(env, "REDIS_URL", Settings.redis_url),
-        database_url=_str(env, "DATABASE_URL", Settings.database_url),
-        cloud_sql_instance=_str(env, "CLOUD_SQL_INSTANCE"),
-        token_ttl_seconds=_int(env, "TOKEN_TTL_SECONDS", Settings.token_ttl_seconds, minimum=1),
-        max_tokens_per_user=_int(env, "MAX_TOKENS_PER_USER", Settings.max_tokens_per_user, minimum=1),
-        register_rate_per_minute=_int(env, "REGISTER_RATE_PER_MINUTE", Settings.register_rate_per_minute),
-        reconcile_seconds=_int(env, "RECONCILE_SECONDS", Settings.reconcile_seconds),
-        google_cloud_project=project,
-        firebase_auth_emulator_host=_str(env, "FIREBASE_AUTH_EMULATOR_HOST"),
-        cors_allowed_origins=origins,
-        pubsub_topic=_str(env, "PUBSUB_TOPIC", Settings.pubsub_topic),
-        pubsub_emulator_host=_str(env, "PUBSUB_EMULATOR_HOST"),
-        deliver_url=_str(env, "DELIVER_URL"),
-        events_topic=_str(env, "EVENTS_TOPIC", Settings.events_topic),
-        on_event_url=_str(env, "ON_EVENT_URL"),
-        fcm_credentials_secret=_str(env, "FCM_CREDENTIALS_SECRET"),
-        fcm_endpoint=_str(env, "FCM_ENDPOINT"),
-        fcm_client=fcm_client,
-        fcm_max_in_flight=_int(env, "FCM_MAX_IN_FLIGHT", Settings.fcm_max_in_flight, minimum=1),
-        fcm_rate_per_minute=_int(env, "FCM_RATE_PER_MINUTE", Settings.fcm_rate_per_minute),
-        fcm_timeout_seconds=_int(env, "FCM_TIMEOUT_SECONDS", Settings.fcm_timeout_seconds, minimum=1),
-        max_attempts=_int(env, "MAX_ATTEMPTS", Settings.max_attempts, minimum=1),
-        ledger_ttl_seconds=_int(env, "LEDGER_TTL_SECONDS", Settings.ledger_ttl_seconds, minimum=60),
-        once_ttl_seconds=_int(env, "ONCE_TTL_SECONDS", Settings.once_ttl_seconds, minimum=1),
-        idempotency_ttl_seconds=_int(env, "IDEMPOTENCY_TTL_SECONDS", Settings.idempotency_ttl_seconds, minimum=1),
-        fanout_users_per_part=_int(env, "FANOUT_USERS_PER_PART", Settings.fanout_users_per_part, minimum=1),
-        event_rules=_str(env, "EVENT_RULES"),
-        k_service=_str(env, "K_SERVICE"),
-        log_level=(_str(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
+        **values,
         local_only_present=tuple(name for name in LOCAL_ONLY_VARIABLES if name in env),
-        project_given=given_project is not None,
+        project_given=bool(env.get("GOOGLE_CLOUD_PROJECT", "").strip()),
     )
 
 
@@ -179,3 +349,27 @@ def check_cloud_safety(s: Settings) -> None:
         )
     if problems:
         raise ConfigError(f"refusing to start (K_SERVICE={s.k_service}): " + "; ".join(problems))
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The variables in ``env`` that nothing reads but look meant for pushline (one of its prefixes,
+    or close to a known name), each with the known name closest to it (or None), by name."""
+    found = []
+    for name in sorted(env):
+        if name in KNOWN_NAMES:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_NAMES, n=1, cutoff=CLOSE_MATCH)
+        if close or name.startswith(PREFIXES):
+            found.append((name, close[0] if close else None))
+    return found
+
+
+def warn_unknown(env: Mapping[str, str] | None = None) -> None:
+    """Log one warning per variable nothing reads that looks meant for pushline (a typo, a stale
+    name), as Sygnal warns about configuration it does not understand: the name, never the value."""
+    log = logs.get("config")
+    for name, close in unknown_variables(os.environ if env is None else env):
+        hint = f"; did you mean {close}?" if close else ""
+        log.warning(
+            f"{name} is set but pushline does not read it{hint}", extra={"variable": name, "did_you_mean": close}
+        )
