@@ -46,7 +46,7 @@ def _use(name: str) -> types.ModuleType:
 SETTINGS = config.settings()
 logs.setup(SETTINGS.log_level)
 config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
-config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank); a project named
+config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), GOOGLE_CLOUD_PROJECT set
 if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
     from local.bus import plug_in
 
