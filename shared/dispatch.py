@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import logs, outcomes
-from shared.claims import VALVE_MIN_ANSWERS, Claims, now_ms
+from shared.claims import VALVE_MIN_ANSWERS, Answered, AnswerKind, Claims, now_ms
 from shared.outcomes import Kind, Outcome
 
 log = logs.get("dispatch")
@@ -39,14 +39,16 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
     return max(backoff, retry_after or 0.0)
 
 
-def result_name(outcome: Outcome) -> str:
+def answer_kind(outcome: Outcome) -> AnswerKind:
     if outcome.kind is Kind.DELIVERED:
-        return "delivered"
+        return AnswerKind.DELIVERED
     if outcome.kind is Kind.DEAD_TOKEN:
-        return "mismatch" if outcome.sender_mismatch else "dead"
+        return AnswerKind.MISMATCH if outcome.sender_mismatch else AnswerKind.DEAD
     if outcome.kind is Kind.RETRY:
-        return "retry"
-    return outcome.kind.value  # payload_rejected, config_error
+        return AnswerKind.RETRY
+    if outcome.kind is Kind.PAYLOAD_REJECTED:
+        return AnswerKind.PAYLOAD_REJECTED
+    return AnswerKind.CONFIG_ERROR
 
 
 @dataclass
@@ -89,11 +91,11 @@ async def dispatch(
 
     async def confirm() -> None:
         nonlocal unconfirmed, confirmed
-        batch: list[tuple[str, str, int, int]] = []
+        batch: list[Answered] = []
         now = now_ms()
         for token, outcome, attempt in answers:
             retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000) if outcome.kind is Kind.RETRY else 0
-            batch.append((token, result_name(outcome), retry_at, attempt))
+            batch.append(Answered(token, answer_kind(outcome), retry_at, attempt))
             if outcome.kind is Kind.PAYLOAD_REJECTED and outcome.message not in logged_messages:
                 logged_messages.add(outcome.message)
                 log.error(
@@ -121,8 +123,8 @@ async def dispatch(
         if confirmation.remove:
             await asyncio.to_thread(remove_dead, confirmation.remove)
             result.removed += confirmation.remove
-        for token, name, retry_at, _attempt in batch:
-            if name == "retry" and token not in last_attempts:
+        for token, kind, retry_at, _attempt in batch:
+            if kind is AnswerKind.RETRY and token not in last_attempts:
                 if retry_at - now <= IN_PROCESS_WAIT_MS:
                     heapq.heappush(deferred, (retry_at, token))
                 else:
