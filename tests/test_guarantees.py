@@ -29,6 +29,7 @@ from shared.accept import fingerprint
 from shared.claims import VALVE_MIN_ANSWERS, FinalOutcome, LedgerEntry, LedgerState, ledger_key, once_key, status_key
 from shared.config import settings
 from shared.fcm import make_client
+from shared.window import LEASE_MIN
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "functions" / "main.py")
@@ -179,9 +180,9 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
 
 
 def test_a_window_smaller_than_a_lease_batch_still_sends_everything(fcm):
-    """FCM_MAX_IN_FLIGHT below dispatch.LEASE_MIN: dispatch once spun forever without sending."""
+    """FCM_MAX_IN_FLIGHT below window.LEASE_MIN: dispatch once spun forever without sending."""
     window = 10
-    assert window < dispatch.LEASE_MIN
+    assert window < LEASE_MIN
     nid, tokens = "window", [f"w-{i:02d}" for i in range(60)]
     claims = instance.claims()
     claims.create_status(nid, targeted=1)
