@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from shared import logs, outcomes
-from shared.claims import VALVE_MIN_ANSWERS, Answered, AnswerKind, Claims, Lease, now_ms
+from shared.claims import VALVE_MIN_ANSWERS, Answered, AnswerKind, Claims, Confirmation, Lease, now_ms
 from shared.outcomes import Kind, Outcome
 
 log = logs.get("dispatch")  # (the logger its lines have always carried)
@@ -193,11 +193,28 @@ class SendWindow:
         """Confirm the collected answers (one round trip), freeing their places in the window."""
         answers, self._answers = self._answers, []
         now = now_ms()
-        batch = [self._answered(token, outcome, attempt, now) for token, outcome, attempt in answers]
+        batch: list[Answered] = []
+        for token, outcome, attempt in answers:
+            kind = answer_kind(outcome)
+            retry_at = 0
+            if kind is AnswerKind.RETRY:
+                retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000)
+            elif kind is AnswerKind.PAYLOAD_REJECTED:
+                self._log_rejected(outcome)
+            batch.append(Answered(token, kind, retry_at, attempt))
         # Redis and PostgreSQL calls run in a worker thread: the loop keeps reading FCM's answers.
         confirmation = await asyncio.to_thread(self.claims.confirm, self.nid, batch)
         self._unconfirmed -= len(batch)
         self._confirmed += len(batch)
+        self._log_alarms(confirmation)
+        if confirmation.remove:
+            await asyncio.to_thread(self._remove_dead, confirmation.remove)
+        # A retry answer to the last allowed attempt made the token final (failed): nothing to retry.
+        last = self.claims.max_attempts
+        retries = [(a.retry_at, a.token) for a in batch if a.kind is AnswerKind.RETRY and a.attempt < last]
+        return Confirmed(now, retries, confirmation.remove)
+
+    def _log_alarms(self, confirmation: Confirmation) -> None:
         if confirmation.valve_tripped:
             log.critical(
                 "safety valve: at least 20% of FCM answers are SENDER_ID_MISMATCH; dead-token removal stopped "
@@ -209,22 +226,12 @@ class SendWindow:
                 "FCM configuration error (APNs / web push credentials, or FCM permissions)",
                 extra={"notification_id": self.nid},
             )
-        if confirmation.remove:
-            await asyncio.to_thread(self._remove_dead, confirmation.remove)
-        # A retry answer to the last allowed attempt made the token final (failed): nothing to retry.
-        last = self.claims.max_attempts
-        retries = [(a.retry_at, a.token) for a in batch if a.kind is AnswerKind.RETRY and a.attempt < last]
-        return Confirmed(now, retries, confirmation.remove)
 
-    def _answered(self, token: str, outcome: Outcome, attempt: int, now: int) -> Answered:
-        kind = answer_kind(outcome)
-        retry_at = 0
-        if kind is AnswerKind.RETRY:
-            retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000)
-        elif kind is AnswerKind.PAYLOAD_REJECTED and outcome.message not in self._logged_messages:
+    def _log_rejected(self, outcome: Outcome) -> None:
+        """Log each distinct payload rejection once per part (one bad payload fails every token)."""
+        if outcome.message not in self._logged_messages:
             self._logged_messages.add(outcome.message)
             log.error(
                 "FCM rejected the payload",
                 extra={"notification_id": self.nid, "fcm_code": outcome.code, "fcm_message": outcome.message},
             )
-        return Answered(token, kind, retry_at, attempt)
