@@ -45,20 +45,18 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
     return max(backoff, retry_after or 0.0)
 
 
-_ANSWER_KINDS = {
-    Kind.DELIVERED: AnswerKind.DELIVERED,
-    Kind.DEAD_TOKEN: AnswerKind.DEAD,
-    Kind.PAYLOAD_REJECTED: AnswerKind.PAYLOAD_REJECTED,
-    Kind.CONFIG_ERROR: AnswerKind.CONFIG_ERROR,
-    Kind.RETRY: AnswerKind.RETRY,
-}
-
-
 def answer_kind(outcome: Outcome) -> AnswerKind:
     """What an FCM outcome means for the ledger (a mismatch is a dead token the valve counts)."""
-    if outcome.sender_mismatch and outcome.kind is Kind.DEAD_TOKEN:
-        return AnswerKind.MISMATCH
-    return _ANSWER_KINDS[outcome.kind]
+    kind = outcome.kind  # (identity tests: hashing an Enum member costs a Python call per answer)
+    if kind is Kind.DELIVERED:
+        return AnswerKind.DELIVERED
+    if kind is Kind.DEAD_TOKEN:
+        return AnswerKind.MISMATCH if outcome.sender_mismatch else AnswerKind.DEAD
+    if kind is Kind.RETRY:
+        return AnswerKind.RETRY
+    if kind is Kind.PAYLOAD_REJECTED:
+        return AnswerKind.PAYLOAD_REJECTED
+    return AnswerKind.CONFIG_ERROR
 
 
 class Confirmed(NamedTuple):
