@@ -69,7 +69,8 @@ class Confirmed(NamedTuple):
 
 
 class SendWindow:
-    """One part's requests in flight to FCM, bounded; an async context manager that runs its senders."""
+    """One part's requests in flight to FCM, bounded; an async context manager that runs its pool of
+    ``senders`` (one per request in flight: at most ``max_in_flight``, fewer for a small part)."""
 
     def __init__(
         self,
@@ -98,7 +99,7 @@ class SendWindow:
         self._wake = asyncio.Event()
         self._answers: list[tuple[str, Outcome, int]] = []  # collected, not yet confirmed
         self._confirmed = 0  # answers this window has confirmed
-        self._nothing_arrived = False  # the last collect timed out empty
+        self._nothing_arrived = False  # the last collect ended with no new answer
         self._logged_messages: set[str] = set()
         self._tasks: list[asyncio.Future[None]] = []
 
