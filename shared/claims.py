@@ -24,10 +24,11 @@ parallel on many instances never lease the same token twice, and each token is c
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -39,9 +40,6 @@ VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
 VALVE_WINDOW_SECONDS = 300  # the project-wide valve looks at the last 5 to 10 minutes
 VALVE_KEY = "notif:valve:tripped"
-
-# Lease answers.
-LEASED, FINAL, BUSY, NOT_DUE, NO_BUDGET = 1, 2, 3, 4, 5
 
 
 def ledger_key(nid: str) -> str:
@@ -223,6 +221,94 @@ return n
 """
 
 
+class LeaseCode(enum.IntEnum):
+    """The lease script's answer for one token (its first number per token)."""
+
+    LEASED = 1  # leased to the caller: send it (value: the attempt number)
+    FINAL = 2  # final already: nothing to send
+    BUSY = 3  # leased by another live sender (value: its lease end, ms)
+    NOT_DUE = 4  # waiting for a retry (value: when it is due, ms)
+    NO_BUDGET = 5  # the project's FCM budget for this second is spent
+
+
+class AnswerKind(enum.StrEnum):
+    """What one FCM answer means for the ledger (the confirm script's vocabulary)."""
+
+    DELIVERED = "delivered"
+    DEAD = "dead"  # the token is dead: removed (unless the safety valve holds)
+    MISMATCH = "mismatch"  # SENDER_ID_MISMATCH: a dead token that the safety valve counts
+    PAYLOAD_REJECTED = "payload_rejected"
+    CONFIG_ERROR = "config_error"
+    RETRY = "retry"  # transient: retried at ``retry_at`` until MAX_ATTEMPTS, then failed
+
+
+class Answered(NamedTuple):
+    """One FCM answer to confirm: the token, what the answer means, when to retry it (ms; 0 unless
+    RETRY) and the attempt it answers (only that attempt's lease holder may confirm it)."""
+
+    token: str
+    kind: AnswerKind
+    retry_at: int
+    attempt: int
+
+
+class FinalOutcome(enum.StrEnum):
+    """A token's final state in the ledger (each one a status count)."""
+
+    DELIVERED = "delivered"
+    DEAD_REMOVED = "dead_removed"
+    PAYLOAD_REJECTED = "payload_rejected"
+    CONFIG_ERROR = "config_error"
+    FAILED = "failed"
+
+
+class LedgerState(enum.Enum):
+    ABSENT = ""  # not in the ledger
+    NEW = "N"
+    LEASED = "L"
+    WAITING = "W"
+    FINAL = "F"
+
+
+class LedgerEntry(NamedTuple):
+    """A token's ledger entry, read: its state, attempts so far, the time (ms) its lease ends or its
+    retry is due (0 otherwise), and its final outcome (None until final)."""
+
+    state: LedgerState
+    attempts: int = 0
+    until: int = 0
+    outcome: FinalOutcome | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state is LedgerState.FINAL
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome is FinalOutcome.DELIVERED
+
+
+_ABSENT = LedgerEntry(LedgerState.ABSENT)
+_NEW = LedgerEntry(LedgerState.NEW)
+
+
+def _ledger_entry(raw: bytes | None) -> LedgerEntry:
+    """The one reader of the ledger's encoding (see the module docstring)."""
+    if not raw:
+        return _ABSENT
+    value = raw.decode()
+    state = LedgerState(value[0])
+    if state is LedgerState.FINAL:
+        return LedgerEntry(state, outcome=FinalOutcome(value[2:]))
+    if state is LedgerState.NEW:
+        return _NEW
+    _, attempts, until = value.split(":")
+    return LedgerEntry(state, int(attempts), int(until))
+
+
+_LEASED, _FINAL, _BUSY, _NOT_DUE = map(int, list(LeaseCode)[:4])  # plain ints, compared per token
+
+
 @dataclass(frozen=True)
 class Lease:
     leased: dict[str, int]  # token -> attempt number
@@ -347,21 +433,21 @@ class Claims:
         no_budget: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
-            if code == LEASED:
+            if code == _LEASED:
                 leased[token] = value
-            elif code == FINAL:
+            elif code == _FINAL:
                 final.append(token)
-            elif code == BUSY:
+            elif code == _BUSY:
                 busy[token] = value
-            elif code == NOT_DUE:
+            elif code == _NOT_DUE:
                 not_due[token] = value
             else:
                 no_budget.append(token)
         return Lease(leased, final, busy, not_due, no_budget)
 
-    def confirm(self, nid: str, results: list[tuple[str, str, int, int]]) -> Confirmation:
-        """Record answers (token, result, retry-at ms, attempt) in one round trip; each token counted
-        once, and only by the holder of that attempt's lease."""
+    def confirm(self, nid: str, answers: list[Answered]) -> Confirmation:
+        """Record answers in one round trip; each token counted once, and only by the holder of that
+        attempt's lease."""
         now = now_ms()
         bucket = now // 1000 // VALVE_WINDOW_SECONDS
         args: list[Any] = [
@@ -372,8 +458,8 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        for token, result, retry_at, attempt in results:
-            args += [token, result, retry_at, attempt]
+        for token, kind, retry_at, attempt in answers:
+            args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
         keys = [
             ledger_key(nid),
             status_key(nid),
@@ -387,9 +473,10 @@ class Claims:
             remove=[t.decode() for t in reply[2:]], valve_tripped=bool(reply[0]), config_error_first=bool(reply[1])
         )
 
-    def ledger_states(self, nid: str, tokens: list[str]) -> dict[str, str]:
+    def ledger(self, nid: str, tokens: list[str]) -> dict[str, LedgerEntry]:
+        """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
         values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
-        return {t: (v.decode() if v else "") for t, v in zip(tokens, values, strict=True)}
+        return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
 
     # --- one-time claims -------------------------------------------------------------------------
 

@@ -244,8 +244,8 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if unresolved:
         raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
     if outcome.busy:
-        states = claims.ledger_states(job.id, list(outcome.busy))
-        if any(not v.startswith("F") for v in states.values()):
+        entries = claims.ledger(job.id, list(outcome.busy))
+        if not all(entry.final for entry in entries.values()):
             raise RetryLater(f"{len(outcome.busy)} tokens held by another copy of this message")
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
@@ -256,11 +256,11 @@ def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> 
     """Give back the one-time claim of users none of whose devices got the notification."""
     claims = instance.claims()
     tokens = [t for ts in per_user.values() for t in ts]
-    states = claims.ledger_states(job.id, tokens)
+    entries = claims.ledger(job.id, tokens)
     release = []
     for user_id, user_tokens in per_user.items():
-        finished = all(states[t].startswith("F") for t in user_tokens)
-        if finished and not any(states[t] == "F:delivered" for t in user_tokens):
+        finished = all(entries[t].final for t in user_tokens)
+        if finished and not any(entries[t].delivered for t in user_tokens):
             release.append(user_id)
     if release:
         claims.release_once(job.id, job.once or "", release)

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 from shared import delivery, instance, jobs
+from shared.window import SendWindow
 
 
 def event(payload: dict, message_id: str = "m-1", attributes: dict | None = None) -> dict:
@@ -83,3 +84,41 @@ def test_1200_tokens(fcm, store):
     assert len(got) == 1200 and set(got.values()) == {1}
     assert instance.claims().status("n5")["counts"]["delivered"] == 1200
     _ = jobs
+
+
+def test_a_token_counts_against_the_window_from_its_lease_until_its_answer_is_confirmed(fcm, store):
+    """The send window's bound: an answered but unconfirmed token still holds its place."""
+    claims = instance.claims()
+    tokens = ["ok-1", "ok-2", "dead-1"]
+    claims.register_part("win", 0, tokens, 0, 0)
+    removed: list[str] = []
+
+    async def run() -> None:
+        client = await instance.fcm_client()
+        window = SendWindow(
+            "win",
+            claims=claims,
+            send=client.send,
+            message_for=lambda token: {"token": token},
+            remove_dead=removed.extend,
+            max_in_flight=5,
+            lease_ms=30_000,
+            senders=len(tokens),
+        )
+        async with window:
+            assert window.room == 5 and not window.holding
+            assert window.lease_size(len(tokens)) == len(tokens)
+            assert (await window.lease(tokens)).leased == dict.fromkeys(tokens, 1)
+            assert window.room == 2 and window.lease_size(10) == 0  # less room than a lease batch
+            while window.sending:
+                await window.collect(until=None)
+            assert window.room == 2 and window.holding  # answered, not yet confirmed: still counted
+            assert window.confirm_due(more_to_lease=False)  # nothing left in flight
+            confirmed = await window.confirm()
+            assert window.room == 5 and not window.holding
+            assert confirmed.removed == ["dead-1"] and confirmed.retries == []
+
+    instance.run(run())
+    assert removed == ["dead-1"]
+    assert {t: e.final for t, e in claims.ledger("win", tokens).items()} == dict.fromkeys(tokens, True)
+    assert received(fcm) == Counter({"ok-1": 1, "ok-2": 1})

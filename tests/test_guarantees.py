@@ -27,9 +27,10 @@ from local.bus import local_bus
 from local.fake_fcm import FakeFcm
 from shared import bus, delivery, dispatch, instance, jobs
 from shared.accept import fingerprint
-from shared.claims import VALVE_MIN_ANSWERS, ledger_key, once_key, status_key
+from shared.claims import VALVE_MIN_ANSWERS, FinalOutcome, LedgerEntry, LedgerState, ledger_key, once_key, status_key
 from shared.config import settings
 from shared.fcm import make_client
+from shared.window import LEASE_MIN
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "functions" / "main.py")
@@ -89,16 +90,16 @@ def status(nid: str) -> dict[str, Any]:
     return found
 
 
-def ledger(nid: str, token: str) -> str:
-    return instance.claims().ledger_states(nid, [token])[token]
+def ledger(nid: str, token: str) -> LedgerEntry:
+    return instance.claims().ledger(nid, [token])[token]
 
 
 def make_due(nid: str, token: str) -> None:
     """Stand-in for time passing: rewrite the token's waiting entry ``W:{attempts}:{due ms}`` so its
     retry is due now (as it would be once the Retry-After has elapsed), keeping its attempt count."""
-    kind, count, _due = ledger(nid, token).split(":")
-    assert kind == "W", f"{token} is not waiting for a retry"
-    instance.claims().redis.hset(ledger_key(nid), token, f"W:{count}:0")
+    entry = ledger(nid, token)
+    assert entry.state is LedgerState.WAITING, f"{token} is not waiting for a retry"
+    instance.claims().redis.hset(ledger_key(nid), token, f"W:{entry.attempts}:0")
 
 
 def free_port() -> int:
@@ -136,7 +137,7 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
 
     copies = 3
     barrier = threading.Barrier(copies)
-    results: list[tuple[str, str, dict[str, str]]] = [("missing", "", {})] * copies
+    results: list[tuple[str, str, dict[str, LedgerEntry]]] = [("missing", "", {})] * copies
 
     def copy(i: int) -> None:
         barrier.wait(timeout=10)
@@ -149,7 +150,7 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
             results[i] = ("error", repr(exc), {})
             return
         # What the ledger says the moment this copy acknowledged: nothing may still be leased.
-        results[i] = ("acked", outcome, instance.claims().ledger_states(nid, tokens))
+        results[i] = ("acked", outcome, instance.claims().ledger(nid, tokens))
 
     threads = [threading.Thread(target=copy, args=(i,)) for i in range(copies)]
     for thread in threads:
@@ -165,7 +166,7 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
             assert "held by another copy" in text
         else:
             assert text == "delivered"
-            assert all(v.startswith("F:") for v in states.values()), states
+            assert all(entry.final for entry in states.values()), states
     assert attempts(fcm) == Counter(dict.fromkeys(tokens, 1))
     found = status(nid)
     assert found["counts"]["delivered"] == len(tokens)
@@ -180,9 +181,9 @@ def test_parallel_copies_send_each_token_once_and_only_the_holder_acknowledges(f
 
 
 def test_a_window_smaller_than_a_lease_batch_still_sends_everything(fcm):
-    """FCM_MAX_IN_FLIGHT below dispatch.LEASE_MIN: dispatch once spun forever without sending."""
+    """FCM_MAX_IN_FLIGHT below window.LEASE_MIN: dispatch once spun forever without sending."""
     window = 10
-    assert window < dispatch.LEASE_MIN
+    assert window < LEASE_MIN
     nid, tokens = "window", [f"w-{i:02d}" for i in range(60)]
     claims = instance.claims()
     claims.create_status(nid, targeted=1)
@@ -230,9 +231,9 @@ def test_retry_waiting_for_its_time_is_not_sent_early_by_a_redelivered_copy(fcm,
     with pytest.raises(delivery.RetryLater, match="retry beyond"):
         delivery.handle(ev)
     assert len(fcm.messages("slow-1")) == 1
-    kind, count, due = ledger(nid, "slow-1").split(":")
-    assert (kind, count) == ("W", "1")
-    assert int(due) >= before + LONG_RETRY_AFTER * 1000  # never sooner than FCM's Retry-After
+    entry = ledger(nid, "slow-1")
+    assert (entry.state, entry.attempts) == (LedgerState.WAITING, 1)
+    assert entry.until >= before + LONG_RETRY_AFTER * 1000  # never sooner than FCM's Retry-After
 
     with pytest.raises(delivery.RetryLater):  # redelivered at once, same instance
         delivery.handle(ev)
@@ -259,14 +260,15 @@ def test_attempts_stay_within_max_attempts_across_instances(fcm, monkeypatch):
         with pytest.raises(delivery.RetryLater):
             delivery.handle(ev)
         assert len(fcm.messages("down-1")) == attempt
-        assert ledger(nid, "down-1").startswith(f"W:{attempt}:")
+        entry = ledger(nid, "down-1")
+        assert (entry.state, entry.attempts) == (LedgerState.WAITING, attempt)
         assert status(nid)["counts"]["retrying"] == 1
         instance.reset()  # the redelivery lands on a new instance ...
         make_due(nid, "down-1")  # ... after the Retry-After has passed
 
     assert delivery.handle(ev) == "delivered"  # acknowledged: every token is final
     assert len(fcm.messages("down-1")) == 3
-    assert ledger(nid, "down-1") == "F:failed"
+    assert ledger(nid, "down-1").outcome is FinalOutcome.FAILED
     found = status(nid)
     assert found["counts"]["failed"] == 1
     assert found["counts"]["retrying"] == 0 and found["counts"]["delivered"] == 0
@@ -624,8 +626,8 @@ def test_payload_and_config_errors_are_not_retried_and_keep_the_token(fcm, store
     counts = status(nid)["counts"]
     assert counts["payload_rejected"] == 1 and counts["config_error"] == 1 and counts["delivered"] == 1
     assert counts["retrying"] == 0 and counts["dead_removed"] == 0 and counts["failed"] == 0
-    assert ledger(nid, "payload-1") == "F:payload_rejected"
-    assert ledger(nid, "cfg-1") == "F:config_error"
+    assert ledger(nid, "payload-1").outcome is FinalOutcome.PAYLOAD_REJECTED
+    assert ledger(nid, "cfg-1").outcome is FinalOutcome.CONFIG_ERROR
     assert set(store.db_tokens("alice")) == {"payload-1", "cfg-1", "ok-1"}
     assert set(store.tokens("alice")) == {"payload-1", "cfg-1", "ok-1"}
 

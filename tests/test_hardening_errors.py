@@ -19,6 +19,7 @@ import redis
 from local.bus import local_bus
 from local.servers import RedisServer, wait_until
 from shared import bus, instance
+from shared.claims import Answered, AnswerKind, FinalOutcome
 from tests.test_guarantees import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,8 +357,8 @@ def dead_confirmed_then_crash(nid: str, token: str) -> None:
     claims = instance.claims()
     claims.register_part(nid, 0, [token], 0, 0)
     assert claims.lease(nid, [token], 60_000).leased == {token: 1}
-    assert claims.confirm(nid, [(token, "dead", 0, 1)]).remove == [token]
-    assert claims.ledger_states(nid, [token]) == {token: "F:dead_removed"}
+    assert claims.confirm(nid, [Answered(token, AnswerKind.DEAD, 0, 1)]).remove == [token]
+    assert claims.ledger(nid, [token])[token].outcome is FinalOutcome.DEAD_REMOVED
     # (no remove_dead_many: the instance was killed here)
 
 
