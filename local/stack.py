@@ -382,7 +382,7 @@ def walkthrough(stack: Stack) -> str:
         "",
         "A domain event turned into a notification by infra/rules.example.json (order.completed):",
         f"  {event_env} .venv/bin/python -m {cli} publish-event order.completed \\",
-        "       '{\"user_id\": \"alice\", \"order_id\": \"A-17\"}'",
+        '       \'{"user_id": "alice", "order_id": "A-17"}\'',
         f"  curl -s '{stack.url('fcm')}/_fake/messages?token=phone-of-alice'   # now also 'Order A-17 completed'",
         "",
         "  ./emulator.sh demo     runs this with a healthy and a dead device, and checks the outcome",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Any
 
 import firebase_admin
 from firebase_admin import auth
@@ -56,7 +57,7 @@ def _make_app() -> firebase_admin.App:
 class _NoCredential(firebase_admin.credentials.Base):
     """Verifying ID tokens needs no credential; this keeps firebase-admin from looking for one."""
 
-    def get_credential(self):  # type: ignore[no-untyped-def]
+    def get_credential(self) -> Any:
         from google.auth.credentials import AnonymousCredentials
 
         return AnonymousCredentials()

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from shared.store import DEAD_TOKENS_KEY
+from shared.store import DEAD_TOKENS_KEY, text
 
 OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
@@ -292,11 +292,11 @@ _ABSENT = LedgerEntry(LedgerState.ABSENT)
 _NEW = LedgerEntry(LedgerState.NEW)
 
 
-def _ledger_entry(raw: bytes | None) -> LedgerEntry:
+def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
     """The one reader of the ledger's encoding (see the module docstring)."""
     if not raw:
         return _ABSENT
-    value = raw.decode()
+    value = text(raw)
     state = LedgerState(value[0])
     if state is LedgerState.FINAL:
         return LedgerEntry(state, outcome=FinalOutcome(value[2:]))
@@ -401,7 +401,7 @@ class Claims:
         self.redis.hincrby(STATS_KEY, name, by)
 
     def stats(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+        return {text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
     # --- fan-out ---------------------------------------------------------------------------------
 
@@ -489,10 +489,11 @@ class Claims:
             pipe.set(once_key(user_id, key), nid, nx=True, ex=self.once_ttl)
             pipe.get(once_key(user_id, key))
         replies = pipe.execute()
-        allowed, skipped = [], []
+        allowed: list[str] = []
+        skipped: list[str] = []
         for i, user_id in enumerate(users):
             holder = replies[2 * i + 1]
-            (allowed if holder is not None and holder.decode() == nid else skipped).append(user_id)
+            (allowed if holder is not None and text(holder) == nid else skipped).append(user_id)
         return allowed, skipped
 
     def release_once(self, nid: str, key: str, users: list[str]) -> int:

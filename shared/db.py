@@ -91,7 +91,7 @@ class Database:
             db=kwargs["database"],
         )
         # The connector returns a DB-API connection: give it the same small interface.
-        return _DbApiAdapter(raw)  # type: ignore[return-value]
+        return _DbApiAdapter(raw)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[pg8000.native.Connection]:
@@ -145,7 +145,7 @@ def _prepared(conn: pg8000.native.Connection, sql: str) -> pg8000.native.Prepare
     cache: dict[str, pg8000.native.PreparedStatement] | None = getattr(conn, "_pushline_prepared", None)
     if cache is None:
         cache = {}
-        conn._pushline_prepared = cache  # type: ignore[attr-defined]
+        conn._pushline_prepared = cache
     statement = cache.get(sql)
     if statement is None:
         statement = cache[sql] = conn.prepare(sql)

@@ -45,25 +45,23 @@ class NoRecipientsError(EventError):
     """The recipients field holds an empty list: nobody to notify (a caller may count this as ignored)."""
 
 
+def _text_field(source: object, name: str) -> str | None:
+    """``source[name]`` when ``source`` is a mapping and the value a non-empty string, else None."""
+    value = source.get(name) if isinstance(source, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
 def event_type(data: Mapping, attributes: Mapping[str, str]) -> str | None:
     """The event's type: the message attribute ``type``, else the data's ``type``; None if neither is a string."""
-    value = attributes.get("type") if isinstance(attributes, Mapping) else None
-    if isinstance(value, str) and value:
-        return value
-    value = data.get("type") if isinstance(data, Mapping) else None
-    if isinstance(value, str) and value:
-        return value
-    return None
+    return _text_field(attributes, "type") or _text_field(data, "type")
 
 
 def event_id(data: Mapping, attributes: Mapping[str, str], message_id: str) -> str:
     """The event's id: attribute ``event_id``, else the data's ``id`` (string or whole number), else the message id."""
-    value = attributes.get("event_id") if isinstance(attributes, Mapping) else None
-    if isinstance(value, str) and value:
-        return value
+    found = _text_field(attributes, "event_id") or _text_field(data, "id")
+    if found:
+        return found
     value = data.get("id") if isinstance(data, Mapping) else None
-    if isinstance(value, str) and value:
-        return value
     if isinstance(value, int) and not isinstance(value, bool):
         text = templates.scalar_text(value)
         if text is not None:

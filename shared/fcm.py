@@ -263,7 +263,7 @@ class SdkFcmClient:
 
         try:
             # dicts go straight through: see _sdk_app, which makes the service send them as they are
-            batch = messaging.send_each(messages, app=self._app)  # type: ignore[arg-type]
+            batch = messaging.send_each(messages, app=self._app)
         except Exception as exc:  # the whole call failed (e.g. the credential could not refresh)
             return [(0, outcomes.from_sdk_exception(exc))] * len(messages)
         return [(200, outcomes.DELIVERED) if r.success else _sdk_answer(r.exception) for r in batch.responses]

@@ -111,15 +111,13 @@ def check_token(token: object) -> str:
 
 def check_user_id(user_id: object) -> str:
     """The user id if it follows ``USER_ID_RULE``, else ``InvalidInput``."""
-    ok = isinstance(user_id, str) and 0 < len(user_id) <= MAX_USER_ID_CHARS and not _CONTROL.search(user_id)
-    if ok:
-        try:
-            user_id.encode()  # type: ignore[union-attr]
-        except UnicodeEncodeError:  # a lone surrogate
-            ok = False
-    if not ok:
+    if not (isinstance(user_id, str) and 0 < len(user_id) <= MAX_USER_ID_CHARS and not _CONTROL.search(user_id)):
         raise InvalidInput(f"a user id must be {USER_ID_RULE}")
-    return user_id  # type: ignore[return-value]
+    try:
+        user_id.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        raise InvalidInput(f"a user id must be {USER_ID_RULE}") from None
+    return user_id
 
 
 class RateLimited(RuntimeError):
@@ -319,13 +317,18 @@ class _Found:
         return found
 
 
-def _users_of(keys: Iterable[bytes]) -> list[str]:
+def text(raw: object) -> str:
+    """A Redis reply as text (our clients return bytes; redis-py's types allow other replies)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _users_of(keys: Iterable[bytes | str]) -> list[str]:
     """The user ids of ``notif:token:{user_id}`` keys (a SCAN may repeat a key: once each)."""
     prefix = len(token_key(""))
     users: dict[str, None] = {}
     for key in keys:
         try:
-            users[key[prefix:].decode()] = None
+            users[text(key)[prefix:]] = None
         except UnicodeDecodeError:  # not a key this store wrote
             continue
     return list(users)
@@ -381,7 +384,7 @@ class TokenStore:
         keys = [token_key(user_id), platform_key(user_id), version_key(user_id)]
         for other in result.moved_from:
             keys += [token_key(other), platform_key(other), version_key(other)]
-        args = [self.ttl, token, platform or "", expected, len(snapshot) // 2, *snapshot, *result.evicted]
+        args: list[Any] = [self.ttl, token, platform or "", expected, len(snapshot) // 2, *snapshot, *result.evicted]
         try:
             self._register(keys=keys, args=args)
         except REDIS_ERRORS:
@@ -480,7 +483,7 @@ class TokenStore:
         still holds it (a crash after the delete, before the cache's) loses it the next time a
         send reaches it, when FCM calls it dead again and its holder is known."""
         try:
-            tokens = [t.decode() for t in self.redis.srandmember(DEAD_TOKENS_KEY, limit) or []]
+            tokens = [text(t) for t in self.redis.srandmember(DEAD_TOKENS_KEY, limit) or []]
         except REDIS_ERRORS:
             return 0
         if not tokens:
@@ -707,7 +710,7 @@ class TokenStore:
     def cached_tokens(self, user_id: str) -> set[str] | None:
         """The user's cached set as it is in Redis (None when absent)."""
         members = self.redis.smembers(token_key(user_id))
-        return {m.decode() for m in members} if members else None
+        return {text(m) for m in members} if members else None
 
     def prune(self, batch: int = 1000) -> int:
         """Delete tokens past the TTL window from PostgreSQL and from their users' cached sets."""

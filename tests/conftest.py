@@ -131,8 +131,15 @@ def start_stack(**config):
         require(shutil.which("gcloud") is not None, "the Pub/Sub emulator (gcloud) is not installed")
     env = {"REGISTER_RATE_PER_MINUTE": "0", "LOG_LEVEL": "INFO", **config.pop("env", {})}
     cfg = StackConfig.free_ports(
-        state_file=None, quiet=True, use_emulator=use_emulator, database=TEST_DATABASE, redis_db=None,
-        fcm_delay_ms=config.pop("fcm_delay_ms", 0), console=config.pop("console", False), env=env, **config,
+        state_file=None,
+        quiet=True,
+        use_emulator=use_emulator,
+        database=TEST_DATABASE,
+        redis_db=None,
+        fcm_delay_ms=config.pop("fcm_delay_ms", 0),
+        console=config.pop("console", False),
+        env=env,
+        **config,
     )
     return Stack(cfg).start()
 

@@ -256,8 +256,14 @@ def test_local_bus_register_send_deliver(local_bus_stack):
         nid = client.send(note(user_ids=users))
         status = client.wait_done(nid)
         assert client.received(tokens) == Counter({t: 1 for t in tokens})
-        assert status["counts"] == {"delivered": 3, "dead_removed": 1, "payload_rejected": 0, "config_error": 0,
-                                    "failed": 0, "retrying": 0}
+        assert status["counts"] == {
+            "delivered": 3,
+            "dead_removed": 1,
+            "payload_rejected": 0,
+            "config_error": 0,
+            "failed": 0,
+            "retrying": 0,
+        }
         assert dead not in client.store.db_tokens(users[0])
     finally:
         client.close()
@@ -265,13 +271,18 @@ def test_local_bus_register_send_deliver(local_bus_stack):
 
 def test_encoded_event_shape_matches_eventarc(local_bus_stack):
     """The local bus posts what Eventarc posts: deliver decodes it like a Pub/Sub push."""
-    payload = base64.b64encode(json.dumps({"version": 1, "user_ids": ["nobody-" + unique()],
-                                           "data": {"k": "v"}}).encode()).decode()
+    payload = base64.b64encode(
+        json.dumps({"version": 1, "user_ids": ["nobody-" + unique()], "data": {"k": "v"}}).encode()
+    ).decode()
     r = requests.post(
         local_bus_stack.url("deliver") + "/",
         json={"message": {"data": payload, "attributes": {}, "messageId": "123"}, "subscription": "s"},
-        headers={"ce-specversion": "1.0", "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
-                 "ce-source": "//pubsub.googleapis.com/projects/p/topics/t", "ce-id": "123"},
+        headers={
+            "ce-specversion": "1.0",
+            "ce-type": "google.cloud.pubsub.topic.v1.messagePublished",
+            "ce-source": "//pubsub.googleapis.com/projects/p/topics/t",
+            "ce-id": "123",
+        },
         timeout=30,
     )
     assert r.status_code == 200

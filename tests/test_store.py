@@ -112,7 +112,9 @@ operations = st.lists(
         st.tuples(st.just("unregister"), user_ids, tokens),
         st.tuples(st.just("unregister_all"), user_ids),
         st.tuples(st.just("read"), user_ids),
-        st.tuples(st.just("wipe"),),
+        st.tuples(
+            st.just("wipe"),
+        ),
         st.tuples(st.just("drop_user_key"), user_ids),
     ),
     max_size=25,
@@ -178,4 +180,3 @@ def test_every_token_key_expires(store):
     store.unregister("bob", "t1")
     for key in store.redis.keys("notif:*"):
         assert store.redis.ttl(key) > 0, key
-
