@@ -182,7 +182,6 @@ def round_trips_in_process(env: common.Env, n: int = 300) -> dict[str, float]:
 
     config.settings.cache_clear()
     instance.reset()
-    store = instance.token_store()
     counts = {"redis": 0, "sql": 0}
     original_send = redis.connection.AbstractConnection.send_packed_command
     original_run = Database.run
@@ -197,7 +196,7 @@ def round_trips_in_process(env: common.Env, n: int = 300) -> dict[str, float]:
 
     stamp = str(int(time.time() * 1000))
     # warm: the scripts are loaded, connections open
-    registration.register(store, f"rt-warm-{stamp}", registration.Device("warm-" + stamp, "android"))
+    registration.register(f"rt-warm-{stamp}", registration.Device("warm-" + stamp, "android"))
     redis.connection.AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
     Database.run = run  # type: ignore[method-assign]
     try:
@@ -208,7 +207,7 @@ def round_trips_in_process(env: common.Env, n: int = 300) -> dict[str, float]:
         ):
             counts.update(redis=0, sql=0)
             for i in range(n):
-                registration.register(store, user_of(i), registration.Device(f"rt-{label[0]}-{stamp}-{i}", "ios"))
+                registration.register(user_of(i), registration.Device(f"rt-{label[0]}-{stamp}-{i}", "ios"))
             results[f"redis round trips ({label})"] = counts["redis"] / n
             results[f"SQL statements ({label})"] = counts["sql"] / n
     finally:

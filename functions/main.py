@@ -7,6 +7,11 @@
   on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
   prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
 
+Use cases are imported inside the entry point that runs them (``from shared import delivery``), so a
+function instance loads only what it serves: register never loads the bus or the FCM client, deliver
+never loads firebase-admin's auth. This module alone turns their results and errors into HTTP
+statuses and redeliveries.
+
 Run locally from the repo root, e.g.:
   functions-framework --source functions/main.py --target register --port 8081
 """
@@ -14,10 +19,7 @@ Run locally from the repo root, e.g.:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import sys
-import types
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,15 +35,6 @@ import werkzeug.routing
 from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
-
-
-@functools.cache
-def _use(name: str) -> types.ModuleType:
-    """A use case's module, imported on first use: a function instance loads only what it serves
-    (register never loads the bus or the FCM client; deliver never loads firebase-admin's auth).
-    Later calls are a dictionary lookup (no import lock shared by the request threads)."""
-    return importlib.import_module(f"shared.{name}")
-
 
 SETTINGS = config.settings()
 logs.setup(SETTINGS.log_level)
@@ -65,7 +58,7 @@ def _http_error(exc: werkzeug.exceptions.HTTPException) -> flask.Response | werk
 
 
 def _caller(request: flask.Request) -> str:
-    auth = _use("auth")
+    from shared import auth
 
     try:
         return auth.verify(web.bearer_token(request))
@@ -74,24 +67,24 @@ def _caller(request: flask.Request) -> str:
 
 
 def _register_device(request: flask.Request) -> tuple[int, dict]:
-    registration = _use("registration")
+    from shared import registration
 
     user_id = _caller(request)
     try:
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
-        result = registration.register(instance.token_store(), user_id, device)
+        result = registration.register(user_id, device)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
     return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
 
 
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:
-    registration = _use("registration")
+    from shared import registration
 
     user_id = _caller(request)
     try:
         token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
-        removed = registration.unregister(instance.token_store(), user_id, token)
+        removed = registration.unregister(user_id, token)
     except registration.InvalidRegistration as exc:
         raise web.HttpError(400, str(exc)) from None
     return 200, {"removed": removed}
@@ -110,27 +103,31 @@ SEND_MAX_BODY = 1024 * 1024
 
 
 def _accept(request: flask.Request) -> tuple[int, dict, dict]:
-    accept = _use("accept")
-    jobs = _use("jobs")
+    from shared import accept, jobs
 
     body = web.read_json(request, SEND_MAX_BODY)
     try:
-        answer = accept.accept(
-            body,
-            instance.claims(),
-            users_per_part=SETTINGS.fanout_users_per_part,
-            idempotency_key=request.headers.get("Idempotency-Key"),
-        )
+        result = accept.accept(body, idempotency_key=request.headers.get("Idempotency-Key"))
     except jobs.JobError as exc:
-        raise web.HttpError(exc.status, exc.message) from None
-    return answer.status, answer.body, answer.headers
+        raise web.HttpError(400, exc.message) from None
+    match result:
+        case accept.Accepted(id=nid):
+            return 202, {"id": nid}, {}
+        case accept.Replayed(status=status, body=first):
+            return status, first, {"Idempotent-Replayed": "true"}
+        case accept.InFlight():
+            return 409, {"error": result.reason}, {"Retry-After": "1"}
+        case accept.KeyReused():
+            return 422, {"error": result.reason}, {}
 
 
 def _status(request: flask.Request) -> tuple[int, dict, dict]:
-    accept = _use("accept")
+    from shared import accept
 
-    answer = accept.status(request.path.strip("/"), instance.claims())
-    return answer.status, answer.body, answer.headers
+    found = accept.status(request.path.strip("/"))
+    if isinstance(found, accept.NotFound):
+        return 404, {"error": found.reason}, {}
+    return 200, found, {}
 
 
 @functions_framework.http
@@ -140,21 +137,21 @@ def send(request: flask.Request) -> flask.Response:
 
 @functions_framework.cloud_event
 def deliver(cloud_event: CloudEvent) -> None:
-    delivery = _use("delivery")
+    from shared import delivery, inbound
 
     try:
         delivery.handle(cloud_event.data)
-    except delivery.RetryLater as exc:
+    except inbound.RetryLater as exc:  # not finished: tokens held or not due, users unreadable, Redis or bus down
         _redeliver(str(exc))
 
 
 @functions_framework.cloud_event
 def on_event(cloud_event: CloudEvent) -> None:
-    domain = _use("domain")
+    from shared import domain, inbound
 
     try:
         domain.handle(cloud_event.data)
-    except domain.RetryLater as exc:  # rules unusable, bus or Redis down
+    except inbound.RetryLater as exc:  # rules unusable, bus or Redis down
         _redeliver(str(exc))
 
 

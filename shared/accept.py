@@ -1,9 +1,10 @@
 """The send use case: validate a request, remember its Idempotency-Key, publish the job.
 
-Nothing reaches FCM here: the request is answered 202 once the bus has acknowledged the job.
-An ``Idempotency-Key`` (as Stripe and Novu do it) is remembered for 24 h: the same key with the
-same body returns the first response and publishes nothing new; with a different body it is 422;
-while the first request is still in flight, 409 with ``Retry-After``.
+Nothing reaches FCM here: the request is accepted once the bus has acknowledged the job. An
+``Idempotency-Key`` (as Stripe and Novu do it) is remembered for 24 h: the same key with the same
+body replays the first answer and publishes nothing new; with a different body it is refused
+(``KeyReused``); while the first request is still in flight, it is refused for now (``InFlight``).
+``functions/main.py`` alone turns these results into HTTP answers.
 """
 
 from __future__ import annotations
@@ -13,23 +14,60 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from shared import bus, jobs, logs
-from shared.claims import Claims
+from shared import bus, instance, jobs, logs
+from shared.config import settings
 from shared.errors import REDIS_OUTAGE, RedisUnavailable
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
+# An Idempotency-Key's record keeps the first answer as it was given (status and body), and a
+# replay gives it back as stored, whichever deploy wrote it: so a new record stores the status
+# that an accepted request has always been answered with.
+RECORDED_ACCEPTED_STATUS = 202
+
 log = logs.get("accept")
 
 
-@dataclass
-class Answer:
+@dataclass(frozen=True)
+class Accepted:
+    """The job is on the bus: it will be delivered (``id`` is its notification id)."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The same Idempotency-Key and body were accepted before: the first answer, as stored."""
+
     status: int
     body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A request with this Idempotency-Key has not finished yet: try again in a moment."""
+
+    reason: ClassVar[str] = "a request with this Idempotency-Key is still in flight"
+
+
+@dataclass(frozen=True)
+class KeyReused:
+    """This Idempotency-Key came with a different body before: refused, nothing published."""
+
+    reason: ClassVar[str] = "Idempotency-Key was already used with a different request body"
+
+
+Result = Accepted | Replayed | InFlight | KeyReused
+
+
+@dataclass(frozen=True)
+class NotFound:
+    """No notification has this id (or it is past LEDGER_TTL_SECONDS)."""
+
+    reason: ClassVar[str] = "no such notification"
 
 
 def fingerprint(body: Any) -> str:
@@ -41,13 +79,14 @@ def keyed_id(idempotency_key: str, body_fingerprint: str) -> str:
     return "k-" + base64.urlsafe_b64encode(digest).decode().rstrip("=")[:30]
 
 
-def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: str | None = None) -> Answer:
-    """Validate and publish; raises JobError (400), Unavailable (503: the bus, or any Redis error)."""
+def accept(body: Any, *, idempotency_key: str | None = None) -> Result:
+    """Validate and publish; raises JobError (the request is invalid), Unavailable (the bus, or any Redis error)."""
     job = jobs.parse_request(body)
     if idempotency_key is None:
-        return _publish(job, claims, users_per_part)
+        return _publish(job)
     if not IDEMPOTENCY_KEY.match(idempotency_key):
         raise jobs.JobError("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    claims = instance.claims()
     print_ = fingerprint(body)
     # The id comes from the key and the body: a retry whose first publish timed out (and may have
     # reached the bus after all) is the same notification, which the ledger delivers once.
@@ -58,14 +97,12 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
         raise _outage(exc) from None
     if held is not None:
         if held.get("fingerprint") != print_:
-            return Answer(422, {"error": "Idempotency-Key was already used with a different request body"})
+            return KeyReused()
         if held.get("state") != "done":
-            return Answer(
-                409, {"error": "a request with this Idempotency-Key is still in flight"}, {"Retry-After": "1"}
-            )
-        return Answer(held["status"], held["body"], {"Idempotent-Replayed": "true"})
+            return InFlight()
+        return Replayed(held["status"], held["body"])
     try:
-        answer = _publish(job, claims, users_per_part)
+        accepted = _publish(job)
     except BaseException:
         try:
             claims.idempotency_abort(idempotency_key)
@@ -73,21 +110,22 @@ def accept(body: Any, claims: Claims, *, users_per_part: int, idempotency_key: s
             pass
         raise
     try:
-        claims.idempotency_finish(idempotency_key, print_, answer.status, answer.body)
+        claims.idempotency_finish(idempotency_key, print_, RECORDED_ACCEPTED_STATUS, {"id": accepted.id})
     except REDIS_OUTAGE:
-        pass  # the notification is on its way; a retry with the key will get 409 until the marker expires
-    return answer
+        pass  # the notification is on its way; a retry with the key is InFlight until the marker expires
+    return accepted
 
 
 def _outage(exc: Exception) -> RedisUnavailable:
-    """Any Redis error answers 503 (see shared/errors.py), logged with what it means."""
+    """Any Redis error makes send unavailable (see shared/errors.py), logged with what it means."""
     outage = RedisUnavailable(exc)
-    log.warning("Redis cannot serve send: answered 503", extra={"reason": str(outage)})
+    log.warning("Redis cannot serve send: retry later", extra={"reason": str(outage)})
     return outage
 
 
-def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
-    parts = jobs.part_count(len(job.user_ids), users_per_part)
+def _publish(job: jobs.Job) -> Accepted:
+    claims = instance.claims()
+    parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
     try:
         claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
     except REDIS_OUTAGE as exc:
@@ -100,16 +138,15 @@ def _publish(job: jobs.Job, claims: Claims, users_per_part: int) -> Answer:
         except REDIS_OUTAGE:
             pass
         raise
-    return Answer(202, {"id": job.id})
+    return Accepted(job.id)
 
 
-def status(nid: str, claims: Claims) -> Answer:
+def status(nid: str) -> dict[str, Any] | NotFound:
+    """A notification's status document (its shape: ``Claims.status``), or ``NotFound``."""
     if not re.match(jobs.ID_PATTERN, nid):
-        return Answer(404, {"error": "no such notification"})
+        return NotFound()
     try:
-        found = claims.status(nid)
+        found = instance.claims().status(nid)
     except REDIS_OUTAGE as exc:
         raise _outage(exc) from None
-    if found is None:
-        return Answer(404, {"error": "no such notification"})
-    return Answer(200, found)
+    return NotFound() if found is None else found

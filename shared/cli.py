@@ -166,18 +166,14 @@ def _send_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_send(args: argparse.Namespace) -> Result:
-    answer = accept.accept(
-        _send_body(args),
-        instance.claims(),
-        users_per_part=settings().fanout_users_per_part,
-        idempotency_key=args.idempotency_key,
-    )
-    if answer.status >= 300:
-        raise CliError(str(answer.body.get("error", f"send answered {answer.status}")))
+    result = accept.accept(_send_body(args), idempotency_key=args.idempotency_key)
+    if isinstance(result, accept.InFlight | accept.KeyReused):
+        raise CliError(result.reason)
+    if isinstance(result, accept.Accepted):
+        data: dict[str, Any] = {"id": result.id}
+    else:
+        data = {**result.body, "replayed": True}
     _hand_over()
-    data = dict(answer.body)
-    if answer.headers.get("Idempotent-Replayed") == "true":
-        data["replayed"] = True
     return Result(data, data["id"])
 
 
@@ -191,10 +187,10 @@ def _hand_over() -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> Result:
-    answer = accept.status(args.id, instance.claims())
-    if answer.status != 200:
-        raise CliError(f"{answer.body.get('error', 'unknown notification')}: {args.id}")
-    return Result(answer.body, _status_text(answer.body))
+    found = accept.status(args.id)
+    if isinstance(found, accept.NotFound):
+        raise CliError(f"{found.reason}: {args.id}")
+    return Result(found, _status_text(found))
 
 
 def _status_text(body: dict[str, Any]) -> str:

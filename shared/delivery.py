@@ -18,66 +18,32 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
   → ``RetryLater``): during a rolling deploy a newer ``send`` or ``deliver`` may publish it while
   this one still runs, and an instance that knows it takes it later (if none ever does, the
   subscription dead-letters it and ``replay-dead-letters`` brings it back).
+
+``RetryLater``, ``Malformed``, ``Unknown`` and the envelope are the bus's inbound side
+(``shared/inbound.py``), shared with ``on_event``.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
-import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from shared import bus, instance, jobs, logs
 from shared.config import settings
 from shared.dispatch import dispatch
-from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
+from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
+from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
 
 log = logs.get("deliver")
-
-
-class RetryLater(Exception):
-    """Not finished: the bus must redeliver this message later (the function raises)."""
-
-
-class Malformed(ValueError):
-    """The message can never be delivered: logged and acknowledged."""
-
-
-class Unknown(Exception):
-    """A job version or message kind this deliver does not know yet: redelivered, never acknowledged."""
 
 
 # What a newer deploy could publish: a kind named like ours, a whole version number above ours.
 _KIND = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 _MAX_VERSION = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class Envelope:
-    payload: bytes
-    attributes: dict[str, str]
-    message_id: str
-
-
-def envelope(event_data: Any) -> Envelope:
-    """The Pub/Sub message inside a CloudEvent's data (``{"message": {...}, "subscription": ...}``)."""
-    if not isinstance(event_data, Mapping) or not isinstance(event_data.get("message"), Mapping):
-        raise Malformed("event data has no Pub/Sub message")
-    message = event_data["message"]
-    attributes = message.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        raise Malformed("message attributes are not an object")
-    message_id = str(message.get("messageId") or message.get("message_id") or "")
-    try:
-        payload = base64.b64decode(message.get("data") or "", validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise Malformed("message data is not base64") from None
-    return Envelope(payload, {str(k): str(v) for k, v in attributes.items()}, message_id)
 
 
 def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
@@ -105,12 +71,7 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
 def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
     """(job, part index, parts) of a message; Malformed when it can never be delivered, Unknown when
     a newer deploy may deliver it."""
-    try:
-        payload = json.loads(env.payload)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # (deeply nested: would be redelivered forever)
-        raise Malformed("message data is not JSON") from None
-    if not isinstance(payload, dict):
-        raise Malformed("message data is not a JSON object")
+    payload = json_object(env, "message")
     newer = unknown_shape(payload)
     if newer:
         raise Unknown(newer)
@@ -154,14 +115,10 @@ def handle(event_data: Any) -> str:
             extra={"unknown": str(exc)},
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
-    try:
+    with redelivered_on_outage(redis_note="nothing sent without a claim"):
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
-    except REDIS_OUTAGE as exc:  # any Redis error (shared/errors.py): the bus redelivers
-        raise RetryLater(f"{redis_outage(exc)}: nothing sent without a claim") from None
-    except Unavailable as exc:
-        raise RetryLater(f"{exc.what} unavailable") from None
 
 
 def _whole_job(job: jobs.Job) -> str:

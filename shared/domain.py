@@ -9,14 +9,11 @@ fails (``RulesUnavailable``): the bus retries it, then dead-letters it, and
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Mapping
 from typing import Any
 
 from shared import bus, events, instance, logs
 from shared.config import settings
-from shared.delivery import Malformed, RetryLater, envelope
-from shared.errors import REDIS_OUTAGE, Unavailable, redis_outage
+from shared.inbound import Malformed, RetryLater, envelope, json_object, redelivered_on_outage
 from shared.rules import Rule, RulesError, load_rules, rules_path
 
 log = logs.get("on_event")
@@ -48,12 +45,8 @@ def handle(event_data: Any) -> str:
     Raises ``RetryLater`` (the bus redelivers) when the rules are unusable, the bus is down, or Redis
     fails in any way (unreachable, out of memory, read-only, ...).
     """
-    try:
+    with redelivered_on_outage():
         return _handle(event_data)
-    except REDIS_OUTAGE as exc:  # any Redis error (shared/errors.py): the bus redelivers
-        raise RetryLater(redis_outage(exc)) from None
-    except Unavailable as exc:
-        raise RetryLater(f"{exc.what} unavailable") from None
 
 
 def _handle(event_data: Any) -> str:
@@ -61,10 +54,8 @@ def _handle(event_data: Any) -> str:
     claims = instance.claims()
     try:
         env = envelope(event_data)
-        data = json.loads(env.payload)
-        if not isinstance(data, Mapping):
-            raise Malformed("event data is not a JSON object")
-    except (Malformed, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        data = json_object(env, "event")
+    except Malformed as exc:
         log.error("malformed event acknowledged", extra={"reason": str(exc)})
         claims.count("events_invalid")
         return "invalid"

@@ -79,10 +79,9 @@ _HTTPS_URL_RE = re.compile(r"https://[^/?#\x00-\x20\x7f-\x9f]+(?:[/?#][^\x00-\x2
 class JobError(ValueError):
     """A job (or ``send`` body) breaks a rule. ``message`` says what is wrong and where."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True)

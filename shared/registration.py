@@ -1,12 +1,13 @@
-"""The register use case: validate a device registration and apply it to the store."""
+"""The register use case: validate a device registration and apply it to the instance's token store."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from shared import instance
 from shared.jobs import PLATFORMS
-from shared.store import MAX_TOKEN_CHARS, InvalidInput, Registration, TokenStore, check_token, check_user_id
+from shared.store import MAX_TOKEN_CHARS, InvalidInput, Registration, check_token, check_user_id
 
 MAX_TOKEN_LENGTH = MAX_TOKEN_CHARS
 
@@ -74,13 +75,14 @@ def parse_removal(body: Any) -> str | None:
     return _token(body)
 
 
-def register(store: TokenStore, user_id: str, device: Device) -> Registration:
-    return store.register(_user(user_id), device.token, device.platform)
+def register(user_id: str, device: Device) -> Registration:
+    return instance.token_store().register(_user(user_id), device.token, device.platform)
 
 
-def unregister(store: TokenStore, user_id: str, token: str | None) -> int:
+def unregister(user_id: str, token: str | None) -> int:
     """Remove one device (or all, when token is None); returns how many were removed."""
     _user(user_id)
+    store = instance.token_store()
     if token is None:
         return store.unregister_all(user_id)
     return int(store.unregister(user_id, token))

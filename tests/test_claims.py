@@ -73,13 +73,13 @@ def test_an_idempotency_key_fixes_the_notification_id(env, monkeypatch):
     instance.reset()
     bus.reset_for_tests()
     body = {"user_ids": ["u1"], "notification": {"title": "t", "body": "b"}}
-    answer = accept.accept(body, instance.claims(), users_per_part=500, idempotency_key="order-42")
-    assert answer.status == 202
-    assert answer.body["id"] == accept.keyed_id("order-42", accept.fingerprint(body))
-    assert accept.keyed_id("order-42", accept.fingerprint({**body, "data": {"k": "v"}})) != answer.body["id"]
+    answer = accept.accept(body, idempotency_key="order-42")
+    assert isinstance(answer, accept.Accepted)
+    assert answer.id == accept.keyed_id("order-42", accept.fingerprint(body))
+    assert accept.keyed_id("order-42", accept.fingerprint({**body, "data": {"k": "v"}})) != answer.id
     instance.claims().idempotency_abort("order-42")  # as if the first attempt had failed
-    again = accept.accept(body, instance.claims(), users_per_part=500, idempotency_key="order-42")
-    assert again.body["id"] == answer.body["id"]
+    again = accept.accept(body, idempotency_key="order-42")
+    assert again == accept.Accepted(answer.id)
     bus.reset_for_tests()
 
 
