@@ -18,8 +18,10 @@ Run locally from the repo root, e.g.:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -66,15 +68,23 @@ def _caller(request: flask.Request) -> str:
         raise web.HttpError(401, str(exc), {"WWW-Authenticate": "Bearer"}) from None
 
 
+@contextlib.contextmanager
+def _invalid_registration_is_400() -> Iterator[None]:
+    from shared import registration
+
+    try:
+        yield
+    except registration.InvalidRegistration as exc:
+        raise web.HttpError(400, str(exc)) from None
+
+
 def _register_device(request: flask.Request) -> tuple[int, dict]:
     from shared import registration
 
     user_id = _caller(request)
-    try:
+    with _invalid_registration_is_400():
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
         result = registration.register(user_id, device)
-    except registration.InvalidRegistration as exc:
-        raise web.HttpError(400, str(exc)) from None
     return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
 
 
@@ -82,11 +92,10 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     from shared import registration
 
     user_id = _caller(request)
-    try:
-        token = registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
-        removed = registration.unregister(user_id, token)
-    except registration.InvalidRegistration as exc:
-        raise web.HttpError(400, str(exc)) from None
+    with _invalid_registration_is_400():
+        removed = registration.unregister(
+            user_id, registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
+        )
     return 200, {"removed": removed}
 
 
