@@ -77,8 +77,13 @@ def budget_key(second: int) -> str:
 STATS_KEY = "notif:stats"
 
 
+def wall_clock() -> float:
+    """Seconds since the epoch: the one clock of leases, retries and the FCM budget (tests move it)."""
+    return time.time()
+
+
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return int(wall_clock() * 1000)
 
 
 # KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
@@ -423,9 +428,9 @@ class Claims:
         return bool(self._register_part(keys=keys, args=args))
 
     def lease(self, nid: str, tokens: list[str], lease_ms: int) -> Lease:
-        second = int(time.time())
-        keys = [ledger_key(nid), status_key(nid), budget_key(second)]
-        reply = self._lease(keys=keys, args=[now_ms(), lease_ms, self.max_attempts, self.rate_per_second, *tokens])
+        now = now_ms()
+        keys = [ledger_key(nid), status_key(nid), budget_key(now // 1000)]
+        reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *tokens])
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
