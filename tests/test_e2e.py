@@ -257,7 +257,7 @@ def test_local_bus_register_send_deliver(local_bus_stack):
         status = client.wait_done(nid)
         assert client.received(tokens) == Counter({t: 1 for t in tokens})
         assert status["counts"] == {"delivered": 3, "dead_removed": 1, "payload_rejected": 0, "config_error": 0,
-                                    "failed": 0, "retrying": 0}
+                                    "failed": 0, "expired": 0, "retrying": 0}
         assert dead not in client.store.db_tokens(users[0])
     finally:
         client.close()
