@@ -219,9 +219,9 @@ return out
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at
-# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, tokens to remove...}. A token recorded
-# dead_removed is owed for removal in the same step, so a crash before the stores are changed
-# cannot leave it in them forever (the store clears the debt once both are changed).
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, tokens to remove...}.
+# A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
+# changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
     _WINDOW_LUA
     + """
@@ -250,8 +250,15 @@ local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
 local expired = {}
 local out = {tripped, 0, expired}
 local finals, waiting = 0, 0
+-- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
+-- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
+local function wait_or_expire(t, attempts, at, deadline)
+  if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
+  redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
+  return nil
+end
 for i = first, #ARGV, 4 do
-  local t, r = ARGV[i], ARGV[i + 1]
+  local t, r, deadline = ARGV[i], ARGV[i + 1], deadline_of[(i - first) / 4 + 1]
   local s = redis.call('HGET', KEYS[1], t)
   -- only the holder of this very attempt's lease may confirm it (a late answer from a lease that
   -- expired and was taken over is ignored)
@@ -260,9 +267,7 @@ for i = first, #ARGV, 4 do
     local final = nil
     if r == 'retry' then
       if attempts >= maxa then final = 'failed'
-      elseif past_window(tonumber(ARGV[i + 2]), deadline_of[(i - first) / 4 + 1]) then
-        final = 'expired'; expired[#expired + 1] = t  -- its retry would come after its window closed
-      else redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. ARGV[i + 2]); waiting = waiting + 1 end
+      else final = wait_or_expire(t, attempts, ARGV[i + 2], deadline) end
     elseif r == 'dead' or r == 'mismatch' then
       if valve then final = 'config_error'
       else final = 'dead_removed'; out[#out + 1] = t; redis.call('SADD', KEYS[6], t) end
