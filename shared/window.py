@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 from shared import logs, outcomes
 from shared.claims import (
+    BUDGET_HALVING_SECONDS,
+    BUDGET_RECOVERY,
     VALVE_MIN_ANSWERS,
     Answered,
     AnswerKind,
@@ -218,7 +220,8 @@ class SendWindow:
             retry_at = 0
             if kind is AnswerKind.RETRY:
                 retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000)
-                project_quota += outcome.cause is Cause.QUOTA
+                if outcome.cause is Cause.QUOTA:  # the project's quota: every instance slows down
+                    project_quota += 1
             elif kind is AnswerKind.PAYLOAD_REJECTED:
                 self._log_rejected(outcome)
             batch.append(Answered(token, kind, retry_at, attempt))
@@ -258,8 +261,9 @@ class SendWindow:
             )
         if budget is not None and budget.halved:
             log.warning(
-                f"FCM says the project's quota is spent: every instance now sends at most {budget.scale:.0%} "
-                "of FCM_RATE_PER_MINUTE (halved at most every 10 s, back by 10% a minute without such answers)",
+                f"FCM says the project's quota is spent: every instance now sends at most {budget.scale:.0%} of "
+                f"FCM_RATE_PER_MINUTE (halved at most every {BUDGET_HALVING_SECONDS} s, back by "
+                f"{BUDGET_RECOVERY:.0%} a minute without such answers)",
                 extra={"notification_id": self.nid, "budget_scale": budget.scale},
             )
 

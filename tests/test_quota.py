@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -87,9 +88,18 @@ def test_a_project_quota_answer_halves_the_shared_budget(fcm, store, clock):
     store.register("alice", "pq-1")
     store.register("alice", "fine-1")
     fcm.script("pq-1", ["PROJECT_QUOTA_EXCEEDED"])
-    with pytest.raises(delivery.RetryLater):
-        delivery.handle(event(job(id="project", user_ids=["alice"])))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("pushline.dispatch").addHandler(handler)
+    try:
+        with pytest.raises(delivery.RetryLater):
+            delivery.handle(event(job(id="project", user_ids=["alice"])))
+    finally:
+        logging.getLogger("pushline.dispatch").removeHandler(handler)
     assert instance.claims().budget_scale() == 0.5
+    [line] = [r for r in records if hasattr(r, "budget_scale")]
+    assert line.levelname == "WARNING" and line.budget_scale == 0.5 and "50%" in line.getMessage()
 
 
 # --- the budget's scale, at the lease -------------------------------------------------------------
