@@ -35,6 +35,10 @@ PRUNE_SCHEDULE="*/15 * * * *"
 # Pub/Sub never redelivers a job that is still being worked on.
 EVENT_TIMEOUT="540s"
 ACK_DEADLINE="600"
+# How long the event subscriptions keep an unacknowledged message: a part may wait on the bus through
+# its whole delivery window (DELIVERY_WINDOW_SECONDS, at most 14 h), so not Eventarc's default 24 h
+# but 7 days, and retention never discards a part before its window has closed.
+MESSAGE_RETENTION="7d"
 # PostgreSQL connections: each instance of a function that uses PostgreSQL keeps up to a pool of
 # them (Database(size=8) in shared/db.py). Instances x pool, over register, deliver and prune, must
 # stay under Cloud SQL's max_connections, less a reserve for the migration, the operator CLI and
@@ -523,7 +527,7 @@ run gcloud functions deploy prune "${COMMON[@]}" --entry-point=prune \
     --set-secrets="$SECRETS_POSTGRES" --set-env-vars="$ENV_COMMON"
 attach_cloud_sql prune
 
-# --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters ------------------
+# --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters, retention -------
 
 configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
     local function="$1" dead="$2" trigger subscription upper
@@ -539,7 +543,8 @@ configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
         --format='value(transport.pubsub.subscription)'
     run gcloud pubsub subscriptions update "$subscription" "${P[@]}" \
         --ack-deadline="$ACK_DEADLINE" --dead-letter-topic="projects/$PROJECT/topics/$dead" \
-        --max-delivery-attempts=100 --min-retry-delay=10s --max-retry-delay=600s
+        --max-delivery-attempts=100 --min-retry-delay=10s --max-retry-delay=600s \
+        --message-retention-duration="$MESSAGE_RETENTION"
     # The service agent acknowledges what it forwards to the dead-letter topic.
     run gcloud pubsub subscriptions add-iam-policy-binding "$subscription" "${P[@]}" \
         --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber

@@ -75,6 +75,7 @@ COUNT_LABELS = {
     "payload_rejected": "payload rejected",
     "config_error": "configuration error",
     "failed": "failed",
+    "expired": "expired",
     "retrying": "retrying",
 }
 

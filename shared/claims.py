@@ -5,7 +5,7 @@
                              L:{attempts}:{until}  leased by a sender until `until` (ms)
                              W:{attempts}:{at}     waiting to be retried at `at` (ms)
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
-                                                   config_error or failed
+                                                   config_error, failed or expired
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
                            mismatches, valve
@@ -14,6 +14,8 @@
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
   notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
   notif:budget:{second}    FCM sends granted in that second, across all instances
+  notif:budget:scale       Hash scale (per mille of FCM_RATE_PER_MINUTE), at, halved (ms): the budget as
+                           slowed by project-quota answers; gone once it has recovered
   notif:valve:{bucket}     Hash answers / mismatches in a 5-minute bucket, project-wide
   notif:valve:tripped      set (for 5 minutes) when the project-wide window tripped the valve
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
@@ -27,19 +29,28 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
+from shared.expiry import NO_DEADLINES, Deadlines
 from shared.store import DEAD_TOKENS_KEY, text
 
-OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "retrying")
+T = TypeVar("T")
+OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "expired", "retrying")
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
 VALVE_WINDOW_SECONDS = 300  # the project-wide valve looks at the last 5 to 10 minutes
 VALVE_KEY = "notif:valve:tripped"
+# The FCM budget under project-quota answers (issue 20): halved at most once per BUDGET_HALVING_SECONDS,
+# never below BUDGET_FLOOR of FCM_RATE_PER_MINUTE, back by BUDGET_RECOVERY of it per minute without them.
+BUDGET_SCALE_KEY = "notif:budget:scale"
+BUDGET_HALVING_SECONDS = 10
+BUDGET_FLOOR = 0.1
+BUDGET_RECOVERY = 0.1
 
 
 def ledger_key(nid: str) -> str:
@@ -77,8 +88,13 @@ def budget_key(second: int) -> str:
 STATS_KEY = "notif:stats"
 
 
+def wall_clock() -> float:
+    """Seconds since the epoch: the one clock of leases, retries and the FCM budget (tests move it)."""
+    return time.time()
+
+
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return int(wall_clock() * 1000)
 
 
 # KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
@@ -91,6 +107,7 @@ for i = 6, #ARGV do
   if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
+redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then
   redis.call('HINCRBY', KEYS[2], 'without_tokens', ARGV[4])
   redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
@@ -100,16 +117,57 @@ for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return first
 """
 
-# KEYS: ledger, status, budget. ARGV: now, lease_ms, max_attempts, budget (0: none), tokens...
-# Returns a flat list: code, value per token (attempt number, or the time it is busy / due until).
-_LEASE = """
+# The delivery window (issue 20; shared.expiry), for the lease and confirm scripts. From ARGV[at]: n,
+# then n pairs (deadline ms, 0: none; how many of the items that follow are in that group); the items
+# follow group by group, so a batch carries a number or two per platform, not one per token. A token
+# whose next attempt would come at or after its deadline becomes final `expired` in the very step that
+# would lease or reschedule it (past_window), so the counts always add up.
+_WINDOW_LUA = """
+local function deadlines_from(at)
+  local per, n = {}, tonumber(ARGV[at])
+  for g = 1, n do
+    local deadline = tonumber(ARGV[at + 2 * g - 1])
+    for _ = 1, tonumber(ARGV[at + 2 * g]) do per[#per + 1] = deadline end
+  end
+  return per, at + 2 * n + 1
+end
+local function past_window(at, deadline)
+  return deadline > 0 and at >= deadline
+end
+"""
+
+# The FCM budget's scale (issue 20), per mille of FCM_RATE_PER_MINUTE: notif:budget:scale holds it as it
+# was at `at` (ms: the last project-quota answer); it recovers RECOVERY per mille a minute since.
+_BUDGET_LUA = (
+    f"local FLOOR, RECOVERY, HALVING_MS = {round(BUDGET_FLOOR * 1000)}, {round(BUDGET_RECOVERY * 1000)}, "
+    f"{BUDGET_HALVING_SECONDS * 1000}"
+    + """
+local function budget_scale(key, now)
+  local found = redis.call('HMGET', key, 'scale', 'at')
+  if not found[1] then return 1000 end
+  return math.min(1000, tonumber(found[1]) + math.floor(RECOVERY * (now - tonumber(found[2])) / 60000))
+end
+"""
+)
+
+# KEYS: ledger, status, budget, budget scale. ARGV: now, lease_ms, max_attempts, budget (0: none), the
+# deadline groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number,
+# or the time it is busy / due until).
+_LEASE = (
+    _WINDOW_LUA
+    + _BUDGET_LUA
+    + """
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
-if limit > 0 then room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0')) end
-local out, leased, left_waiting, failed = {}, 0, 0, 0
-for i = 5, #ARGV do
-  local t = ARGV[i]
+if limit > 0 then
+  limit = math.max(1, math.floor(limit * budget_scale(KEYS[4], now) / 1000))  -- slowed by quota answers
+  room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0'))
+end
+local deadline_of, first = deadlines_from(5)
+local out, leased, left_waiting, failed, expired = {}, 0, 0, 0, 0
+for i = first, #ARGV do
+  local t, deadline = ARGV[i], deadline_of[i - first + 1]
   local s = redis.call('HGET', KEYS[1], t)
   if not s then
     redis.call('HSET', KEYS[1], t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
@@ -124,12 +182,17 @@ for i = 5, #ARGV do
     out[#out + 1] = 2; out[#out + 1] = 0
   elseif kind == 'L' and when > now then
     out[#out + 1] = 3; out[#out + 1] = when
-  elseif kind == 'W' and when > now then
-    out[#out + 1] = 4; out[#out + 1] = when
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
     out[#out + 1] = 2; out[#out + 1] = 0
+  elseif past_window(math.max(now, when), deadline) then
+    -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
+    redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
+    if kind == 'W' then left_waiting = left_waiting + 1 end
+    out[#out + 1] = 6; out[#out + 1] = 0
+  elseif kind == 'W' and when > now then
+    out[#out + 1] = 4; out[#out + 1] = when
   elseif leased >= room then
     out[#out + 1] = 5; out[#out + 1] = 0
   else
@@ -144,21 +207,28 @@ if left_waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', -left_waitin
 if failed > 0 then
   redis.call('HINCRBY', KEYS[2], 'failed', failed); redis.call('HINCRBY', KEYS[2], 'final', failed)
 end
+if expired > 0 then
+  redis.call('HINCRBY', KEYS[2], 'expired', expired); redis.call('HINCRBY', KEYS[2], 'final', expired)
+end
 if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.call('EXPIRE', KEYS[3], 5) end
 return out
 """
+)
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
 # store's owed dead-token removals (notif:deadtokens).
-# ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, then per token:
-# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms, attempt.
-# Returns {valve_tripped_now, config_error_first, tokens to remove...}. A token recorded
-# dead_removed is owed for removal in the same step, so a crash before the stores are changed
-# cannot leave it in them forever (the store clears the debt once both are changed).
-_CONFIRM = """
+# ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
+# then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, tokens to remove...}.
+# A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
+# changed cannot leave it in them forever (the store clears the debt once both are changed).
+_CONFIRM = (
+    _WINDOW_LUA
+    + """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
+local deadline_of, first = deadlines_from(7)
 local answers, mismatches = 0, 0
-for i = 7, #ARGV, 4 do
+for i = first, #ARGV, 4 do
   answers = answers + 1
   if ARGV[i + 1] == 'mismatch' then mismatches = mismatches + 1 end
 end
@@ -177,10 +247,18 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
-local out = {tripped, 0}
+local expired = {}
+local out = {tripped, 0, expired}
 local finals, waiting = 0, 0
-for i = 7, #ARGV, 4 do
-  local t, r = ARGV[i], ARGV[i + 1]
+-- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
+-- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
+local function wait_or_expire(t, attempts, at, deadline)
+  if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
+  redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
+  return nil
+end
+for i = first, #ARGV, 4 do
+  local t, r, deadline = ARGV[i], ARGV[i + 1], deadline_of[(i - first) / 4 + 1]
   local s = redis.call('HGET', KEYS[1], t)
   -- only the holder of this very attempt's lease may confirm it (a late answer from a lease that
   -- expired and was taken over is ignored)
@@ -189,7 +267,7 @@ for i = 7, #ARGV, 4 do
     local final = nil
     if r == 'retry' then
       if attempts >= maxa then final = 'failed'
-      else redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. ARGV[i + 2]); waiting = waiting + 1 end
+      else final = wait_or_expire(t, attempts, ARGV[i + 2], deadline) end
     elseif r == 'dead' or r == 'mismatch' then
       if valve then final = 'config_error'
       else final = 'dead_removed'; out[#out + 1] = t; redis.call('SADD', KEYS[6], t) end
@@ -210,6 +288,7 @@ redis.call('HSET', KEYS[2], 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
 return out
 """
+)
 
 # KEYS: once keys. ARGV: notification id. Releases the claims this notification holds.
 _RELEASE_ONCE = """
@@ -221,6 +300,32 @@ return n
 """
 
 
+# KEYS: budget scale. ARGV: now. A project-quota answer (issue 20): the budget's scale is halved, at
+# most once per HALVING_MS and never below FLOOR, and its recovery starts again from now; the key goes
+# once the scale would be whole again (no key: the whole budget). Returns {scale, halved now (0/1)}.
+_PROJECT_QUOTA = (
+    _BUDGET_LUA
+    + """
+local now = tonumber(ARGV[1])
+local scale = budget_scale(KEYS[1], now)
+local last = tonumber(redis.call('HGET', KEYS[1], 'halved') or '-1e15')
+local halved = 0
+if now - last >= HALVING_MS then scale = math.max(FLOOR, math.floor(scale / 2)); last = now; halved = 1 end
+redis.call('HSET', KEYS[1], 'scale', scale, 'at', now, 'halved', last)
+redis.call('PEXPIRE', KEYS[1], math.ceil((1000 - scale) * 60000 / RECOVERY) + HALVING_MS)
+return {scale, halved}
+"""
+)
+
+# KEYS: budget scale. ARGV: now. The scale in force (per mille).
+_BUDGET_SCALE = (
+    _BUDGET_LUA
+    + """
+return budget_scale(KEYS[1], tonumber(ARGV[1]))
+"""
+)
+
+
 class LeaseCode(enum.IntEnum):
     """The lease script's answer for one token (its first number per token)."""
 
@@ -229,6 +334,7 @@ class LeaseCode(enum.IntEnum):
     BUSY = 3  # leased by another live sender (value: its lease end, ms)
     NOT_DUE = 4  # waiting for a retry (value: when it is due, ms)
     NO_BUDGET = 5  # the project's FCM budget for this second is spent
+    EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
 
 
 class AnswerKind(enum.StrEnum):
@@ -260,6 +366,7 @@ class FinalOutcome(enum.StrEnum):
     PAYLOAD_REJECTED = "payload_rejected"
     CONFIG_ERROR = "config_error"
     FAILED = "failed"
+    EXPIRED = "expired"  # not delivered before its delivery window closed (shared.expiry)
 
 
 class LedgerState(enum.Enum):
@@ -306,7 +413,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
     return LedgerEntry(state, int(attempts), int(until))
 
 
-_LEASED, _FINAL, _BUSY, _NOT_DUE = map(int, list(LeaseCode)[:4])  # plain ints, compared per token
+_LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
 
 
 @dataclass(frozen=True)
@@ -316,6 +423,12 @@ class Lease:
     busy: dict[str, int]  # token -> lease end (ms), held by another live sender
     not_due: dict[str, int]  # token -> when its retry is due (ms)
     no_budget: list[str]
+    expired: list[str]  # made final `expired` by this lease: their window closed
+
+
+class BudgetChange(NamedTuple):
+    scale: float  # the FCM budget now, as a share of FCM_RATE_PER_MINUTE
+    halved: bool  # this answer halved it
 
 
 @dataclass(frozen=True)
@@ -323,6 +436,7 @@ class Confirmation:
     remove: list[str]  # dead tokens to remove from the stores
     valve_tripped: bool  # this batch tripped the safety valve
     config_error_first: bool  # the job's first configuration error
+    expired: list[str]  # retries that would have come after their window closed: final `expired`
 
 
 class Claims:
@@ -348,6 +462,8 @@ class Claims:
         self._lease = client.register_script(_LEASE)
         self._confirm = client.register_script(_CONFIRM)
         self._release_once = client.register_script(_RELEASE_ONCE)
+        self._project_quota = client.register_script(_PROJECT_QUOTA)
+        self._budget_scale = client.register_script(_BUDGET_SCALE)
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -364,6 +480,11 @@ class Claims:
     def delete_status(self, nid: str) -> None:
         self.redis.delete(status_key(nid))
 
+    def accepted_at(self, nid: str) -> int | None:
+        """When the notification was accepted (ms): its delivery window counts from here."""
+        found = self.redis.hget(status_key(nid), "created_at")
+        return int(found) if found is not None else None
+
     def set_parts_total(self, nid: str, parts_total: int) -> None:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
 
@@ -374,7 +495,7 @@ class Claims:
         raw, parts_seen = pipe.execute()
         if not raw:
             return None
-        fields = {k.decode(): int(v) for k, v in raw.items()}
+        fields = {text(k): int(v) for k, v in raw.items()}
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
         parts_total = fields.get("parts_total", 1)
         if parts_seen == 0:
@@ -422,15 +543,17 @@ class Claims:
         args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
         return bool(self._register_part(keys=keys, args=args))
 
-    def lease(self, nid: str, tokens: list[str], lease_ms: int) -> Lease:
-        second = int(time.time())
-        keys = [ledger_key(nid), status_key(nid), budget_key(second)]
-        reply = self._lease(keys=keys, args=[now_ms(), lease_ms, self.max_attempts, self.rate_per_second, *tokens])
+    def lease(self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES) -> Lease:
+        now = now_ms()
+        keys = [ledger_key(nid), status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY]
+        groups, tokens = _deadline_groups(deadlines, tokens, str)
+        reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *groups, *tokens])
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
         not_due: dict[str, int] = {}
         no_budget: list[str] = []
+        expired: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -441,13 +564,15 @@ class Claims:
                 busy[token] = value
             elif code == _NOT_DUE:
                 not_due[token] = value
-            else:
+            elif code == _NO_BUDGET:
                 no_budget.append(token)
-        return Lease(leased, final, busy, not_due, no_budget)
+            else:
+                expired.append(token)
+        return Lease(leased, final, busy, not_due, no_budget, expired)
 
-    def confirm(self, nid: str, answers: list[Answered]) -> Confirmation:
+    def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that
-        attempt's lease."""
+        attempt's lease; a retry that would come after its token's deadline makes it final ``expired``."""
         now = now_ms()
         bucket = now // 1000 // VALVE_WINDOW_SECONDS
         args: list[Any] = [
@@ -458,6 +583,8 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
+        groups, answers = _deadline_groups(deadlines, answers, _token_of)
+        args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
         keys = [
@@ -470,8 +597,22 @@ class Claims:
         ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
-            remove=[t.decode() for t in reply[2:]], valve_tripped=bool(reply[0]), config_error_first=bool(reply[1])
+            remove=[t.decode() for t in reply[3:]],
+            valve_tripped=bool(reply[0]),
+            config_error_first=bool(reply[1]),
+            expired=[t.decode() for t in reply[2]],
         )
+
+    # --- the FCM budget under quota answers -------------------------------------------------------
+
+    def record_project_quota(self) -> BudgetChange:
+        """FCM said the project's quota is spent: slow the shared budget (see BUDGET_HALVING_SECONDS)."""
+        scale, halved = self._project_quota(keys=[BUDGET_SCALE_KEY], args=[now_ms()])
+        return BudgetChange(int(scale) / 1000, bool(halved))
+
+    def budget_scale(self) -> float:
+        """The share of FCM_RATE_PER_MINUTE in force now (1.0 without recent project-quota answers)."""
+        return int(self._budget_scale(keys=[BUDGET_SCALE_KEY], args=[now_ms()])) / 1000
 
     def ledger(self, nid: str, tokens: list[str]) -> dict[str, LedgerEntry]:
         """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
@@ -531,6 +672,19 @@ class Claims:
 
     def idempotency_abort(self, key: str) -> None:
         self.redis.delete(idempotency_key(key))
+
+
+def _token_of(answer: Answered) -> str:
+    return answer.token
+
+
+def _deadline_groups(deadlines: Deadlines, items: list[T], token: Callable[[T], str]) -> tuple[list[int], list[T]]:
+    """The deadline groups' arguments (_WINDOW_LUA) and ``items`` in the order those groups say."""
+    groups = deadlines.groups(items, token)
+    args = [len(groups)]
+    for deadline, members in groups:
+        args += (deadline, len(members))
+    return args, items if len(groups) == 1 else [item for _, members in groups for item in members]
 
 
 def _iso(ms: int) -> str | None:

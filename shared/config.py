@@ -23,6 +23,10 @@ from typing import Any
 from shared import logs
 
 DAY = 86_400
+# The longest delivery window the bus can carry a part through: Pub/Sub redelivers a message at most
+# 100 times (the dead-letter policy's maximum) with at most 600 s between tries, ~16.7 h (~15.7 h with
+# the backoff's ramp from 10 s), so 14 h leaves over an hour and a half to spare (README: Delivery window).
+MAX_DELIVERY_WINDOW_SECONDS = 50_400
 KINDS = ("int", "str", "str | None", "tuple[str, ...]")  # the annotations a declared field may have
 _DECLARATION = "pushline.variable"  # the dataclass field metadata key holding a Variable
 
@@ -208,6 +212,15 @@ class Settings:
     )
     fcm_timeout_seconds: int = variable("FCM_TIMEOUT_SECONDS", 10, "one FCM request's timeout", minimum=1)
     max_attempts: int = variable("MAX_ATTEMPTS", 5, "attempts per token in all, across instances", minimum=1)
+    delivery_window_seconds: int = variable(
+        "DELIVERY_WINDOW_SECONDS",
+        43_200,
+        "how long after `send` accepted a notification its tokens may still be sent (12 h); a token not "
+        "delivered by then is final `expired`; a job's `android.ttl` / `apns-expiration` shortens it for "
+        "its platform; above `50400` (14 h, what the bus can carry a part through) stops the function from starting",
+        minimum=1,
+        maximum=MAX_DELIVERY_WINDOW_SECONDS,
+    )
     # Claims
     ledger_ttl_seconds: int = variable(
         "LEDGER_TTL_SECONDS", 7 * DAY, "how long a notification's ledger and status are kept", minimum=60

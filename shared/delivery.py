@@ -8,8 +8,9 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
   topic; the job is acknowledged only after every part is published;
 - a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
-- it acknowledges only when every token is final; tokens leased by another live copy, retries
-  not due within this instance's wait, users whose tokens could not be read, and any Redis error
+- it acknowledges only when every token is final (``expired`` too: a token whose delivery window
+  closed, ``shared.expiry``); tokens leased by another live copy, retries not due within this
+  instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
 - a malformed message (undecodable, or an invalid job of a version we know) is logged and
@@ -31,9 +32,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from shared import bus, instance, jobs, logs
-from shared.config import settings
-from shared.dispatch import dispatch
+from shared import bus, expiry, instance, jobs, logs
+from shared.claims import Claims, now_ms
+from shared.config import Settings, settings
+from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
 from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
@@ -161,6 +163,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             holders.setdefault(token, user_id)
     tokens = list(holders)
     claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
+    deadlines = _deadlines(job, devices, claims, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -179,6 +182,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             # outlives a live request (its token fetch and its send, each bounded by the timeout)
             # and the confirmation that follows it
             lease_ms=(2 * s.fcm_timeout_seconds + 5) * 1000,
+            deadlines=deadlines,
         )
 
     outcome = instance.run(run())
@@ -195,6 +199,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             "dead_removed": len(outcome.removed),
             "busy": len(outcome.busy),
             "later": len(outcome.later),
+            "expired": outcome.expired,
             "unresolved_users": len(unresolved),
         },
     )
@@ -207,6 +212,21 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
+
+
+def _deadlines(
+    job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
+) -> expiry.Deadlines:
+    """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
+    job's own expiry per platform (never inside this instance's in-process wait)."""
+    started = now_ms()
+    return expiry.deadlines_for(
+        job,
+        devices,
+        accepted_at=claims.accepted_at(job.id) or started,
+        window_seconds=s.delivery_window_seconds,
+        grace_until=started + IN_PROCESS_WAIT_MS,
+    )
 
 
 def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> None:

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from shared.claims import Claims, Lease, now_ms
+from shared.expiry import NO_DEADLINES, Deadlines
 from shared.window import Confirmed, MessageFor, RemoveDead, Send, SendWindow
 
 IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance
@@ -26,6 +27,7 @@ class PartOutcome:
     later: dict[str, int] = field(default_factory=dict)  # token -> retry time beyond this instance's wait
     removed: list[str] = field(default_factory=list)  # dead tokens removed from the stores
     sent: int = 0
+    expired: int = 0  # tokens this instance found past their delivery window (now final)
 
     @property
     def complete(self) -> bool:
@@ -42,6 +44,7 @@ async def dispatch(
     remove_dead: RemoveDead,
     max_in_flight: int,
     lease_ms: int,
+    deadlines: Deadlines = NO_DEADLINES,
 ) -> PartOutcome:
     """Send the notification to every token that is not final yet; see the module docstring."""
     part = _Schedule(tokens)
@@ -54,6 +57,7 @@ async def dispatch(
         max_in_flight=max_in_flight,
         lease_ms=lease_ms,
         senders=len(tokens),
+        deadlines=deadlines,
     )
     async with window:
         while part.pending or window.holding:
@@ -104,6 +108,7 @@ class _Schedule:
     def leased(self, lease: Lease) -> None:
         now, outcome = self.now, self.outcome
         outcome.sent += len(lease.leased)
+        outcome.expired += len(lease.expired)
         outcome.busy.update(lease.busy)
         for token, due in lease.not_due.items():
             self._retry(token, due, now)
@@ -112,6 +117,7 @@ class _Schedule:
 
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
+        self.outcome.expired += confirmed.expired
         for retry_at, token in confirmed.retries:
             self._retry(token, retry_at, confirmed.at)
 

@@ -11,6 +11,10 @@ more. ``_unconfirmed`` is that count; ``lease`` adds to it and ``confirm`` alone
   ``until``; answers are buffered;
 - ``confirm()``: the buffered answers go to the ledger in one round trip (in a worker thread); dead
   tokens are removed; what is to be retried is handed back to the caller, which decides when.
+
+Both ledger steps get the part's delivery deadlines (``shared.expiry``): a token whose window has
+closed, or whose retry would come after it, is made final ``expired`` there and logged here with the
+reason. A project-quota answer slows the shared FCM budget (``Claims.record_project_quota``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from shared import logs, outcomes
-from shared.claims import VALVE_MIN_ANSWERS, Answered, AnswerKind, Claims, Confirmation, Lease, now_ms
-from shared.outcomes import Kind, Outcome
+from shared.claims import (
+    BUDGET_HALVING_SECONDS,
+    BUDGET_RECOVERY,
+    VALVE_MIN_ANSWERS,
+    Answered,
+    AnswerKind,
+    BudgetChange,
+    Claims,
+    Confirmation,
+    Lease,
+    now_ms,
+)
+from shared.expiry import NO_DEADLINES, Deadlines
+from shared.outcomes import Cause, Kind, Outcome
 
 log = logs.get("dispatch")  # (the logger its lines have always carried)
 
@@ -61,11 +77,12 @@ def answer_kind(outcome: Outcome) -> AnswerKind:
 
 class Confirmed(NamedTuple):
     """What a confirmation leaves to the caller: the tokens to retry, as (retry time ms, token), timed
-    from ``at`` (ms); and the dead tokens removed from the stores."""
+    from ``at`` (ms); the dead tokens removed from the stores; how many tokens it made ``expired``."""
 
     at: int
     retries: list[tuple[int, str]]
     removed: list[str]
+    expired: int = 0
 
 
 class SendWindow:
@@ -83,9 +100,11 @@ class SendWindow:
         max_in_flight: int,
         lease_ms: int,
         senders: int,
+        deadlines: Deadlines = NO_DEADLINES,
     ) -> None:
         self.nid = nid
         self.claims = claims
+        self.deadlines = deadlines
         self.max_in_flight = max_in_flight
         self.lease_ms = lease_ms
         self._send = send
@@ -144,7 +163,9 @@ class SendWindow:
 
     async def lease(self, tokens: list[str]) -> Lease:
         """Lease the tokens (one round trip) and hand those leased to the senders."""
-        lease = await asyncio.to_thread(self.claims.lease, self.nid, tokens, self.lease_ms)
+        lease = await asyncio.to_thread(self.claims.lease, self.nid, tokens, self.lease_ms, self.deadlines)
+        if lease.expired:
+            self._log_expired(lease.expired, Counter())
         leased = len(lease.leased)
         self._unconfirmed += leased
         self.sending += leased
@@ -193,27 +214,40 @@ class SendWindow:
         answers, self._answers = self._answers, []
         now = now_ms()
         batch: list[Answered] = []
+        project_quota = 0
         for token, outcome, attempt in answers:
             kind = answer_kind(outcome)
             retry_at = 0
             if kind is AnswerKind.RETRY:
                 retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000)
+                if outcome.cause is Cause.QUOTA:  # the project's quota: every instance slows down
+                    project_quota += 1
             elif kind is AnswerKind.PAYLOAD_REJECTED:
                 self._log_rejected(outcome)
             batch.append(Answered(token, kind, retry_at, attempt))
         # Redis and PostgreSQL calls run in a worker thread: the loop keeps reading FCM's answers.
-        confirmation = await asyncio.to_thread(self.claims.confirm, self.nid, batch)
+        confirmation, budget = await asyncio.to_thread(self._record, batch, project_quota)
         self._unconfirmed -= len(batch)
         self._confirmed += len(batch)
-        self._log_alarms(confirmation)
+        self._log_alarms(confirmation, budget)
         if confirmation.remove:
             await asyncio.to_thread(self._remove_dead, confirmation.remove)
-        # A retry answer to the last allowed attempt made the token final (failed): nothing to retry.
+        # A retry answer to the last allowed attempt made the token final (failed), and one that would
+        # come after the token's window made it final (expired): nothing to retry for either.
         last = self.claims.max_attempts
         retries = [(a.retry_at, a.token) for a in batch if a.kind is AnswerKind.RETRY and a.attempt < last]
-        return Confirmed(now, retries, confirmation.remove)
+        if confirmation.expired:
+            expired = set(confirmation.expired)
+            self._log_expired(confirmation.expired, Counter(o.code for t, o, _ in answers if t in expired))
+            retries = [(at, token) for at, token in retries if token not in expired]
+        return Confirmed(now, retries, confirmation.remove, len(confirmation.expired))
 
-    def _log_alarms(self, confirmation: Confirmation) -> None:
+    def _record(self, batch: list[Answered], project_quota: int) -> tuple[Confirmation, BudgetChange | None]:
+        """The ledger step for a batch of answers, and the budget's slow-down when some were project-quota."""
+        confirmation = self.claims.confirm(self.nid, batch, self.deadlines)
+        return confirmation, self.claims.record_project_quota() if project_quota else None
+
+    def _log_alarms(self, confirmation: Confirmation, budget: BudgetChange | None) -> None:
         if confirmation.valve_tripped:
             log.critical(
                 "safety valve: at least 20% of FCM answers are SENDER_ID_MISMATCH; dead-token removal stopped "
@@ -225,6 +259,27 @@ class SendWindow:
                 "FCM configuration error (APNs / web push credentials, or FCM permissions)",
                 extra={"notification_id": self.nid},
             )
+        if budget is not None and budget.halved:
+            log.warning(
+                f"FCM says the project's quota is spent: every instance now sends at most {budget.scale:.0%} of "
+                f"FCM_RATE_PER_MINUTE (halved at most every {BUDGET_HALVING_SECONDS} s, back by "
+                f"{BUDGET_RECOVERY:.0%} a minute without such answers)",
+                extra={"notification_id": self.nid, "budget_scale": budget.scale},
+            )
+
+    def _log_expired(self, tokens: list[str], last_answers: Counter[str]) -> None:
+        """One line per ledger step that expired tokens: how many, why, and what FCM last said to them."""
+        reasons = Counter(self.deadlines.reason(token) for token in tokens)
+        log.warning(
+            "tokens expired: not delivered before their delivery window closed",
+            extra={
+                "notification_id": self.nid,
+                "expired": len(tokens),
+                "reason": "; ".join(f"{reason}: {n}" for reason, n in reasons.items()),
+                "last_answers": dict(last_answers) or None,
+                "tokens": [logs.short(token) for token in tokens[:5]],
+            },
+        )
 
     def _log_rejected(self, outcome: Outcome) -> None:
         """Log each distinct payload rejection once per part (one bad payload fails every token)."""

@@ -150,3 +150,38 @@ def e2e_stack(servers: Servers):
     stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url)
     yield stack
     stack.stop()
+
+
+class Clock:
+    """The ledger's clock (``shared.claims.wall_clock``: leases, retry times, the FCM budget, delivery
+    windows) under a test's control: real time plus an offset the test moves forward, so in-process
+    waits still pass while minutes or hours are skipped; or frozen (``freeze``) for exact arithmetic."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.frozen: float | None = None
+
+    def __call__(self) -> float:
+        import time
+
+        return (time.time() if self.frozen is None else self.frozen) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def freeze(self, at: float | None = None) -> None:
+        import time
+
+        self.frozen, self.offset = (time.time() if at is None else at), 0.0
+
+    def ms(self) -> int:
+        return int(self() * 1000)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from shared import claims
+
+    moved = Clock()
+    monkeypatch.setattr(claims, "wall_clock", moved)
+    return moved

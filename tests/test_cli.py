@@ -174,6 +174,7 @@ def test_status_of_a_known_id(env: dict[str, str], capsys: pytest.CaptureFixture
     code, out, _ = run(capsys, "status", "n-42")
     assert code == 0
     assert out.startswith("n-42: accepted")
+    assert "failed 0, expired 0, retrying 0" in out  # every count, the delivery window's too
 
 
 def test_stats_shows_every_counter(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

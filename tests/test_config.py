@@ -192,6 +192,19 @@ def test_bounds_in_a_declaration_name_the_variable() -> None:
         window.read({"DELIVERY_WINDOW_SECONDS": "50401"})
 
 
+def test_a_delivery_window_longer_than_the_bus_can_carry_a_part_refuses_to_start() -> None:
+    """Pub/Sub redelivers a part at most 100 times, at most 600 s apart (~16.7 h): 14 h at most."""
+    assert config.load({}).delivery_window_seconds == 43_200
+    assert config.load({"DELIVERY_WINDOW_SECONDS": "50400"}).delivery_window_seconds == 50_400
+    refused = "DELIVERY_WINDOW_SECONDS must be at most 50400, got 50401"
+    with pytest.raises(config.ConfigError, match=f"^{refused}$"):
+        config.load({"DELIVERY_WINDOW_SECONDS": "50401"})
+    for cloud in (False, True):
+        env = {**known_env(cloud), "DELIVERY_WINDOW_SECONDS": "50401"}
+        started, _ = start(env)
+        assert started.returncode != 0 and refused in started.stderr, started.stderr
+
+
 # --- unknown variables: one warning each at start ---------------------------------------------------------
 
 UNKNOWN = {

@@ -298,6 +298,9 @@ def test_dead_letters_on_the_event_subscriptions(dry_run: Result) -> None:
         assert flag(command, "ack-deadline") == "600"
         assert flag(command, "min-retry-delay") == "10s"
         assert flag(command, "max-retry-delay") == "600s"
+        # a part may wait on the bus through its whole delivery window (at most 14 h): kept 7 days, not
+        # Eventarc's default 24 h, so retention never discards one before its window closes
+        assert flag(command, "message-retention-duration") == "7d"
     # The subscription is looked up at run time (Eventarc names it), shown but not run.
     lookups = [c for c in commands if c[:4] == ["gcloud", "eventarc", "triggers", "describe"]]
     assert len(lookups) == 2

@@ -471,6 +471,7 @@ def test_send_status_shape(send_client):
         "payload_rejected",
         "config_error",
         "failed",
+        "expired",
         "retrying",
     }
     assert all(isinstance(v, int) for v in body["counts"].values())
