@@ -58,12 +58,24 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    """A private redis-server on a free port, with its data kept on disk across restarts."""
+    """A private redis-server on a free port, with its data kept on disk across restarts.
 
-    def __init__(self, port: int | None = None, directory: str | None = None, persistent: bool = True) -> None:
+    ``appendfsync`` is the append-only file's policy: ``always`` (the default here), or ``everysec``
+    (Redis's own default, and Memorystore's) for a test of what a crash loses. The file is never
+    rewritten behind a test's back (no automatic rewrite): ``append_only_file`` is the one it writes.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        directory: str | None = None,
+        persistent: bool = True,
+        appendfsync: str = "always",
+    ) -> None:
         self.port = port or free_port()
         self.directory = directory or tempfile.mkdtemp(prefix="pushline-redis-")
         self.persistent = persistent
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen | None = None
 
     @property
@@ -84,7 +96,9 @@ class RedisServer:
             "--appendonly",
             "yes" if self.persistent else "no",
             "--appendfsync",
-            "always",
+            self.appendfsync,
+            "--auto-aof-rewrite-percentage",
+            "0",
             "--protected-mode",
             "no",
             "--maxmemory-policy",
@@ -95,6 +109,11 @@ class RedisServer:
         wait_until(lambda: client.ping(), what=f"redis-server on {self.port}")
         client.close()
         return self
+
+    def append_only_file(self) -> Path:
+        """The append-only file Redis appends to now (Redis 7: the one ``incr`` file of its directory)."""
+        (found,) = (Path(self.directory) / "appendonlydir").glob("*.incr.aof")
+        return found
 
     def stop(self) -> None:
         """Stop the process (SIGTERM: Redis flushes its append-only file first)."""

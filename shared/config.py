@@ -202,7 +202,7 @@ class Settings:
         "FCM_MAX_IN_FLIGHT",
         500,
         "tokens between lease and confirmed answer per instance (= requests in flight; = the most that may "
-        "be sent twice after a crash)",
+        "be sent twice after an instance crash; see Guarantees for Redis losing writes)",
         minimum=1,
     )
     fcm_rate_per_minute: int = variable(
