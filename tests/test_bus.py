@@ -24,6 +24,7 @@ from local.bus import LocalBus, local_bus
 from local.pubsub_emulator import PubSubEmulator, free_port, port_is_open
 from shared import bus
 from shared.config import settings
+from tests.conftest import require
 
 PROJECT = "demo-pushline"
 TOPIC = "pushline-jobs"
@@ -34,10 +35,7 @@ EVENT_TYPE = "google.cloud.pubsub.topic.v1.messagePublished"
 
 
 def require_gcloud() -> None:
-    if shutil.which("gcloud") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("gcloud (Pub/Sub emulator) is required under CI=true")
-        pytest.skip("gcloud is not installed: no Pub/Sub emulator")
+    require(shutil.which("gcloud") is not None, "gcloud is not installed: no Pub/Sub emulator")
 
 
 @pytest.fixture(autouse=True)
