@@ -185,6 +185,11 @@ class PubSubEmulator:
         )
         return path
 
+    def set_push_endpoint(self, subscription: str, push_endpoint: str) -> None:
+        """Push the subscription's messages to another URL from now on (its retry policy stays)."""
+        path = self.subscription_path(subscription)
+        self._call("POST", f"{path}:modifyPushConfig", {"pushConfig": {"pushEndpoint": push_endpoint}})
+
     def create_pull_subscription(self, subscription: str, topic: str, *, ack_deadline: int = 60) -> str:
         path = self.subscription_path(subscription)
         self._call("PUT", path, {"topic": self.topic_path(topic), "ackDeadlineSeconds": ack_deadline})

@@ -18,7 +18,7 @@ import pytest
 from shared import bus, instance
 from shared.cli import main
 from shared.store import TokenStore
-from tests.conftest import IN_CI, PROJECT
+from tests.conftest import PROJECT, require
 
 try:
     from local.pubsub_emulator import PubSubEmulator
@@ -336,10 +336,7 @@ def test_send_with_an_idempotency_key_gives_the_same_id(
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[PubSubEmulator]:
-    if shutil.which("gcloud") is None:
-        if IN_CI:
-            pytest.fail("gcloud (Pub/Sub emulator) is required under CI=true")
-        pytest.skip("gcloud is not installed: no Pub/Sub emulator")
+    require(shutil.which("gcloud") is not None, "gcloud is not installed: no Pub/Sub emulator")
     with PubSubEmulator(PROJECT) as emu:
         yield emu
 

@@ -68,10 +68,25 @@ def test_transient_failures_retried(fcm, store):
 
 
 def test_malformed_event_acknowledged(fcm, store):
-    assert delivery.handle({"message": {"data": "!!!"}}) == "malformed"
-    assert delivery.handle(event({"version": 0, "user_ids": ["a"]})) == "malformed"
-    # (a version above ours is not malformed: a newer deploy may deliver it; tests/test_hardening_errors.py)
-    assert fcm.messages() == []
+    """Bad messages naming a user who has a device send nothing; the same user's valid job does."""
+    store.register("alice", "tok-a1")
+    store.register("alice", "dead-a2")
+    note = {"notification": {"title": "Hi"}}
+    bad = [
+        {"message": {"data": "!!!"}},
+        # (a version above ours is not malformed: a newer deploy may deliver it; tests/test_hardening_errors.py)
+        event({"version": 0, "user_ids": ["alice"], **note}),
+        event(job(id="bad-field", user_ids=["alice"], bogus=1)),
+        event(job(id="bad-users", user_ids=["alice", 7])),
+        event({"kind": "part", "part": 2, "parts": 2, "job": job(id="bad-part", user_ids=["alice"])}),
+    ]
+    for message in bad:
+        assert delivery.handle(message) == "malformed", message
+    assert fcm.messages() == []  # every request FCM received, answered or not
+    assert set(store.db_tokens("alice")) == {"tok-a1", "dead-a2"}
+    assert all(instance.claims().status(nid) is None for nid in ("bad-field", "bad-users", "bad-part"))
+    assert delivery.handle(event(job(id="good", user_ids=["alice"]))) == "delivered"  # the user was reachable
+    assert Counter(m["message"]["token"] for m in fcm.messages()) == Counter({"tok-a1": 1, "dead-a2": 1})
 
 
 def test_1200_tokens(fcm, store):

@@ -2,9 +2,9 @@
 public v1 jobs published straight to ``pushline-jobs``, ``check-rules`` and ``publish-event``, and a
 second stack whose rules file is bad (``on_event`` fails, ``register`` / ``send`` / ``deliver`` work).
 
-Waiting is always bounded polling (``wait_until``). "Nothing sent" is asserted after a barrier that
-proves the message was handled: a Redis counter that only moves once it was acknowledged, or the
-``deliver`` log line of each copy of a job.
+Waiting is always bounded polling (``wait_until``). "Nothing sent" and "sent once" are asserted after
+a barrier that proves every message was handled: a Redis counter that only moves once it was
+acknowledged, or ``deliver``'s 2xx answer to every copy of a job (``Client.wait_acknowledged``).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_the_same_event_twice_notifies_once(client, e2e_stack, same):
     assert first != second
     nid = notification_id("order.completed", event_key)
     client.wait_counter("events_rendered", rendered + 2)  # on_event turned both copies into jobs
-    client.wait_parts_processed(nid, 2)  # ... and deliver handled both jobs
+    client.wait_acknowledged(nid, 2)  # ... and deliver acknowledged both jobs
     status = client.wait_done(nid)
     assert status["counts"]["delivered"] == 3 and status["tokens"] == 3
     assert client.received(tokens) == Counter({t: 1 for t in tokens})
@@ -259,7 +259,7 @@ def test_published_twice_with_one_idempotency_key_notifies_once(client, e2e_stac
     assert nid.startswith("j-") and len(nid) == 32
     publish_job(e2e_stack, job_for(user), {"idempotency_key": key})
     publish_job(e2e_stack, job_for(user), {"idempotency_key": key})
-    client.wait_parts_processed(nid, 2)
+    client.wait_acknowledged(nid, 2)
     status = client.wait_done(nid)  # readable at GET /<derived id>
     assert status["id"] == nid
     assert status["counts"]["delivered"] == 2 and status["tokens"] == 2

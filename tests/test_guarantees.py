@@ -26,7 +26,7 @@ import redis
 from local.bus import local_bus
 from local.fake_fcm import FakeFcm
 from shared import bus, delivery, dispatch, instance, jobs
-from shared.accept import fingerprint
+from shared.accept import fingerprint, keyed_id
 from shared.claims import VALVE_MIN_ANSWERS, FinalOutcome, LedgerEntry, LedgerState, ledger_key, once_key, status_key
 from shared.config import settings
 from shared.fcm import make_client
@@ -481,19 +481,26 @@ def test_send_status_shape(send_client):
 
 
 def test_send_bus_unreachable_answers_503_and_leaves_nothing(env, monkeypatch):
-    nid = fixed_id(monkeypatch, "bus-down")
+    """With the bus down, send answers 503 and leaves no status (GET /<id> would say "accepted" for a
+    notification that never left) and no held Idempotency-Key, with or without a key."""
+    plain = fixed_id(monkeypatch, "bus-down")
+    keyed = keyed_id("down-1", fingerprint(BODY))  # a keyed request's id comes from its key and body
+    r = redis.Redis.from_url(env["REDIS_URL"])
     client = send_app(monkeypatch, PUBSUB_EMULATOR_HOST=f"127.0.0.1:{free_port()}")
     try:
         assert local_bus() is None
-        answer = client.post("/", json=BODY, headers={"Idempotency-Key": "down-1"})
+        answers = [client.post("/", json=BODY), client.post("/", json=BODY, headers={"Idempotency-Key": "down-1"})]
     finally:
         bus.reset_for_tests()
-    assert answer.status_code == 503
-    assert answer.headers.get("Retry-After")
-    assert "error" in answer.get_json()
-    r = redis.Redis.from_url(env["REDIS_URL"])
-    assert r.exists(status_key(nid)) == 0
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.headers.get("Retry-After")
+        assert "error" in answer.get_json()
+    assert r.exists(status_key(plain), status_key(keyed)) == 0
+    assert list(r.scan_iter("notif:status:*")) == []
     assert r.exists("notif:idem:down-1") == 0  # the key is free again: a retry may publish
+    for nid in (plain, keyed):
+        assert client.get(f"/{nid}").status_code == 404
 
 
 def test_send_redis_unreachable_answers_503(env, receiver, monkeypatch):
