@@ -3,7 +3,9 @@
   notif:ledger:{id}        Hash token -> state, per notification (kept LEDGER_TTL_SECONDS):
                              N                     registered, not yet sent
                              L:{attempts}:{until}  leased by a sender until `until` (ms)
-                             W:{attempts}:{at}     waiting to be retried at `at` (ms)
+                             W:{attempts}:{at}     waiting to be retried at `at` (ms); an answer that
+                                                   spends no attempt (an outage, our credentials)
+                                                   gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error or failed
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
@@ -16,6 +18,9 @@
   notif:budget:{second}    FCM sends granted in that second, across all instances
   notif:valve:{bucket}     Hash answers / mismatches in a 5-minute bucket, project-wide
   notif:valve:tripped      set (for 5 minutes) when the project-wide window tripped the valve
+  notif:pause              Hash since, next, interval (ms): FCM is failing, nobody leases (but the
+                           prober); expires 5 minutes after it was set or last probed (shared/breaker.py)
+  notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
 
 Every state change is one Lua script over one notification, so copies of an event running in
@@ -40,6 +45,8 @@ VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
 VALVE_WINDOW_SECONDS = 300  # the project-wide valve looks at the last 5 to 10 minutes
 VALVE_KEY = "notif:valve:tripped"
+PAUSE_KEY = "notif:pause"  # the breaker's project-wide pause (shared/breaker.py)
+PROBE_KEY = "notif:probe"  # its one prober's lock
 
 
 def ledger_key(nid: str) -> str:
@@ -100,9 +107,12 @@ for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return first
 """
 
-# KEYS: ledger, status, budget. ARGV: now, lease_ms, max_attempts, budget (0: none), tokens...
-# Returns a flat list: code, value per token (attempt number, or the time it is busy / due until).
+# KEYS: ledger, status, budget[, pause]. ARGV: now, lease_ms, max_attempts, budget (0: none), tokens...
+# Returns a flat list: code, value per token (attempt number, or the time it is busy / due until);
+# {-1} alone while the project-wide pause holds (only a probe's lease leaves KEYS[4] out).
 _LEASE = """
+-- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return {-1} end
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -151,7 +161,7 @@ return out
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, then per token:
-# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at ms, attempt.
+# token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at ms, attempt.
 # Returns {valve_tripped_now, config_error_first, tokens to remove...}. A token recorded
 # dead_removed is owed for removal in the same step, so a crash before the stores are changed
 # cannot leave it in them forever (the store clears the debt once both are changed).
@@ -187,7 +197,11 @@ for i = 7, #ARGV, 4 do
   if s and string.sub(s, 1, 1) == 'L' and tonumber(string.match(s, '^L:(%d+):')) == tonumber(ARGV[i + 3]) then
     local attempts = tonumber(string.match(s, '^L:(%d+):'))
     local final = nil
-    if r == 'retry' then
+    if r == 'wait' then
+      -- the breaker (issue 20): an answer that says nothing about the token (FCM failing, our
+      -- credentials) spends no attempt: the attempt is given back, never final
+      redis.call('HSET', KEYS[1], t, 'W:' .. (attempts - 1) .. ':' .. ARGV[i + 2]); waiting = waiting + 1
+    elseif r == 'retry' then
       if attempts >= maxa then final = 'failed'
       else redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. ARGV[i + 2]); waiting = waiting + 1 end
     elseif r == 'dead' or r == 'mismatch' then
@@ -240,11 +254,12 @@ class AnswerKind(enum.StrEnum):
     PAYLOAD_REJECTED = "payload_rejected"
     CONFIG_ERROR = "config_error"
     RETRY = "retry"  # transient: retried at ``retry_at`` until MAX_ATTEMPTS, then failed
+    WAIT = "wait"  # FCM or our credentials failing: waits until ``retry_at``, its attempt given back
 
 
 class Answered(NamedTuple):
     """One FCM answer to confirm: the token, what the answer means, when to retry it (ms; 0 unless
-    RETRY) and the attempt it answers (only that attempt's lease holder may confirm it)."""
+    RETRY or WAIT) and the attempt it answers (only that attempt's lease holder may confirm it)."""
 
     token: str
     kind: AnswerKind
@@ -316,6 +331,7 @@ class Lease:
     busy: dict[str, int]  # token -> lease end (ms), held by another live sender
     not_due: dict[str, int]  # token -> when its retry is due (ms)
     no_budget: list[str]
+    paused: tuple[str, ...] = ()  # not looked at: the project-wide pause holds
 
 
 @dataclass(frozen=True)
@@ -422,10 +438,16 @@ class Claims:
         args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
         return bool(self._register_part(keys=keys, args=args))
 
-    def lease(self, nid: str, tokens: list[str], lease_ms: int) -> Lease:
+    def lease(self, nid: str, tokens: list[str], lease_ms: int, *, probe: bool = False) -> Lease:
+        """Lease what may be sent now; nothing while the breaker's pause holds, unless ``probe`` (the
+        caller holds the one prober's lock)."""
         second = int(time.time())
         keys = [ledger_key(nid), status_key(nid), budget_key(second)]
+        if not probe:
+            keys.append(PAUSE_KEY)
         reply = self._lease(keys=keys, args=[now_ms(), lease_ms, self.max_attempts, self.rate_per_second, *tokens])
+        if len(reply) == 1:  # {-1}: paused
+            return Lease({}, [], {}, {}, [], paused=tuple(tokens))
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
