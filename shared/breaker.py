@@ -31,6 +31,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -103,7 +104,7 @@ class Pause:
         return now >= self.next_probe and not self.probing
 
 
-def _pause(reply: list, probing: bool = False) -> Pause | None:
+def _pause(reply: list[Any], probing: bool = False) -> Pause | None:
     if not reply or reply[0] is None:
         return None
     since, next_probe, interval = (int(v) for v in reply)
@@ -183,7 +184,7 @@ class Breaker:
 
     def probe_failed(self, owner: str, now: int) -> Pause:
         """The probe got an outage answer: the next one comes twice as late (at most 30 s)."""
-        args = [now, owner, PROBE_FIRST_MS, PROBE_MAX_MS, PAUSE_TTL_MS]
+        args: list[int | str] = [now, owner, PROBE_FIRST_MS, PROBE_MAX_MS, PAUSE_TTL_MS]
         pause = _pause(self._probe_failed(keys=[PAUSE_KEY, PROBE_KEY], args=args))
         assert pause is not None
         return pause
