@@ -13,8 +13,8 @@ Behaviour per token, by prefix:
 | ``payload-``   | 400 INVALID_ARGUMENT about the payload                            |
 | anything else  | 200 ``{"name": "projects/P/messages/<id>"}``                      |
 
-Each record: ``{"message", "attempt", "received_at", "answer", "status"}`` (status 0: connection
-dropped). Script entries are the names in ``ERRORS`` plus ``OK``, ``HANG`` (no answer for 30 s)
+Each record: ``{"message", "attempt", "received_at", "answer", "status", "in_outage"}`` (status 0:
+connection dropped). Script entries are the names in ``ERRORS`` plus ``OK``, ``HANG`` (no answer for 30 s)
 and ``DROP`` (close the connection); an error name may end in ``:SECONDS`` to set its
 ``Retry-After`` (``"UNAVAILABLE:30"``: a 503 with ``Retry-After: 30``).
 
@@ -25,8 +25,14 @@ Control API:
   injected failures are decided by a hash of (seed, token, attempt number), so runs repeat;
   ``refused_bearers`` lists OAuth access tokens answered 401 UNAUTHENTICATED without an FCM code
   (``"*"``: every one), as FCM answers a revoked or expired access token.
-- ``GET /_fake/messages[?token=]``; ``DELETE /_fake/messages`` resets records, attempt counters
-  and scripts; ``GET /_fake/stats`` (counts per answer, max requests in flight); ``GET /healthz``.
+- ``POST /_fake/outage {"answer": "UNAVAILABLE", "after_ok": N, "seconds": S}``: an outage of the
+  whole service (or of our access to it): after N more OK answers, every request is answered
+  ``answer`` (a name in ``ERRORS``) for S seconds, whatever its token or script says. Its answers carry
+  no Retry-After unless the answer names one (``"UNAVAILABLE:5"``). Each record then says whether it
+  fell in the outage (``"in_outage"``); ``{"answer": null}`` cancels it.
+- ``GET /_fake/messages[?token=]``; ``DELETE /_fake/messages`` resets records, attempt counters,
+  scripts and the outage; ``GET /_fake/stats`` (counts per answer, max requests in flight, the
+  outage); ``GET /healthz``.
 
 Run: ``python -m local.fake_fcm --host 127.0.0.1 --port 9090 --delay-ms 40 [--no-record]``.
 In tests: ``FakeFcm().start()`` runs it on a free port in a background thread.
@@ -137,10 +143,10 @@ def split_answer(answer: str) -> tuple[str, str | None]:
     return answer, None
 
 
-def error_body(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+def error_body(name: str, *, retry_after_default: bool = True) -> tuple[int, dict[str, Any], dict[str, str]]:
     name, retry_after_override = split_answer(name)
     status, grpc_status, message, fcm_code, retry_after = ERRORS[name]
-    retry_after = retry_after_override or retry_after
+    retry_after = retry_after_override or (retry_after if retry_after_default else None)
     error: dict[str, Any] = {"code": status, "message": message, "status": grpc_status}
     if fcm_code:
         error["details"] = [{"@type": FCM_ERROR, "errorCode": fcm_code}]
@@ -150,6 +156,42 @@ def error_body(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         error["details"].append({"@type": QUOTA_FAILURE, "violations": [QUOTA_VIOLATIONS[name]]})
     headers = {"Retry-After": retry_after} if retry_after else {}
     return status, {"error": error}, headers
+
+
+class Outage:
+    """The whole service failing: after ``after_ok`` more OK answers, every request is answered
+    ``answer`` for ``seconds``."""
+
+    def __init__(self, answer: str, after_ok: int, seconds: float) -> None:
+        if split_answer(answer)[0] not in ERRORS:
+            raise ValueError(f"unknown outage answer: {answer}")
+        if after_ok < 0 or seconds <= 0:
+            raise ValueError("an outage needs after_ok >= 0 and seconds > 0")
+        self.answer, self.after_ok, self.seconds = answer, after_ok, seconds
+        self.started_at: float | None = time.time() if after_ok == 0 else None
+        self.requests = 0  # answered during the outage
+
+    def now_in(self) -> bool:
+        """Whether a request answered now falls in the outage."""
+        started = self.started_at
+        return started is not None and time.time() < started + self.seconds
+
+    def ok_answered(self) -> None:
+        """One more OK answer before the outage: the last one it waits for starts it."""
+        if self.started_at is None:
+            self.after_ok -= 1
+            if self.after_ok <= 0:
+                self.started_at = time.time()
+
+    def describe(self) -> dict[str, Any]:
+        started = self.started_at
+        return {
+            "answer": self.answer,
+            "seconds": self.seconds,
+            "started_at": started,
+            "ends_at": None if started is None else started + self.seconds,
+            "requests": self.requests,
+        }
 
 
 class FakeState:
@@ -169,6 +211,7 @@ class FakeState:
         self.messages: list[dict[str, Any]] = []
         self.attempts: Counter[str] = Counter()
         self.scripts: dict[str, list[str]] = {}
+        self.outage: Outage | None = None
         self.answers: Counter[str] = Counter()
         self.received = 0
         self.max_in_flight = self.in_flight
@@ -199,8 +242,12 @@ class FakeState:
             answer = self.injected(token, attempt) or "OK"
         return answer
 
+    def set_outage(self, answer: str | None, after_ok: int = 0, seconds: float = 0.0) -> None:
+        self.outage = None if answer is None else Outage(answer, after_ok, seconds)
+
     def stats(self) -> dict[str, Any]:
         return {
+            "outage": None if self.outage is None else self.outage.describe(),
             "received": self.received,
             "answers": dict(self.answers),
             "in_flight": self.in_flight,
@@ -245,9 +292,19 @@ async def _send(request: web.Request) -> web.StreamResponse:
             state.messages.append(record)
         if state.delay_ms:
             await asyncio.sleep(state.delay_ms / 1000)
-        answer = state.answer_for(token, attempt)
+        outage = state.outage
+        in_outage = outage is not None and outage.now_in()
+        answer = outage.answer if outage is not None and in_outage else state.answer_for(token, attempt)
         state.answers[answer] += 1
-        record["answer"] = answer
+        record["answer"], record["in_outage"] = answer, in_outage
+        if in_outage:
+            assert outage is not None
+            outage.requests += 1
+            status, body, headers = error_body(answer, retry_after_default=False)
+            record["status"] = status
+            return _json(body, status, headers)
+        if answer == "OK" and outage is not None:
+            outage.ok_answered()
         if answer == "HANG":
             await asyncio.sleep(HANG_SECONDS)
             answer = "OK"
@@ -295,6 +352,15 @@ async def _config(request: web.Request) -> web.Response:
     )
 
 
+async def _outage(request: web.Request) -> web.Response:
+    data = await request.json()
+    try:
+        request.app[STATE].set_outage(data.get("answer"), int(data.get("after_ok", 0)), float(data.get("seconds", 0)))
+    except (ValueError, TypeError) as exc:
+        return _json({"error": str(exc)}, 400)
+    return _json({"ok": True})
+
+
 async def _messages(request: web.Request) -> web.Response:
     state: FakeState = request.app[STATE]
     token = request.query.get("token")
@@ -321,6 +387,7 @@ def make_app(delay_ms: float = 0.0, record: bool = True) -> web.Application:
     app.router.add_post("/v1/projects/{project}/messages:send", _send)
     app.router.add_post("/_fake/script", _script)
     app.router.add_post("/_fake/config", _config)
+    app.router.add_post("/_fake/outage", _outage)
     app.router.add_get("/_fake/messages", _messages)
     app.router.add_delete("/_fake/messages", _reset)
     app.router.add_get("/_fake/stats", _stats)
@@ -387,6 +454,10 @@ class FakeFcm:
 
     def configure(self, **cfg: Any) -> None:
         self._in_loop(self.state.configure, cfg)
+
+    def outage(self, answer: str | None, *, after_ok: int = 0, seconds: float = 0.0) -> None:
+        """Fail every request with ``answer`` for ``seconds``, after ``after_ok`` more OK answers."""
+        self._in_loop(self.state.set_outage, answer, after_ok, seconds)
 
     def reset(self) -> None:
         self._in_loop(self.state.reset)

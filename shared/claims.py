@@ -3,7 +3,9 @@
   notif:ledger:{id}        Hash token -> state, per notification (kept LEDGER_TTL_SECONDS):
                              N                     registered, not yet sent
                              L:{attempts}:{until}  leased by a sender until `until` (ms)
-                             W:{attempts}:{at}     waiting to be retried at `at` (ms)
+                             W:{attempts}:{at}     waiting to be retried at `at` (ms); an answer that
+                                                   spends no attempt (an outage, our credentials)
+                                                   gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error, failed or expired
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
@@ -18,6 +20,9 @@
                            slowed by project-quota answers; gone once it has recovered
   notif:valve:{bucket}     Hash answers / mismatches in a 5-minute bucket, project-wide
   notif:valve:tripped      set (for 5 minutes) when the project-wide window tripped the valve
+  notif:pause              Hash since, next, interval (ms): FCM is failing, nobody leases (but the
+                           prober); expires 5 minutes after it was set or last probed (shared/breaker.py)
+  notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
 
 Every state change is one Lua script over one notification, so copies of an event running in
@@ -51,6 +56,8 @@ BUDGET_SCALE_KEY = "notif:budget:scale"
 BUDGET_HALVING_SECONDS = 10
 BUDGET_FLOOR = 0.1
 BUDGET_RECOVERY = 0.1
+PAUSE_KEY = "notif:pause"  # the breaker's project-wide pause (shared/breaker.py)
+PROBE_KEY = "notif:probe"  # its one prober's lock
 
 
 def ledger_key(nid: str) -> str:
@@ -150,13 +157,16 @@ end
 """
 )
 
-# KEYS: ledger, status, budget, budget scale. ARGV: now, lease_ms, max_attempts, budget (0: none), the
+# KEYS: ledger, status, budget, budget scale[, pause]. ARGV: now, lease_ms, max_attempts, budget (0: none), the
 # deadline groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number,
-# or the time it is busy / due until).
+# or the time it is busy / due until); {-1} alone while the project-wide pause holds (only a probe's
+# lease leaves the pause key out).
 _LEASE = (
     _WINDOW_LUA
     + _BUDGET_LUA
     + """
+-- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then return {-1} end
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -218,7 +228,7 @@ return out
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
-# then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry), retry-at
+# then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, tokens to remove...}.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
@@ -265,7 +275,12 @@ for i = first, #ARGV, 4 do
   if s and string.sub(s, 1, 1) == 'L' and tonumber(string.match(s, '^L:(%d+):')) == tonumber(ARGV[i + 3]) then
     local attempts = tonumber(string.match(s, '^L:(%d+):'))
     local final = nil
-    if r == 'retry' then
+    if r == 'wait' then
+      -- the breaker (issue 20): an answer that says nothing about the token (FCM failing, our
+      -- credentials) spends no attempt: the attempt is given back, never final
+      -- (it still expires when its next attempt would come after its window)
+      final = wait_or_expire(t, attempts - 1, ARGV[i + 2], deadline)
+    elseif r == 'retry' then
       if attempts >= maxa then final = 'failed'
       else final = wait_or_expire(t, attempts, ARGV[i + 2], deadline) end
     elseif r == 'dead' or r == 'mismatch' then
@@ -346,11 +361,12 @@ class AnswerKind(enum.StrEnum):
     PAYLOAD_REJECTED = "payload_rejected"
     CONFIG_ERROR = "config_error"
     RETRY = "retry"  # transient: retried at ``retry_at`` until MAX_ATTEMPTS, then failed
+    WAIT = "wait"  # FCM or our credentials failing: waits until ``retry_at``, its attempt given back
 
 
 class Answered(NamedTuple):
     """One FCM answer to confirm: the token, what the answer means, when to retry it (ms; 0 unless
-    RETRY) and the attempt it answers (only that attempt's lease holder may confirm it)."""
+    RETRY or WAIT) and the attempt it answers (only that attempt's lease holder may confirm it)."""
 
     token: str
     kind: AnswerKind
@@ -424,6 +440,7 @@ class Lease:
     not_due: dict[str, int]  # token -> when its retry is due (ms)
     no_budget: list[str]
     expired: list[str]  # made final `expired` by this lease: their window closed
+    paused: tuple[str, ...] = ()  # not looked at: the project-wide pause holds
 
 
 class BudgetChange(NamedTuple):
@@ -543,11 +560,19 @@ class Claims:
         args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
         return bool(self._register_part(keys=keys, args=args))
 
-    def lease(self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES) -> Lease:
+    def lease(
+        self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES, *, probe: bool = False
+    ) -> Lease:
+        """Lease what may be sent now; nothing while the breaker's pause holds, unless ``probe`` (the
+        caller holds the one prober's lock)."""
         now = now_ms()
         keys = [ledger_key(nid), status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY]
+        if not probe:
+            keys.append(PAUSE_KEY)
         groups, tokens = _deadline_groups(deadlines, tokens, str)
         reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *groups, *tokens])
+        if len(reply) == 1:  # {-1}: paused
+            return Lease({}, [], {}, {}, [], [], paused=tuple(tokens))
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}

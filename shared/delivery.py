@@ -143,6 +143,7 @@ def _whole_job(job: jobs.Job) -> str:
 
 def _part(job: jobs.Job, part: int, parts: int) -> str:
     s = settings()
+    _not_while_paused()
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
     devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
@@ -183,6 +184,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             # and the confirmation that follows it
             lease_ms=(2 * s.fcm_timeout_seconds + 5) * 1000,
             deadlines=deadlines,
+            breaker=instance.breaker(),
         )
 
     outcome = instance.run(run())
@@ -200,6 +202,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             "busy": len(outcome.busy),
             "later": len(outcome.later),
             "expired": outcome.expired,
+            "paused": outcome.paused,
             "unresolved_users": len(unresolved),
         },
     )
@@ -209,6 +212,8 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
             raise RetryLater(f"{len(outcome.busy)} tokens held by another copy of this message")
+    if outcome.later and outcome.paused:
+        raise RetryLater(f"FCM outage: sending is paused project-wide; {len(outcome.later)} tokens wait")
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
@@ -227,6 +232,15 @@ def _deadlines(
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
+
+
+def _not_while_paused() -> None:
+    """A part redelivered while the breaker's pause holds costs one Redis round trip: no token read,
+    nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober)."""
+    pause = instance.breaker().holds(now_ms())
+    if pause is not None:
+        wait = max(0, pause.next_probe - now_ms()) / 1000
+        raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")
 
 
 def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> None:

@@ -5,6 +5,12 @@ talks to the ledger; this module decides which of the part's tokens go out when.
 failure comes back as a retry time; retries due within ``IN_PROCESS_WAIT_MS`` are waited for here,
 later ones go back to the bus (the caller raises, and the subscription's retry policy redelivers
 the part while the ledger holds what is not yet due).
+
+While the breaker's project-wide pause holds (``shared.breaker``) the part sends nothing but its
+probe, when one is due and no other instance probes: it confirms what was in flight, waits for the
+next probe or the pause to lift, and goes back to the bus rather than wait longer than
+``IN_PROCESS_WAIT_MS`` from when it first saw the pause, or as soon as the next probe falls beyond
+that (no instance sleeps through an outage).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from shared.breaker import Breaker
 from shared.claims import Claims, Lease, now_ms
 from shared.expiry import NO_DEADLINES, Deadlines
 from shared.window import Confirmed, MessageFor, RemoveDead, Send, SendWindow
 
-IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance
+IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance; a pause, this long
+PAUSE_POLL_MS = 500  # while another instance probes, look at the pause again this often
 
 
 @dataclass
@@ -28,6 +36,7 @@ class PartOutcome:
     removed: list[str] = field(default_factory=list)  # dead tokens removed from the stores
     sent: int = 0
     expired: int = 0  # tokens this instance found past their delivery window (now final)
+    paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
 
     @property
     def complete(self) -> bool:
@@ -45,6 +54,7 @@ async def dispatch(
     max_in_flight: int,
     lease_ms: int,
     deadlines: Deadlines = NO_DEADLINES,
+    breaker: Breaker | None = None,
 ) -> PartOutcome:
     """Send the notification to every token that is not final yet; see the module docstring."""
     part = _Schedule(tokens)
@@ -58,16 +68,21 @@ async def dispatch(
         lease_ms=lease_ms,
         senders=len(tokens),
         deadlines=deadlines,
+        breaker=breaker,
     )
     async with window:
         while part.pending or window.holding:
+            if window.watch.paused:
+                if await _ride_out(part, window):
+                    continue  # the pause lifted
+                break  # back to the bus
             part.release_due()
             size = window.lease_size(len(part.ready))
             if size:
                 lease = await window.lease(part.take(size))
                 part.leased(lease)
-                if lease.leased:
-                    continue  # fill the window before waiting
+                if lease.leased or lease.paused:
+                    continue  # fill the window before waiting (or follow the pause)
             if window.sending:
                 await window.collect(until=part.next_due)
             if window.confirm_due(more_to_lease=bool(part.ready)):
@@ -75,6 +90,41 @@ async def dispatch(
             elif not window.sending:
                 await part.wait_until_due()
     return part.outcome
+
+
+async def _ride_out(part: _Schedule, window: SendWindow) -> bool:
+    """While the pause holds: confirm what is in flight, send the part's probe when one is due. True
+    once the pause lifts (or nothing is left to send), False once the part's pending tokens went back
+    to the bus."""
+    watch = window.watch
+    give_up_at = watch.paused_at + IN_PROCESS_WAIT_MS
+    while watch.paused:
+        if window.holding:
+            if window.sending:
+                await window.collect(until=None)
+            if window.confirm_due(more_to_lease=False):
+                part.confirmed(await window.confirm())
+            continue
+        pause = await watch.read()
+        if pause is None:
+            break
+        now = now_ms()
+        part.release_due()
+        if pause.probe_due(now) and part.ready:
+            lease = await window.probe(part.take(1)[0])
+            if lease is not None:
+                part.leased(lease)
+                continue
+        if not part.pending:
+            break
+        wake = pause.next_probe if pause.next_probe > now else now + PAUSE_POLL_MS
+        if part.next_due is not None and not part.ready:
+            wake = min(wake, max(part.next_due, now + PAUSE_POLL_MS))
+        if wake > give_up_at:
+            part.give_back(pause.next_probe)
+            return False
+        await asyncio.sleep((wake - now) / 1000)
+    return True
 
 
 class _Schedule:
@@ -114,6 +164,7 @@ class _Schedule:
             self._retry(token, due, now)
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
+        self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
 
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
@@ -126,6 +177,17 @@ class _Schedule:
             heapq.heappush(self.deferred, (due, token))
         else:
             self.outcome.later[token] = due
+
+    def give_back(self, due: int) -> None:
+        """The pause holds beyond this instance's wait: every pending token goes back to the bus."""
+        outcome = self.outcome
+        outcome.paused = True
+        for token in self.ready:
+            outcome.later[token] = due
+        for _, token in self.deferred:
+            outcome.later[token] = due
+        self.ready.clear()
+        self.deferred.clear()
 
     async def wait_until_due(self) -> None:
         if self.deferred:

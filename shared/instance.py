@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from shared.breaker import Breaker
 from shared.claims import Claims
 from shared.config import settings
 from shared.db import Database
@@ -66,6 +67,12 @@ def claims() -> Claims:
         max_attempts=s.max_attempts,
         rate_per_minute=s.fcm_rate_per_minute,
     )
+
+
+@functools.cache
+def breaker() -> Breaker:
+    """The instance's FCM breaker: its last answers, and the project-wide pause it shares."""
+    return Breaker(redis_client())
 
 
 T = TypeVar("T")
@@ -127,5 +134,5 @@ def reset() -> None:
         database().close()
     if _loop.cache_info().currsize:
         _loop().stop()
-    for cached in (redis_client, database, token_store, claims, _loop, settings):
+    for cached in (redis_client, database, token_store, claims, breaker, _loop, settings):
         cached.cache_clear()

@@ -15,6 +15,13 @@ more. ``_unconfirmed`` is that count; ``lease`` adds to it and ``confirm`` alone
 Both ledger steps get the part's delivery deadlines (``shared.expiry``): a token whose window has
 closed, or whose retry would come after it, is made final ``expired`` there and logged here with the
 reason. A project-quota answer slows the shared FCM budget (``Claims.record_project_quota``).
+
+Each confirmation first goes past the window's ``PauseWatch`` (``shared.breaker``): the instance's
+breaker hears the answers, the project-wide pause opens when it trips, a pause another instance
+opened is noticed (here, or by a lease that comes back paused), and the part's probe (``probe``) is
+settled. Answers that say nothing about their token spend no attempt (``AnswerKind.WAIT``): every
+answer about our credentials, and every outage answer confirmed while the pause holds. What a paused
+part does is the caller's (``shared.dispatch``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from shared import logs, outcomes
+from shared.breaker import Breaker, PauseWatch
 from shared.claims import (
     BUDGET_HALVING_SECONDS,
     BUDGET_RECOVERY,
@@ -49,6 +57,7 @@ LEASE_MAX = 500  # tokens per lease round trip
 CONFIRM_BATCH = 100  # answers per confirmation round trip
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 300.0
+UNCHARGED_WAIT_CAP_S = 30.0  # an uncharged wait (our credentials failing) grows to at most this
 
 Send = Callable[[dict[str, Any]], Awaitable[Outcome]]
 MessageFor = Callable[[str], dict[str, Any]]
@@ -101,6 +110,7 @@ class SendWindow:
         lease_ms: int,
         senders: int,
         deadlines: Deadlines = NO_DEADLINES,
+        breaker: Breaker | None = None,
     ) -> None:
         self.nid = nid
         self.claims = claims
@@ -121,6 +131,7 @@ class SendWindow:
         self._nothing_arrived = False  # the last collect ended with no new answer
         self._logged_messages: set[str] = set()
         self._tasks: list[asyncio.Future[None]] = []
+        self.watch = PauseWatch(breaker or Breaker(claims.redis), nid)
 
     async def __aenter__(self) -> SendWindow:
         self._tasks = [asyncio.ensure_future(self._sender()) for _ in range(self._pool_size)]
@@ -161,9 +172,12 @@ class SendWindow:
 
     # --- lease, collect, confirm ------------------------------------------------------------------
 
-    async def lease(self, tokens: list[str]) -> Lease:
-        """Lease the tokens (one round trip) and hand those leased to the senders."""
-        lease = await asyncio.to_thread(self.claims.lease, self.nid, tokens, self.lease_ms, self.deadlines)
+    async def lease(self, tokens: list[str], *, probe: bool = False) -> Lease:
+        """Lease the tokens (one round trip) and hand those leased to the senders; none while the
+        project-wide pause holds, unless ``probe`` (the caller holds the prober's lock)."""
+        lease = await asyncio.to_thread(self.claims.lease, self.nid, tokens, self.lease_ms, self.deadlines, probe=probe)
+        if lease.paused:
+            self.watch.seen()
         if lease.expired:
             self._log_expired(lease.expired, Counter())
         leased = len(lease.leased)
@@ -213,13 +227,14 @@ class SendWindow:
         """Confirm the collected answers (one round trip), freeing their places in the window."""
         answers, self._answers = self._answers, []
         now = now_ms()
+        paused = await self.watch.judge(answers, now)
         batch: list[Answered] = []
         project_quota = 0
         for token, outcome, attempt in answers:
             kind = answer_kind(outcome)
             retry_at = 0
             if kind is AnswerKind.RETRY:
-                retry_at = now + int(retry_delay(attempt, outcome.retry_after) * 1000)
+                kind, retry_at = self._when_again(outcome, attempt, now, paused)
                 if outcome.cause is Cause.QUOTA:  # the project's quota: every instance slows down
                     project_quota += 1
             elif kind is AnswerKind.PAYLOAD_REJECTED:
@@ -233,9 +248,14 @@ class SendWindow:
         if confirmation.remove:
             await asyncio.to_thread(self._remove_dead, confirmation.remove)
         # A retry answer to the last allowed attempt made the token final (failed), and one that would
-        # come after the token's window made it final (expired): nothing to retry for either.
+        # come after the token's window made it final (expired): nothing to retry for either. An
+        # uncharged one (WAIT) is never failed, but it expires with its window too.
         last = self.claims.max_attempts
-        retries = [(a.retry_at, a.token) for a in batch if a.kind is AnswerKind.RETRY and a.attempt < last]
+        retries = [
+            (a.retry_at, a.token)
+            for a in batch
+            if a.kind is AnswerKind.WAIT or (a.kind is AnswerKind.RETRY and a.attempt < last)
+        ]
         if confirmation.expired:
             expired = set(confirmation.expired)
             self._log_expired(confirmation.expired, Counter(o.code for t, o, _ in answers if t in expired))
@@ -247,6 +267,33 @@ class SendWindow:
         confirmation = self.claims.confirm(self.nid, batch, self.deadlines)
         return confirmation, self.claims.record_project_quota() if project_quota else None
 
+    def _when_again(self, outcome: Outcome, attempt: int, now: int, paused: bool) -> tuple[AnswerKind, int]:
+        """A RETRY answer: charged (RETRY) after its backoff, or uncharged (WAIT). While the pause holds,
+        an outage answer waits for the pause to lift (and its Retry-After); an answer about our
+        credentials waits as long as only outages have come (at least its backoff, at most 30 s)."""
+        if paused and outcome.counts_as_outage:
+            return AnswerKind.WAIT, now + int((outcome.retry_after or 0.0) * 1000)
+        delay = retry_delay(attempt, outcome.retry_after)
+        if outcome.charged:
+            return AnswerKind.RETRY, now + int(delay * 1000)
+        streak = min(UNCHARGED_WAIT_CAP_S, self.watch.breaker.outage_for_ms(now) / 1000) * random.uniform(0.5, 1.0)
+        return AnswerKind.WAIT, now + int(max(delay, streak) * 1000)
+
+    # --- the project-wide pause ------------------------------------------------------------------
+
+    async def probe(self, token: str) -> Lease | None:
+        """Become the project's one prober and send ``token`` (None when another instance probes, or
+        the probe is not due). Its answer is settled when it is confirmed."""
+        owner = await self.watch.take_probe(self.lease_ms)
+        if owner is None:
+            return None
+        lease = await self.lease([token], probe=True)
+        if lease.leased:
+            self.watch.probing(token, owner)
+        else:  # final, held by another copy, or not due: another probe may go at once
+            await self.watch.give_back_probe(owner)
+        return lease
+
     def _log_alarms(self, confirmation: Confirmation, budget: BudgetChange | None) -> None:
         if confirmation.valve_tripped:
             log.critical(
@@ -256,7 +303,8 @@ class SendWindow:
             )
         if confirmation.config_error_first:
             log.critical(
-                "FCM configuration error (APNs / web push credentials, or FCM permissions)",
+                "FCM configuration error: the APNs or web push credentials in the Firebase console "
+                "(THIRD_PARTY_AUTH_ERROR); those devices are counted config_error",
                 extra={"notification_id": self.nid},
             )
         if budget is not None and budget.halved:

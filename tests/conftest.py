@@ -124,8 +124,12 @@ def fake_fcm_server():
 
 @pytest.fixture
 def fcm(fake_fcm_server, env, monkeypatch):
-    """The fake FCM, reset, with the functions' FCM client pointed at it."""
+    """The fake FCM, reset and configured as it starts (a test's failures never reach the next), with
+    the functions' FCM client pointed at it."""
     fake_fcm_server.reset()
+    fake_fcm_server.configure(
+        delay_ms=0, fail_rate=0.0, seed=0, fail_codes=["UNAVAILABLE"], record=True, refused_bearers=[]
+    )
     monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
     instance.reset()
     return fake_fcm_server
