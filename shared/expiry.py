@@ -23,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from shared.jobs import Job
+if TYPE_CHECKING:  # (claims imports this module: loading jobs here would load it at every cold start)
+    from shared.jobs import Job
 
 T = TypeVar("T")
 
