@@ -35,7 +35,7 @@ import enum
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import redis
@@ -229,7 +229,7 @@ return out
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
-# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, tokens to remove...}.
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, tokens to remove...}.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -257,8 +257,8 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
-local expired = {}
-local out = {tripped, 0, expired}
+local expired, unheld = {}, {}
+local out = {tripped, 0, expired, unheld}
 local finals, waiting = 0, 0
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
 -- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
@@ -295,6 +295,11 @@ for i = first, #ARGV, 4 do
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
     end
+  elseif not s or string.sub(s, 1, 1) ~= 'F' then
+    -- not this attempt's lease, and not final: taken over by another copy, or the lease itself was
+    -- lost (a failover to a replica that lagged); the answer is not recorded, so the caller must
+    -- not acknowledge the part until the token is final
+    unheld[#unheld + 1] = t
   end
 end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
@@ -454,6 +459,7 @@ class Confirmation:
     valve_tripped: bool  # this batch tripped the safety valve
     config_error_first: bool  # the job's first configuration error
     expired: list[str]  # retries that would have come after their window closed: final `expired`
+    unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
 
 
 class Claims:
@@ -487,8 +493,8 @@ class Claims:
     def create_status(self, nid: str, targeted: int, parts_total: int | None = None) -> None:
         now = now_ms()
         pipe = self.redis.pipeline()
-        for field, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
-            pipe.hsetnx(status_key(nid), field, value)
+        for name, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
+            pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
         pipe.expire(status_key(nid), self.ledger_ttl)
@@ -622,10 +628,11 @@ class Claims:
         ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
-            remove=[t.decode() for t in reply[3:]],
+            remove=[t.decode() for t in reply[4:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
+            unheld=[t.decode() for t in reply[3]],
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------

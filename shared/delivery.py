@@ -211,7 +211,9 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
-            raise RetryLater(f"{len(outcome.busy)} tokens held by another copy of this message")
+            raise RetryLater(
+                f"{len(outcome.busy)} tokens held by another copy of this message (or their lease was lost)"
+            )
     if outcome.later and outcome.paused:
         raise RetryLater(f"FCM outage: sending is paused project-wide; {len(outcome.later)} tokens wait")
     if outcome.later:

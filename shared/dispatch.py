@@ -31,7 +31,8 @@ PAUSE_POLL_MS = 500  # while another instance probes, look at the pause again th
 
 @dataclass
 class PartOutcome:
-    busy: dict[str, int] = field(default_factory=dict)  # token -> lease end, held by another copy
+    # token -> lease end (0: unknown), held by another copy, or whose lease Redis lost: not ours to finish
+    busy: dict[str, int] = field(default_factory=dict)
     later: dict[str, int] = field(default_factory=dict)  # token -> retry time beyond this instance's wait
     removed: list[str] = field(default_factory=list)  # dead tokens removed from the stores
     sent: int = 0
@@ -169,6 +170,8 @@ class _Schedule:
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
         self.outcome.expired += confirmed.expired
+        for token in confirmed.unheld:  # another copy holds it, or Redis lost its lease: see at the end
+            self.outcome.busy.setdefault(token, 0)
         for retry_at, token in confirmed.retries:
             self._retry(token, retry_at, confirmed.at)
 
