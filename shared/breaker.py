@@ -46,7 +46,7 @@ MIN_ANSWERS = 100  # no judgement on fewer
 OUTAGE_PERCENT = 50  # trips at this share of outage answers, or more
 PROBE_FIRST_MS = 1_000  # the first probe, after the pause opens; each failed one doubles it
 PROBE_MAX_MS = 30_000
-PAUSE_TTL_MS = 300_000  # a pause nobody probes lapses after this long
+PAUSE_TTL_MS = 900_000  # a pause nobody probes lapses after this long (> Pub/Sub's longest backoff, 600 s)
 
 __all__ = ["MIN_ANSWERS", "PAUSE_KEY", "PROBE_KEY", "WINDOW_ANSWERS", "Breaker", "Pause", "PauseWatch"]
 

@@ -21,7 +21,7 @@
   notif:valve:{bucket}     Hash answers / mismatches in a 5-minute bucket, project-wide
   notif:valve:tripped      set (for 5 minutes) when the project-wide window tripped the valve
   notif:pause              Hash since, next, interval (ms): FCM is failing, nobody leases (but the
-                           prober); expires 5 minutes after it was set or last probed (shared/breaker.py)
+                           prober); expires 15 minutes after it was set or last probed (shared/breaker.py)
   notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
 
@@ -159,14 +159,15 @@ end
 
 # KEYS: ledger, status, budget, budget scale[, pause]. ARGV: now, lease_ms, max_attempts, budget (0: none), the
 # deadline groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number,
-# or the time it is busy / due until); {-1} alone while the project-wide pause holds (only a probe's
-# lease leaves the pause key out).
+# or the time it is busy / due until). While the project-wide pause holds (only a probe's lease leaves
+# the pause key out) nothing is leased: what would be is answered 7 (paused), what is past its window
+# still expires.
 _LEASE = (
     _WINDOW_LUA
     + _BUDGET_LUA
     + """
 -- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
-if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then return {-1} end
+local paused = KEYS[5] ~= nil and redis.call('EXISTS', KEYS[5]) == 1
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -203,6 +204,8 @@ for i = first, #ARGV do
     out[#out + 1] = 6; out[#out + 1] = 0
   elseif kind == 'W' and when > now then
     out[#out + 1] = 4; out[#out + 1] = when
+  elseif paused then
+    out[#out + 1] = 7; out[#out + 1] = 0
   elseif leased >= room then
     out[#out + 1] = 5; out[#out + 1] = 0
   else
@@ -355,6 +358,7 @@ class LeaseCode(enum.IntEnum):
     NOT_DUE = 4  # waiting for a retry (value: when it is due, ms)
     NO_BUDGET = 5  # the project's FCM budget for this second is spent
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
+    PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
 
 
 class AnswerKind(enum.StrEnum):
@@ -435,6 +439,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
+_PAUSED = int(LeaseCode.PAUSED)
 
 
 @dataclass(frozen=True)
@@ -445,7 +450,7 @@ class Lease:
     not_due: dict[str, int]  # token -> when its retry is due (ms)
     no_budget: list[str]
     expired: list[str]  # made final `expired` by this lease: their window closed
-    paused: tuple[str, ...] = ()  # not looked at: the project-wide pause holds
+    paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
 
 
 class BudgetChange(NamedTuple):
@@ -507,6 +512,14 @@ class Claims:
         """When the notification was accepted (ms): its delivery window counts from here."""
         found = self.redis.hget(status_key(nid), "created_at")
         return int(found) if found is not None else None
+
+    def part_started(self, nid: str, part: int, now: int) -> int:
+        """When this part was first processed (ms; ``now`` if never before): a job's own expiry never
+        cuts into the in-process wait of that first processing, and only of that one."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(status_key(nid), f"started:{part}", now)
+        pipe.hget(status_key(nid), f"started:{part}")
+        return int(pipe.execute()[1] or now)
 
     def set_parts_total(self, nid: str, parts_total: int) -> None:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
@@ -577,14 +590,13 @@ class Claims:
             keys.append(PAUSE_KEY)
         groups, tokens = _deadline_groups(deadlines, tokens, str)
         reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *groups, *tokens])
-        if len(reply) == 1:  # {-1}: paused
-            return Lease({}, [], {}, {}, [], [], paused=tuple(tokens))
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
         not_due: dict[str, int] = {}
         no_budget: list[str] = []
         expired: list[str] = []
+        paused: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -597,9 +609,11 @@ class Claims:
                 not_due[token] = value
             elif code == _NO_BUDGET:
                 no_budget.append(token)
+            elif code == _PAUSED:
+                paused.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired)
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that

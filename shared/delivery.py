@@ -143,7 +143,7 @@ def _whole_job(job: jobs.Job) -> str:
 
 def _part(job: jobs.Job, part: int, parts: int) -> str:
     s = settings()
-    _not_while_paused()
+    _not_while_paused(job)
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
     devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
@@ -164,7 +164,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             holders.setdefault(token, user_id)
     tokens = list(holders)
     claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
-    deadlines = _deadlines(job, devices, claims, s)
+    deadlines = _deadlines(job, part, devices, claims, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -222,25 +222,31 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
 
 
 def _deadlines(
-    job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
+    job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
 ) -> expiry.Deadlines:
     """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
-    job's own expiry per platform (never inside this instance's in-process wait)."""
-    started = now_ms()
+    job's own expiry per platform (never inside the in-process wait of the part's first processing: a
+    redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
+    now = now_ms()
+    started = claims.part_started(job.id, part, now) if expiry.own_expiry(job, now) else now
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=claims.accepted_at(job.id) or started,
+        accepted_at=claims.accepted_at(job.id) or now,
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
 
 
-def _not_while_paused() -> None:
+def _not_while_paused(job: jobs.Job) -> None:
     """A part redelivered while the breaker's pause holds costs one Redis round trip: no token read,
-    nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober)."""
+    nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
+    or its delivery window has closed (then it expires what is left, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
+        accepted = instance.claims().accepted_at(job.id)
+        if accepted is not None and now_ms() >= accepted + settings().delivery_window_seconds * 1000:
+            return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -112,7 +113,7 @@ async def _ride_out(part: _Schedule, window: SendWindow) -> bool:
         now = now_ms()
         part.release_due()
         if pause.probe_due(now) and part.ready:
-            lease = await window.probe(part.take(1)[0])
+            lease = await window.probe(part.take_probe())
             if lease is not None:
                 part.leased(lease)
                 continue
@@ -155,6 +156,12 @@ class _Schedule:
     def take(self, n: int) -> list[str]:
         popleft = self.ready.popleft
         return [popleft() for _ in range(n)]
+
+    def take_probe(self) -> str:
+        """A ready token for the probe, picked at random: a probe whose answer never comes (a timeout that
+        FCM may have delivered) does not go to the same device on every redelivery."""
+        self.ready.rotate(-random.randrange(len(self.ready)))
+        return self.ready.popleft()
 
     def leased(self, lease: Lease) -> None:
         now, outcome = self.now, self.outcome
