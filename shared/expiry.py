@@ -42,20 +42,21 @@ class Deadlines:
     reasons: Mapping[str, str] = field(default_factory=dict)  # platform -> what set its deadline
     window_reason: str = "DELIVERY_WINDOW_SECONDS"
 
+    def _shortened(self, token: str) -> str | None:
+        """The token's platform when the job's own expiry shortens its window, else None."""
+        if not self.by_platform:
+            return None
+        platform = self.platform_of.get(token)
+        return platform if platform is not None and platform in self.by_platform else None
+
     def of(self, token: str) -> int:
-        if self.by_platform:
-            platform = self.platform_of.get(token)
-            if platform is not None and platform in self.by_platform:
-                return self.by_platform[platform]
-        return self.window
+        platform = self._shortened(token)
+        return self.window if platform is None else self.by_platform[platform]
 
     def reason(self, token: str) -> str:
         """What closed this token's window, for the log."""
-        if self.by_platform:
-            platform = self.platform_of.get(token)
-            if platform is not None and platform in self.by_platform:
-                return self.reasons[platform]
-        return self.window_reason
+        platform = self._shortened(token)
+        return self.window_reason if platform is None else self.reasons[platform]
 
     def groups(self, items: Sequence[T], token: Callable[[T], str]) -> list[tuple[int, list[T]]]:
         """``items`` grouped by the deadline of their token, in order of first appearance."""

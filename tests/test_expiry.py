@@ -42,15 +42,6 @@ def setenv(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
     instance.reset()
 
 
-@pytest.fixture
-def fcm(fake_fcm_server, env, monkeypatch):
-    fake_fcm_server.reset()
-    fake_fcm_server.configure(delay_ms=0, fail_rate=0)
-    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
-    instance.reset()
-    return fake_fcm_server
-
-
 class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

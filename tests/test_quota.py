@@ -30,15 +30,6 @@ def job(**fields: Any) -> dict:
     return {"version": 1, "notification": {"title": "Hi", "body": "there"}, **fields}
 
 
-@pytest.fixture
-def fcm(fake_fcm_server, env, monkeypatch):
-    fake_fcm_server.reset()
-    fake_fcm_server.configure(delay_ms=0, fail_rate=0)
-    monkeypatch.setenv("FCM_ENDPOINT", fake_fcm_server.url)
-    instance.reset()
-    return fake_fcm_server
-
-
 def requests_at(fcm, token: str, offset: float) -> list[float]:
     """When (on the test's clock) FCM received each request for ``token`` so far; ``offset`` is the
     clock's offset while they were made."""
