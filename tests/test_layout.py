@@ -132,3 +132,17 @@ def test_cli_is_the_only_command_in_shared() -> None:
         if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
     ]
     assert commands == ["cli.py"]
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    """Issue 19: the send loop and every other function read in one screen (docstring included)."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for folder in (SHARED, MAIN.parent)
+        for path, tree in modules(folder)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert not long, long
