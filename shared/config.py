@@ -223,7 +223,11 @@ class Settings:
     )
     # Claims
     ledger_ttl_seconds: int = variable(
-        "LEDGER_TTL_SECONDS", 7 * DAY, "how long a notification's ledger and status are kept", minimum=60
+        "LEDGER_TTL_SECONDS",
+        7 * DAY,
+        "how long a notification's ledger and status are kept; below `DELIVERY_WINDOW_SECONDS` stops the function "
+        "from starting",
+        minimum=60,
     )
     once_ttl_seconds: int = variable("ONCE_TTL_SECONDS", DAY, "life of a one-time claim (`once`)", minimum=1)
     idempotency_ttl_seconds: int = variable(
@@ -330,6 +334,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from an environment mapping (default: ``os.environ``)."""
     env = dict(os.environ if env is None else env)
     values = {v.attr: v.read(env) for v in VARIABLES if v.attr is not None}
+    if values["ledger_ttl_seconds"] < values["delivery_window_seconds"]:  # (both declared below)
+        raise ConfigError(
+            f"LEDGER_TTL_SECONDS ({values['ledger_ttl_seconds']}) must be at least DELIVERY_WINDOW_SECONDS "
+            f"({values['delivery_window_seconds']}): a ledger forgotten inside the window would send its tokens again"
+        )
     return Settings(
         **values,
         local_only_present=tuple(name for name in LOCAL_ONLY_VARIABLES if name in env),

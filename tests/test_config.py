@@ -292,3 +292,12 @@ def test_a_misspelt_project_in_the_cloud_is_named_before_the_refusal() -> None:
     started, lines = start(env)
     assert started.returncode != 0 and "ConfigError" in started.stderr, started.stderr
     assert [w["variable"] for w in lines if w.get("logger") == "pushline.config"] == ["GOOGLE_CLOUD_PROJCT"]
+
+
+def test_a_ledger_that_would_expire_inside_the_delivery_window_refuses_to_start() -> None:
+    """The ledger is what keeps a token from being sent twice: kept shorter than the window, a part still
+    on the bus would find its tokens forgotten and send them again."""
+    refused = "LEDGER_TTL_SECONDS (3600) must be at least DELIVERY_WINDOW_SECONDS (43200)"
+    with pytest.raises(config.ConfigError, match=re.escape(refused)):
+        config.load({"LEDGER_TTL_SECONDS": "3600"})
+    assert config.load({"LEDGER_TTL_SECONDS": "3600", "DELIVERY_WINDOW_SECONDS": "3600"}).ledger_ttl_seconds == 3600
