@@ -97,6 +97,31 @@ def run_delivery(env: common.Env, table: Table, quick: bool, store: dict[str, An
         )
     store["per_instance_rate_40"] = res[40]["deliver"].rate
     store["per_instance_rate_0"] = res[0]["deliver"].rate
+    add_cost_rows(table, res[40]["deliver"].rate, store)
+
+
+def add_cost_rows(table: Table, rate_40: float, store: dict[str, Any]) -> None:
+    """Goal 4 of issue 21: compute cost per million delivered messages at deliver's measured rate
+    (FCM 40 ms), beside the instances FCM's default quota needs (prices: bench/README.md)."""
+    from bench import cost
+
+    if not rate_40 or rate_40 != rate_40:
+        table.add("compute cost per million delivered messages", "n/a (no deliver rate at FCM 40 ms)")
+        return
+    c = cost.cost_per_million(rate_40)
+    p = cost.CLOUD_RUN_TIER1
+    store["cost"] = {"rate_40": rate_40, **vars(c), "prices": vars(p)}
+    table.add(
+        f"compute cost per million delivered messages at {rate_40:,.0f} msg/s (FCM 40 ms), "
+        f"{cost.DELIVER_VCPU:g} vCPU / {cost.DELIVER_GIB:g} GiB billed while busy "
+        f"({c.busy_seconds_per_million:,.0f} s) + one invocation per {cost.MESSAGES_PER_PART:,}-message part; "
+        f"{p.label}",
+        f"${c.per_million:.4f} (compute ${c.compute:.4f}, invocations ${c.invocations:.5f})",
+    )
+    table.add(
+        f"instances FCM's default quota ({cost.FCM_DEFAULT_QUOTA_PER_MINUTE:,}/min) needs at {rate_40:,.0f} msg/s",
+        f"{c.instances_for_quota}",
+    )
 
 
 def run_fanout(env: common.Env, table: Table, quick: bool, store: dict[str, Any], emulator: Any) -> None:
