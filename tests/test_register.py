@@ -375,3 +375,36 @@ def test_no_id_token_in_the_logs(register_client, store, caplog, verifications):
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     for secret in (id_token, id_token.split(".")[1]):
         assert secret not in text
+
+
+def test_verified_tokens_stay_bounded_and_consistent_under_threads():
+    import hashlib
+    import threading
+
+    from shared.auth import VerifiedTokens, _Entry
+
+    cache = VerifiedTokens(max_entries=64)
+    context = ("p", True)
+    wrong: list[tuple[str, str | None]] = []
+
+    def worker(n: int) -> None:
+        for i in range(2000):
+            uid = f"u{(n * 7 + i) % 200}"
+            key = hashlib.sha256(uid.encode()).digest()
+            cache.put(key, _Entry(uid, 2000.0, context))
+            got = cache.get(key, 1000.0, context)
+            if got not in (uid, None):
+                wrong.append((uid, got))
+            assert len(cache) <= 64
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [] and len(cache) == 64
+    key = next(iter(cache._entries))
+    assert cache.get(key, 2000.0, context) is None  # at exp: gone
+    assert len(cache) == 63
+    key = next(iter(cache._entries))
+    assert cache.get(key, 1000.0, ("other-project", True)) is None  # verified under another project
