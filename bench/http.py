@@ -310,3 +310,32 @@ def cold_start(
             finally:
                 proc.stop()
     return results
+
+
+# --- register: CPU per registration, ID tokens new vs repeated (issue 21) -------------------------
+
+
+def register_cpu(
+    env: common.Env, rate: float, duration: float, users: int, log: Any = print
+) -> tuple[common.LoadResult, float]:
+    """(the open-loop run, µs of CPU per registration) with ``users`` ID tokens used round robin.
+
+    Every ID token is sent once before the measured run (so with fewer users than the verified-token
+    cache holds, every measured request carries a token this instance has already verified; with
+    more, none does). CPU: user + system time of the function's process group over the run, divided
+    by the requests sent."""
+    proc, url = common.function("register", "register", env.function_env(REGISTER_RATE_PER_MINUTE="0"))
+    try:
+        common.wait_http(url + "/healthz", proc=proc)
+        load = RegisterLoad(users, run=f"{int(time.time() * 1000)}")
+        common.open_loop(url + "/", 250, max(2.0, users / 250), load, 200)  # each ID token once
+        cpu0 = common.group_cpu_seconds(proc.pid)
+        r = common.open_loop(url + "/", rate, duration, load, 200)
+        us = (common.group_cpu_seconds(proc.pid) - cpu0) * 1e6 / max(1, r.sent)
+        log(
+            f"    {users:5d} users, {rate:4.0f}/s: {us:6.0f} µs CPU/registration  p50 {r.p(50):7.1f} ms"
+            f"  p99 {r.p(99):7.1f} ms  ok {r.ok}/{r.sent}"
+        )
+        return r, us
+    finally:
+        proc.stop()

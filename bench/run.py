@@ -97,6 +97,31 @@ def run_delivery(env: common.Env, table: Table, quick: bool, store: dict[str, An
         )
     store["per_instance_rate_40"] = res[40]["deliver"].rate
     store["per_instance_rate_0"] = res[0]["deliver"].rate
+    add_cost_rows(table, res[40]["deliver"].rate, store)
+
+
+def add_cost_rows(table: Table, rate_40: float, store: dict[str, Any]) -> None:
+    """Goal 4 of issue 21: compute cost per million delivered messages at deliver's measured rate
+    (FCM 40 ms), beside the instances FCM's default quota needs (prices: bench/README.md)."""
+    from bench import cost
+
+    if not rate_40 or rate_40 != rate_40:
+        table.add("compute cost per million delivered messages", "n/a (no deliver rate at FCM 40 ms)")
+        return
+    c = cost.cost_per_million(rate_40)
+    p = cost.CLOUD_RUN_TIER1
+    store["cost"] = {"rate_40": rate_40, **vars(c), "prices": vars(p)}
+    table.add(
+        f"compute cost per million delivered messages at {rate_40:,.0f} msg/s (FCM 40 ms), "
+        f"{cost.DELIVER_VCPU:g} vCPU / {cost.DELIVER_GIB:g} GiB billed while busy "
+        f"({c.busy_seconds_per_million:,.0f} s) + one invocation per {cost.MESSAGES_PER_PART:,}-message part; "
+        f"{p.label}",
+        f"${c.per_million:.4f} (compute ${c.compute:.4f}, invocations ${c.invocations:.5f})",
+    )
+    table.add(
+        f"instances FCM's default quota ({cost.FCM_DEFAULT_QUOTA_PER_MINUTE:,}/min) needs at {rate_40:,.0f} msg/s",
+        f"{c.instances_for_quota}",
+    )
 
 
 def run_fanout(env: common.Env, table: Table, quick: bool, store: dict[str, Any], emulator: Any) -> None:
@@ -251,6 +276,15 @@ def run_register(env: common.Env, table: Table, quick: bool, store: dict[str, An
         "`register`: CPU per request (function process group) → implied req/s on one free core",
         f"{fmt(res.cpu_ms_per_request, ' ms', 2)} → {fmt(1000 / res.cpu_ms_per_request, '/s')}",
     )
+    for label, users in (("ID tokens verified before (1,000 users)", 1000), ("new ID tokens (6,000 users)", 6000)):
+        rr, us = http.register_cpu(env, 500, duration, users, log)
+        store.setdefault("register_cpu", {})[str(users)] = {"us": us, "p99": rr.p(99), "ok": rr.ok, "sent": rr.sent}
+        table.add(
+            f"`register` at 500 req/s, {label}: CPU per registration (µs) / p99 ({rr.ok}/{rr.sent} ok)",
+            f"{us:,.0f} µs / {fmt(rr.p(99), ' ms', 1)}",
+            "≤ 1,000 µs / < 60 ms",
+            us <= 1000 and rr.p(99) < 60,
+        )
     table.add(
         "`register`: highest rate held with p99 < 60 ms (steps " + "/".join(str(int(s)) for s in steps) + ")",
         (fmt(res.held_rate, " req/s") if res.held_rate else f"< {steps[0]} req/s (lowest step missed)"),

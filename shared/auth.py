@@ -3,13 +3,23 @@
 With ``FIREBASE_AUTH_EMULATOR_HOST`` set, firebase-admin accepts the Auth emulator's unsigned
 tokens (``alg: none``) and still checks audience, issuer and subject: that is how local runs and
 tests authenticate. ``config.check_cloud_safety`` refuses that switch in the cloud.
+
+A token firebase-admin has verified is remembered by this instance until its ``exp`` (at most an
+hour, Firebase's ID-token lifetime): a client that calls again with the same token is not verified
+again. The cache holds a SHA-256 hash of the token (never the token), the uid and the expiry, for
+at most ``MAX_CACHED_TOKENS`` tokens (least recently used dropped first). Like firebase-admin's own
+default (``check_revoked=False``), a revoked token is accepted until it expires.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import threading
-from typing import Any
+import time
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import firebase_admin
 from firebase_admin import auth
@@ -63,8 +73,81 @@ class _NoCredential(firebase_admin.credentials.Base):
         return AnonymousCredentials()
 
 
+MAX_CACHED_TOKENS = 4096  # per instance; an entry is ~200 bytes
+MAX_TOKEN_LIFETIME_SECONDS = 3600  # Firebase ID tokens live an hour: no entry is kept longer
+
+
+class _Entry(NamedTuple):
+    uid: str
+    expires: float  # the token's exp (capped), seconds since the epoch
+    context: tuple[str | None, bool]  # project and emulator switch it was verified under
+
+
+class VerifiedTokens:
+    """Verified ID tokens until their expiry, keyed by the token's SHA-256: a thread-safe LRU."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: float, context: tuple[str | None, bool]) -> str | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry.expires <= now or entry.context != context:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry.uid
+
+    def put(self, key: bytes, entry: _Entry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+@functools.cache
+def _verified() -> VerifiedTokens:
+    return VerifiedTokens(MAX_CACHED_TOKENS)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _context() -> tuple[str | None, bool]:
+    return settings().google_cloud_project, bool(os.environ.get("FIREBASE_AUTH_EMULATOR_HOST"))
+
+
 def verify(id_token: str) -> str:
-    """The Firebase uid the ID token names, or AuthError."""
+    """The Firebase uid the ID token names, or AuthError. Verified by firebase-admin the first time,
+    then taken from this instance's cache until the token expires."""
+    now, context = _now(), _context()
+    key = hashlib.sha256(id_token.encode("utf-8", "surrogatepass")).digest()
+    uid = _verified().get(key, now, context)
+    if uid is not None:
+        return uid
+    claims = _verify_with_firebase(id_token)
+    uid = claims.get("uid") or claims.get("sub")
+    if not isinstance(uid, str) or not uid:
+        raise AuthError("ID token has no subject")
+    exp = claims.get("exp")
+    # firebase-admin checks exp on signed tokens, not on the emulator's: check it here for both,
+    # on the same clock the cache uses
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= now:
+        raise AuthError("invalid ID token: ExpiredIdTokenError")
+    _verified().put(key, _Entry(uid, min(float(exp), now + MAX_TOKEN_LIFETIME_SECONDS), context))
+    return uid
+
+
+def _verify_with_firebase(id_token: str) -> dict[str, Any]:
     try:
         claims = auth.verify_id_token(id_token, app=_app())
     except (ValueError, auth.InvalidIdTokenError, auth.ExpiredIdTokenError, auth.RevokedIdTokenError) as exc:
@@ -72,10 +155,9 @@ def verify(id_token: str) -> str:
     except auth.CertificateFetchError:
         # our dependency's outage, not the caller's fault: 503, so clients retry instead of signing out
         raise CertificatesUnavailable() from None
-    uid = claims.get("uid") or claims.get("sub")
-    if not isinstance(uid, str) or not uid:
-        raise AuthError("ID token has no subject")
-    return uid
+    if not isinstance(claims, dict):
+        raise AuthError("invalid ID token: claims are not an object")
+    return claims
 
 
 def use_certificates_url(url: str | None) -> None:
@@ -87,7 +169,8 @@ def use_certificates_url(url: str | None) -> None:
 
 
 def reset() -> None:
-    """Drop the firebase-admin app (tests change the project between cases)."""
+    """Drop the firebase-admin app and the verified tokens (tests change the project between cases)."""
     if _app.cache_info().currsize:
         firebase_admin.delete_app(_app())
     _app.cache_clear()
+    _verified.cache_clear()

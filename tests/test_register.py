@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from local.idtoken import emulator_id_token
 from shared import instance
-from tests.conftest import ORIGIN, bearer
+from tests.conftest import ORIGIN, PROJECT, bearer
 
 TOKEN = "fcm-token-abc123"
 
@@ -281,3 +282,129 @@ def test_certificates_unreachable_is_503_not_401(register_client, store, monkeyp
         assert db_rows(store) == []
     finally:
         auth.use_certificates_url(None)
+
+
+# --- verified ID tokens are cached until their expiry (issue 21) ------------------------------------
+
+
+@pytest.fixture
+def verifications(monkeypatch):
+    """How often firebase-admin verifies an ID token: a counting wrapper around the real verifier."""
+    from firebase_admin import auth as firebase_auth
+
+    real = firebase_auth.verify_id_token
+    calls: list[str] = []
+
+    def counting(id_token, *args, **kwargs):
+        calls.append(id_token)
+        return real(id_token, *args, **kwargs)
+
+    monkeypatch.setattr(firebase_auth, "verify_id_token", counting)
+    return calls
+
+
+def auth_header(id_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {id_token}"}
+
+
+def test_a_second_request_with_the_same_id_token_is_not_verified_again(register_client, store, verifications):
+    id_token = emulator_id_token("alice", PROJECT)
+    assert post(register_client, body={"token": TOKEN}, headers=auth_header(id_token)).status_code == 200
+    assert post(register_client, body={"token": "t2"}, headers=auth_header(id_token)).status_code == 200
+    r = register_client.delete(
+        "/", data=json.dumps({"token": "t2"}), headers={**auth_header(id_token), "Content-Type": "application/json"}
+    )
+    assert r.status_code == 200 and r.get_json() == {"removed": 1}
+    assert len(verifications) == 1
+    assert db_rows(store) == [("alice", TOKEN, None)]
+
+
+def test_an_expired_id_token_is_refused_even_if_cached(register_client, store, monkeypatch, verifications):
+    import time
+
+    from shared import auth
+
+    id_token = emulator_id_token("alice", PROJECT, lifetime=600)
+    exp = int(time.time()) + 600
+    assert post(register_client, body={"token": TOKEN}, headers=auth_header(id_token)).status_code == 200
+    monkeypatch.setattr(auth, "_now", lambda: exp + 1.0, raising=False)  # the instance's clock, past exp
+    r = post(register_client, body={"token": "t2"}, headers=auth_header(id_token))
+    assert r.status_code == 401, r.get_json()
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert db_rows(store) == [("alice", TOKEN, None)]
+
+
+def test_an_id_token_already_expired_is_refused_on_the_emulator_path_too(register_client, store):
+    r = post(
+        register_client, body={"token": TOKEN}, headers=auth_header(emulator_id_token("alice", PROJECT, lifetime=-1))
+    )
+    assert r.status_code == 401, r.get_json()
+    assert db_rows(store) == []
+
+
+def test_another_id_token_of_the_same_user_is_verified(register_client, store, verifications):
+    first = emulator_id_token("alice", PROJECT, nonce="1")
+    second = emulator_id_token("alice", PROJECT, nonce="2")
+    for id_token in (first, second, first, second):
+        assert post(register_client, body={"token": TOKEN}, headers=auth_header(id_token)).status_code == 200
+    assert verifications == [first, second]
+
+
+def test_the_verified_token_cache_is_bounded(register_client, store, monkeypatch, verifications):
+    from shared import auth
+
+    monkeypatch.setattr(auth, "MAX_CACHED_TOKENS", 2, raising=False)
+    auth.reset()
+    ids = {u: emulator_id_token(u, PROJECT) for u in ("ann", "ben", "cat")}
+    for user in ("ann", "ben", "cat", "cat", "ben"):
+        assert post(register_client, body={"token": f"t-{user}"}, headers=auth_header(ids[user])).status_code == 200
+    assert len(verifications) == 3  # cat and ben again: cached
+    assert post(register_client, body={"token": "t-ann"}, headers=auth_header(ids["ann"])).status_code == 200
+    assert len(verifications) == 4  # ann was the least recently used of three: evicted
+    assert len(auth._verified()) == 2
+
+
+def test_no_id_token_in_the_logs(register_client, store, caplog, verifications):
+    import logging
+
+    id_token = emulator_id_token("alice", PROJECT)
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(2):
+            assert post(register_client, body={"token": TOKEN}, headers=auth_header(id_token)).status_code == 200
+        assert post(register_client, body={"token": TOKEN}, headers=auth_header(id_token + "x")).status_code == 401
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    for secret in (id_token, id_token.split(".")[1]):
+        assert secret not in text
+
+
+def test_verified_tokens_stay_bounded_and_consistent_under_threads():
+    import hashlib
+    import threading
+
+    from shared.auth import VerifiedTokens, _Entry
+
+    cache = VerifiedTokens(max_entries=64)
+    context = ("p", True)
+    wrong: list[tuple[str, str | None]] = []
+
+    def worker(n: int) -> None:
+        for i in range(2000):
+            uid = f"u{(n * 7 + i) % 200}"
+            key = hashlib.sha256(uid.encode()).digest()
+            cache.put(key, _Entry(uid, 2000.0, context))
+            got = cache.get(key, 1000.0, context)
+            if got not in (uid, None):
+                wrong.append((uid, got))
+            assert len(cache) <= 64
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [] and len(cache) == 64
+    key = next(iter(cache._entries))
+    assert cache.get(key, 2000.0, context) is None  # at exp: gone
+    assert len(cache) == 63
+    key = next(iter(cache._entries))
+    assert cache.get(key, 1000.0, ("other-project", True)) is None  # verified under another project

@@ -145,6 +145,22 @@ def test_correctly_signed_id_token_is_accepted(production_auth, google_keys, sto
     assert google_keys["fetched"], "the certificates were not fetched from the configured URL"
 
 
+def test_a_verified_signed_token_is_not_verified_again_and_a_tampered_one_still_fails(
+    production_auth, google_keys, store
+):
+    """The cache is keyed by the whole token's hash: the same token skips RS256 verification (no
+    certificate fetch), a token differing only in its payload is verified, and refused."""
+    token = google_keys["served"].sign(claims("alice"))
+    headers = {"Authorization": f"Bearer {token}"}
+    assert post(production_auth, headers, {"token": "prod-token-1"}).status_code == 200
+    fetched = len(google_keys["fetched"])
+    assert post(production_auth, headers, {"token": "prod-token-2"}).status_code == 200
+    assert len(google_keys["fetched"]) == fetched
+    r = post(production_auth, {"Authorization": f"Bearer {_tampered(token)}"}, {"token": "prod-token-3"})
+    assert r.status_code == 401
+    assert db_rows(store) == [("alice", "prod-token-1", None), ("alice", "prod-token-2", None)]
+
+
 def _tampered(token: str) -> str:
     header, payload, signature = token.split(".")
     body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
