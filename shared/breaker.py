@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,10 +221,6 @@ class PauseWatch:
         self.breaker.reset()
         log.warning(f"FCM outage over ({why}): sending resumes", extra={"notification_id": self.nid})
 
-    @property
-    def probe_on_its_way(self) -> bool:
-        return self._probe is not None
-
     async def read(self) -> Pause | None:
         """The pause, read now; None (and the window resumes) once it has lifted."""
         pause = await asyncio.to_thread(self.breaker.pause)
@@ -245,11 +240,10 @@ class PauseWatch:
     async def give_back_probe(self, owner: str) -> None:
         await asyncio.to_thread(self.breaker.give_back_probe, owner)
 
-    async def judge(self, answers: Iterable[tuple[str, Outcome, int]], now: int) -> bool:
+    async def judge(self, answers: list[tuple[str, Outcome, int]], now: int) -> bool:
         """Feed the breaker a batch of answers (token, outcome, attempt) about to be confirmed: open the
         pause when it trips, notice one opened elsewhere, settle the probe. Returns whether the pause
         held for these answers (then none of its outage answers is charged)."""
-        answers = list(answers)
         held = self.paused
         outages = 0
         if not held:  # answers while the pause holds are not judged: it is open already

@@ -58,10 +58,11 @@ class Deadlines:
         platform = self._shortened(token)
         return self.window_reason if platform is None else self.reasons[platform]
 
-    def groups(self, items: Sequence[T], token: Callable[[T], str]) -> list[tuple[int, list[T]]]:
-        """``items`` grouped by the deadline of their token, in order of first appearance."""
+    def groups(self, items: Sequence[T], token: Callable[[T], str]) -> list[tuple[int, Sequence[T]]]:
+        """``items`` grouped by the deadline of their token, in order of first appearance (one group, the
+        items themselves, when the job does not shorten any platform's window)."""
         if not self.by_platform:
-            return [(self.window, list(items))]
+            return [(self.window, items)]
         grouped: dict[int, list[T]] = {}
         for item in items:
             grouped.setdefault(self.of(token(item)), []).append(item)

@@ -84,17 +84,13 @@ T = TypeVar("T")
 # full collections walked every imported module: ~30 µs of CPU per message, a fifth of deliver's
 # (bench.deliver_worker). A young collection of 50,000 objects takes ~5 ms.
 GC_YOUNG_THRESHOLD = 50_000
-_gc_tuned = False
 
 
+@functools.cache  # once per process (never reset: the collector is the process's, not the instance's clients')
 def _tune_gc() -> None:
     """Once per process: freeze what exists by now (modules, clients: they live as long as the instance)
     out of the collector's scans, and collect the young generation less often. Only when cycles are
     collected changes: objects made later are collected as before."""
-    global _gc_tuned
-    if _gc_tuned:
-        return
-    _gc_tuned = True
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
