@@ -239,13 +239,13 @@ def _deadlines(
 
 
 def _not_while_paused(job: jobs.Job) -> None:
-    """A part redelivered while the breaker's pause holds costs one Redis round trip: no token read,
-    nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
+    """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
+    read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
     or its delivery window has closed (then it expires what is left, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
         accepted = instance.claims().accepted_at(job.id)
-        if accepted is not None and now_ms() >= accepted + settings().delivery_window_seconds * 1000:
+        if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
             return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")

@@ -84,6 +84,11 @@ def own_expiry(job: Job, accepted_at: int) -> dict[str, tuple[int, str]]:
     return found
 
 
+def window_end(accepted_at: int, window_seconds: int) -> int:
+    """When a notification accepted at ``accepted_at`` (ms) stops being sent: DELIVERY_WINDOW_SECONDS later."""
+    return accepted_at + window_seconds * 1000
+
+
 def deadlines_for(
     job: Job,
     devices: Mapping[str, Mapping[str, str | None]],
@@ -94,7 +99,7 @@ def deadlines_for(
 ) -> Deadlines:
     """The deadlines of a part's tokens: ``devices`` is user -> {token: platform}; ``accepted_at`` the
     notification's acceptance (ms); ``grace_until`` when this instance's in-process wait ends (ms)."""
-    window = accepted_at + window_seconds * 1000
+    window = window_end(accepted_at, window_seconds)
     by_platform: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for platform, (deadline, reason) in own_expiry(job, accepted_at).items():
