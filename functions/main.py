@@ -104,6 +104,7 @@ def register(request: flask.Request) -> flask.Response:
     return web.serve(
         request,
         {"POST": _register_device, "DELETE": _unregister_device},
+        paths={},  # /preferences and /receipts come here: any other path is a 404
         cors_origins=SETTINGS.cors_allowed_origins,
     )
 

@@ -20,6 +20,8 @@ from shared.store import RateLimited
 log = logs.get("web")
 
 Handler = Callable[[flask.Request], tuple[int, Any] | tuple[int, Any, Mapping[str, str]]]
+Routes = Mapping[str, Handler]  # HTTP method -> handler
+CORS_METHODS = "GET, PUT, POST, DELETE, OPTIONS"
 
 
 class HttpError(Exception):
@@ -83,25 +85,38 @@ def cors_headers(request: flask.Request, allowed: tuple[str, ...]) -> dict[str, 
         return {}
     return {
         "Access-Control-Allow-Origin": origin,
-        "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Methods": CORS_METHODS,
         "Access-Control-Allow-Headers": "Authorization, Content-Type",
         "Access-Control-Max-Age": "3600",
         "Vary": "Origin",
     }
 
 
+def _routes_of_path(request: flask.Request, paths: Mapping[str, Routes]) -> Routes | None:
+    return paths.get("/" + request.path.strip("/"))
+
+
 def serve(
     request: flask.Request,
-    routes: Mapping[str, Handler],
+    routes: Routes,
     *,
+    paths: Mapping[str, Routes] | None = None,
     cors_origins: tuple[str, ...] | None = None,
 ) -> flask.Response:
-    """Dispatch on the HTTP method; every answer is JSON, every failure a clear status."""
+    """Dispatch on the HTTP method; every answer is JSON, every failure a clear status.
+
+    With ``paths`` (path -> routes, e.g. ``{"/preferences": {...}}``), a request to one of those
+    paths takes its routes, any other path ``routes``; without, every path takes ``routes``."""
     cors = cors_headers(request, cors_origins) if cors_origins is not None else {}
     if request.method == "OPTIONS" and cors_origins is not None:
         if not cors:
             return respond(403, {"error": "origin not allowed"})
         return flask.Response(status=204, headers=cors)
+    if paths is not None:
+        routes = _routes_of_path(request, {"/": routes, **paths}) or {}
+        if not routes:
+            known = ", ".join(sorted({"/", *paths}))
+            return respond(404, {"error": f"no such path {request.path[:100]!r}; use {known}"}, cors)
     handler = routes.get(request.method)
     if handler is None:
         allow = ", ".join(sorted(routes))

@@ -408,3 +408,17 @@ def test_verified_tokens_stay_bounded_and_consistent_under_threads():
     assert len(cache) == 63
     key = next(iter(cache._entries))
     assert cache.get(key, 1000.0, ("other-project", True)) is None  # verified under another project
+
+
+def test_an_unknown_path_is_a_json_404_and_stores_nothing(register_client, store):
+    r = register_client.post("/nope", data=json.dumps({"token": "t-unknown-path"}), headers=bearer("alice"))
+    assert r.status_code == 404
+    assert "/nope" in r.get_json()["error"]
+    assert store.tokens("alice") == {}
+
+
+def test_cors_preflight_allows_the_methods_of_every_path(register_client):
+    r = register_client.options("/", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"})
+    assert r.status_code == 204
+    allowed = {m.strip() for m in r.headers["Access-Control-Allow-Methods"].split(",")}
+    assert {"GET", "PUT", "POST", "DELETE", "OPTIONS"} <= allowed
