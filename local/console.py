@@ -31,7 +31,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -76,8 +76,10 @@ COUNT_LABELS = {
     "config_error": "configuration error",
     "failed": "failed",
     "expired": "expired",
+    "cancelled": "cancelled",
     "retrying": "retrying",
 }
+CANCELLABLE = frozenset({"accepted", "delivering"})
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,22 @@ def _received(m: dict[str, Any]) -> str:
     )
 
 
+def settled(status: dict[str, Any] | None) -> bool:
+    """Nothing will change any more: done, or cancelled with every token final (no need to follow it)."""
+    if status is None or status["state"] not in ("done", "cancelled"):
+        return False
+    counts = status["counts"]
+    return status["state"] == "done" or sum(v for k, v in counts.items() if k != "retrying") >= status["tokens"]
+
+
+def _cancel_form(nid: str) -> str:
+    return (
+        '<form method="post" action="/cancel" class="cancel">'
+        f'<input type="hidden" name="n" value="{_e(nid)}">'
+        '<button type="submit">Cancel this notification</button></form>'
+    )
+
+
 def render_status(nid: str | None, status: dict[str, Any] | None, error: str | None = None) -> str:
     if error:
         return f'<p class="error" data-state="error">{_e(error)}</p>'
@@ -313,16 +331,18 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         for k, label in COUNT_LABELS.items()
     )
     users = status.get("users", {})
+    done = settled(status)
     return (
-        f'<div data-state="{_e(state)}">'
+        f'<div data-state="{_e(state)}"{" data-settled" if done else ""}>'
         f'<p>Notification <code>{_e(nid)}</code>: <strong class="status-state state-{_e(state)}">{_e(state)}</strong>'
-        f"{'' if state == 'done' else ' (updating…)'}</p>"
+        f"{'' if done else ' (updating…)'}</p>"
         f'<ul class="counts">{counts}</ul>'
         f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
         f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('skipped_once', 0))} skipped "
         f"(already sent with this <code>once</code> key).</p>"
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
-        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p></div>'
+        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p>'
+        f"{_cancel_form(nid) if state in CANCELLABLE else ''}</div>"
     )
 
 
@@ -467,12 +487,12 @@ def _views(page: PageState, seen: _Seen) -> dict[str, str]:
         if sent
         else ""
     )
-    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and (status or {}).get("state") != "done" else ""
+    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and not settled(status) else ""
     stores_url = "/fragments/stores?" + urlencode({"user": page.user}) if page.user else ""
     return {
         "refresh_without_js": (
             '<noscript><meta http-equiv="refresh" content="2"></noscript>'
-            if status is not None and status.get("state") != "done"
+            if status is not None and not settled(status)
             else ""
         ),
         "status_url": _e(status_url),
@@ -624,6 +644,24 @@ async def send(request: web.Request) -> web.Response:
     raise _redirect("status", n=nid, user=str(form.get("current", "")) or (values["users"] or [""])[0])
 
 
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel through the real ``send`` endpoint (``DELETE /<id>``), then show the status."""
+    nid = str((await request.post()).get("n", ""))
+    cfg = request.app[CONFIG]
+    try:
+        async with request.app[HTTP].delete(f"{cfg.send}/{quote(nid, safe='')}") as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, err=f"send at {cfg.send} did not answer: {exc}") from None
+    if status != 200:
+        try:
+            reason = json.loads(text).get("error", text[:300])
+        except (ValueError, AttributeError):
+            reason = text[:300]
+        raise _redirect("status", n=nid, err=f"send refused the cancel ({status}): {reason}")
+    raise _redirect("status", n=nid, msg=f"Cancelled notification {nid}.")
+
+
 def _remember_sent(nid: str) -> None:
     pipe = instance.redis_client().pipeline()
     pipe.lpush(SENT_KEY, nid)
@@ -702,6 +740,7 @@ def make_app(endpoints: Endpoints) -> web.Application:
     app.router.add_post("/users", create_user)
     app.router.add_post("/devices", register_device)
     app.router.add_post("/send", send)
+    app.router.add_post("/cancel", cancel)
     app.router.add_get("/fragments/devices", fragment_devices)
     app.router.add_get("/fragments/status", fragment_status)
     app.router.add_get("/fragments/stores", fragment_stores)
