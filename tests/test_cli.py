@@ -177,6 +177,17 @@ def test_status_of_a_known_id(env: dict[str, str], capsys: pytest.CaptureFixture
     assert "failed 0, expired 0, retrying 0" in out  # every count, the delivery window's too
 
 
+def test_status_shows_the_open_receipts(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    claims = instance.claims()
+    claims.create_status("n-43", targeted=1, parts_total=1)
+    claims.register_part("n-43", 0, ["tok-a", "tok-b"], 0, 0)
+    for token, event in (("tok-a", "opened"), ("tok-b", "opened"), ("tok-a", "dismissed"), ("tok-a", "opened")):
+        claims.record_receipt("n-43", token, event)
+    assert run_json(capsys, "status", "n-43")["receipts"] == {"opened": 2, "dismissed": 1}
+    code, out, _ = run(capsys, "status", "n-43")
+    assert code == 0 and "receipts  opened 2, dismissed 1" in out
+
+
 def test_stats_shows_every_counter(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     instance.claims().count("events_rendered", 4)
 
