@@ -186,6 +186,19 @@ def test_a_malformed_body_is_400_naming_the_field_before_anything_is_looked_up(
     assert named in r.get_json()["error"]
 
 
+def test_redis_unavailable_is_503_storing_nothing(register_client, env, monkeypatch):
+    from local.servers import free_port
+
+    sent("n-down", "alice", ["tok-a"])
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    instance.reset()
+    r = post(register_client, {"notification_id": "n-down", "token": "tok-a", "event": "opened"})
+    assert r.status_code == 503 and r.headers["Retry-After"], r.get_json()
+    monkeypatch.setenv("REDIS_URL", env["REDIS_URL"])
+    instance.reset()
+    assert not instance.redis_client().exists(receipts_key("n-down"))
+
+
 def test_malformed_json_is_400(register_client, env):
     assert post(register_client, raw="{not json").status_code == 400
 
