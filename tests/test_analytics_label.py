@@ -14,6 +14,7 @@ from shared import jobs
 from shared.events import notification_id, render
 from shared.fcm_message import MessageTemplate
 from shared.rules import RulesError, parse_rules
+from tests.conftest import start_stack
 from tests.e2e_client import Client, unique
 
 NOTE = {"notification": {"title": "Hello", "body": "there"}}
@@ -130,13 +131,34 @@ def test_the_label_reaches_fcm_in_every_message_of_the_job_fan_out_parts_too(cli
     assert all(m["fcm_options"] == {"analytics_label": "winter_sale-2026"} for m in messages)
 
 
+@pytest.fixture(scope="module")
+def e2e_sdk_stack(servers):
+    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
+    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["http", "sdk"])
+def both_clients(request):
+    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
+    c = Client(stack)
+    yield c
+    c.close()
+
+
 @pytest.mark.e2e
-def test_no_fcm_options_without_a_label(client):
-    user, token = unique("u-"), unique("tok-")
-    client.register(user, token, "android")
-    nid = client.send({"user_ids": [user], **NOTE})
-    client.wait_done(nid)
-    [message] = client.messages([token])
+def test_the_label_on_each_fcm_client_and_no_fcm_options_without_one(both_clients):
+    client = both_clients
+    user, labelled, plain = unique("u-"), unique("tok-"), unique("tok-")
+    client.register(user, labelled, "ios")
+    client.wait_done(client.send({"user_ids": [user], **NOTE, "analytics_label": "ios~sale%2F1"}))
+    client.register(user, plain, "android")
+    client.wait_done(client.send({"user_ids": [user], "data": {"k": "v"}}))
+    [first, later] = sorted(client.messages([labelled]), key=lambda m: "fcm_options" not in m)
+    assert first["fcm_options"] == {"analytics_label": "ios~sale%2F1"}
+    assert "fcm_options" not in later  # the same device, the unlabelled notification
+    [message] = client.messages([plain])
     assert "fcm_options" not in message
 
 
