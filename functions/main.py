@@ -1,6 +1,7 @@
 """pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
 
-  register  (HTTP)        clients register / unregister their FCM device tokens
+  register  (HTTP)        clients register / unregister their FCM device tokens; POST /receipts: a
+                          device opened or dismissed a notification
   send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
                           GET /<id> answers its status, DELETE /<id> cancels it
   deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
@@ -99,12 +100,25 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     return 200, {"removed": removed}
 
 
+def _receipt(request: flask.Request) -> tuple[int, dict]:
+    from shared import receipts
+
+    user_id = _caller(request)
+    try:
+        result = receipts.record(user_id, receipts.parse(web.read_json(request, REGISTER_MAX_BODY)))
+    except receipts.InvalidReceipt as exc:
+        raise web.HttpError(400, str(exc)) from None
+    if isinstance(result, receipts.NotFound):
+        return 404, {"error": result.reason}
+    return 200, {"counted": result.counted}
+
+
 @functions_framework.http
 def register(request: flask.Request) -> flask.Response:
     return web.serve(
         request,
         {"POST": _register_device, "DELETE": _unregister_device},
-        paths={},  # /preferences and /receipts come here: any other path is a 404
+        paths={"/receipts": {"POST": _receipt}},  # /preferences comes here too: any other path is a 404
         cors_origins=SETTINGS.cors_allowed_origins,
     )
 

@@ -13,6 +13,9 @@ Redis keys of its own (all ``notif:console:``):
   notif:console:users    Set of the test users made here
   notif:console:devices  Hash token -> JSON {user, platform, behaviour, at}: devices registered here
   notif:console:sent     List of the notification ids sent from here, newest first (20 kept)
+
+A received notification can be opened or dismissed on its device card: an open receipt sent through
+the real ``register`` endpoint (``POST /receipts``) as the device's user.
 """
 
 from __future__ import annotations
@@ -266,7 +269,7 @@ def _device_card(d: Device) -> str:
     behaviour = BEHAVIOURS[d.behaviour][1] if d.behaviour in BEHAVIOURS else "—"
     answers = ", ".join(f"{_e(a)} &times;{n}" for a, n in sorted(d.answers.items())) or "none yet"
     shown = d.received[:MAX_MESSAGES_PER_CARD]
-    items = "".join(_received(m) for m in shown)
+    items = "".join(_received(m, d.user) for m in shown)
     more = len(d.received) - len(shown)
     received = (
         f'<ol class="received" reversed>{items}</ol>' + (f"<p>and {more} older</p>" if more > 0 else "")
@@ -286,7 +289,19 @@ def _device_card(d: Device) -> str:
     )
 
 
-def _received(m: dict[str, Any]) -> str:
+def _receipt_form(nid: str, token: str, user: str) -> str:
+    """The device opens (or dismisses) the notification: a receipt through the real register endpoint."""
+    hidden = "".join(
+        f'<input type="hidden" name="{k}" value="{_e(v)}">' for k, v in (("n", nid), ("token", token), ("user", user))
+    )
+    return (
+        f'<form class="receipt" method="post" action="/receipts">{hidden}'
+        '<button name="event" value="opened">Open</button> '
+        '<button name="event" value="dismissed">Dismiss</button></form>'
+    )
+
+
+def _received(m: dict[str, Any], user: str | None = None) -> str:
     message = m["message"]
     note = message.get("notification") or {}
     data = message.get("data") or {}
@@ -296,9 +311,10 @@ def _received(m: dict[str, Any]) -> str:
     pairs = "".join(f"<li><code>{_e(k)}={_e(v)}</code></li>" for k, v in data.items())
     data_html = f'<ul class="data" aria-label="data">{pairs}</ul>' if pairs else ""
     link = f' · <a href="{_e(_link(n=nid))}#status">status</a>' if nid else ""
+    receipt = _receipt_form(nid, str(message.get("token", "")), user) if nid and user else ""
     return (
         f'<li><p class="title">{title}</p>{body}{data_html}'
-        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p></li>'
+        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p>{receipt}</li>'
     )
 
 
@@ -332,6 +348,10 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
     )
     users = status.get("users", {})
     done = settled(status)
+    receipts = status.get("receipts", {})
+    opened = ", ".join(
+        f'<span data-receipt="{k}">{int(receipts.get(k, 0))} {k}</span>' for k in ("opened", "dismissed")
+    )
     return (
         f'<div data-state="{_e(state)}"{" data-settled" if done else ""}>'
         f'<p>Notification <code>{_e(nid)}</code>: <strong class="status-state state-{_e(state)}">{_e(state)}</strong>'
@@ -340,6 +360,7 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
         f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('skipped_once', 0))} skipped "
         f"(already sent with this <code>once</code> key).</p>"
+        f'<p class="receipts">Open receipts: {opened}.</p>'
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
         f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p>'
         f"{_cancel_form(nid) if state in CANCELLABLE else ''}</div>"
@@ -662,6 +683,27 @@ async def cancel(request: web.Request) -> web.Response:
     raise _redirect("status", n=nid, msg=f"Cancelled notification {nid}.")
 
 
+async def receipt(request: web.Request) -> web.Response:
+    """A simulated device opens (or dismisses) a notification: ``POST /receipts`` on the real register
+    endpoint, as the device's user."""
+    form = await request.post()
+    nid, token, user, event = (str(form.get(k, "")) for k in ("n", "token", "user", "event"))
+    if not USER_RE.fullmatch(user):
+        raise _redirect("status", n=nid, err="the receipt names no user")
+    cfg = request.app[CONFIG]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, cfg.project)}"}
+    body = {"notification_id": nid, "token": token, "event": event}
+    try:
+        async with request.app[HTTP].post(f"{cfg.register}/receipts", json=body, headers=headers) as response:
+            status, answer = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, user=user, err=f"register at {cfg.register} did not answer: {exc}") from None
+    if status != 200:
+        raise _redirect("status", n=nid, user=user, err=f"register answered {status} to the receipt: {answer[:300]}")
+    counted = "counted" if json.loads(answer).get("counted") else "already counted for this device"
+    raise _redirect("status", n=nid, user=user, msg=f"Device {token} {event} {nid}: {counted}.")
+
+
 def _remember_sent(nid: str) -> None:
     pipe = instance.redis_client().pipeline()
     pipe.lpush(SENT_KEY, nid)
@@ -741,6 +783,7 @@ def make_app(endpoints: Endpoints) -> web.Application:
     app.router.add_post("/devices", register_device)
     app.router.add_post("/send", send)
     app.router.add_post("/cancel", cancel)
+    app.router.add_post("/receipts", receipt)
     app.router.add_get("/fragments/devices", fragment_devices)
     app.router.add_get("/fragments/status", fragment_status)
     app.router.add_get("/fragments/stores", fragment_stores)

@@ -38,6 +38,7 @@ from typing import Any
 from shared.attributes import AttributeRuleError, canonical_locale
 
 __all__ = [
+    "ANALYTICS_LABEL_PATTERN",
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
@@ -46,6 +47,7 @@ __all__ = [
     "V2_FIELDS",
     "Job",
     "JobError",
+    "check_analytics_label",
     "check_data_key",
     "check_platforms",
     "check_user_ids",
@@ -67,6 +69,8 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
 MAX_ONCE_CHARS = 64
 ONCE_PATTERN = rf"^[A-Za-z0-9_.-]{{1,{MAX_ONCE_CHARS}}}$"
+# FCM's rule for fcm_options.analytics_label (it groups delivery reports and the BigQuery export by it)
+ANALYTICS_LABEL_PATTERN = r"^[A-Za-z0-9_.~%-]{1,50}$"
 MAX_USER_IDS = 10_000
 MAX_USER_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 4096
@@ -83,7 +87,7 @@ RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
 # The fields that make a job version 2 (see the module docstring: one line here per new field).
-V2_FIELDS: tuple[str, ...] = ("localized",)
+V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label")
 V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
 REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
 V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
@@ -91,6 +95,7 @@ JOB_FIELDS = ("version", "id", *REQUEST_FIELDS)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
+_ANALYTICS_LABEL_RE = re.compile(ANALYTICS_LABEL_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -122,6 +127,7 @@ class Job:
     webpush: dict | None = None
     # version 2 (V2_FIELDS): None when absent
     localized: dict[str, dict] | None = None  # canonical locale -> notification text, in the given order
+    analytics_label: str | None = None  # FCM's fcm_options.analytics_label of every message
 
 
 def version_of(job: Job) -> int:
@@ -423,6 +429,14 @@ def check_platforms(value: object) -> tuple[str, ...]:
     return tuple(p for p in PLATFORMS if p in value)
 
 
+def check_analytics_label(value: object, path: str = "analytics_label") -> str:
+    """FCM's analytics label: 1 to 50 of A-Z a-z 0-9 - _ . ~ %. Raises JobError naming ``path``."""
+    if not isinstance(value, str) or not _ANALYTICS_LABEL_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f"{path} must be 1 to 50 characters of A-Z a-z 0-9 - _ . ~ % (FCM's rule), got {shown}")
+    return value
+
+
 def _once(value: object) -> str:
     if not isinstance(value, str) or not _ONCE_RE.fullmatch(value):
         shown = _shown_text(value)
@@ -474,6 +488,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
             f"payload is {size} bytes; FCM allows at most {MAX_PAYLOAD_BYTES} (compact JSON of notification and data)"
         )
     localized = _localized(obj["localized"], notification, data) if "localized" in obj else None
+    label = check_analytics_label(obj["analytics_label"]) if "analytics_label" in obj else None
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -485,6 +500,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
         apns=options.get("apns"),
         webpush=options.get("webpush"),
         localized=localized,
+        analytics_label=label,
     )
 
 

@@ -110,6 +110,15 @@ def test_console_in_a_browser(browser, stack) -> None:
     expect(dead).to_contain_text("Removed", timeout=TIMEOUT_MS)
     expect(dead).to_contain_text("UNREGISTERED")
 
+    # The healthy device opens the notification: an open receipt, counted once.
+    healthy.locator(".received").get_by_role("button", name="Open").first.click()
+    expect(page.get_by_role("status")).to_contain_text("opened")
+    expect(page.get_by_role("status")).to_contain_text(": counted.")
+    expect(status.locator('[data-receipt="opened"]')).to_have_text("1 opened")
+    healthy.locator(".received").get_by_role("button", name="Open").first.click()
+    expect(page.get_by_role("status")).to_contain_text("already counted for this device")
+    expect(status.locator('[data-receipt="opened"]')).to_have_text("1 opened")
+
     # The stores: the healthy token in both, the dead one in neither.
     healthy_token = healthy.get_attribute("data-token")
     dead_token = dead.get_attribute("data-token")
