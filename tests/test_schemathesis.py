@@ -56,6 +56,7 @@ CHECKS = [
     negative_data_rejection,
 ]
 CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
+CANARY_LOCALE = "de-AT"  # takes the "de" variant of the send example's localized text
 MIN_REQUESTS = 1000
 
 # (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
@@ -78,6 +79,7 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+    accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
 
 
 RECORD = Record()
@@ -96,7 +98,7 @@ def stack(servers):
     project = stack.config.project
     r = requests.post(
         stack.url("register") + "/",
-        json={"token": CANARY_TOKEN, "platform": "android"},
+        json={"token": CANARY_TOKEN, "platform": "android", "locale": CANARY_LOCALE},
         headers={"Authorization": f"Bearer {emulator_id_token(CANARY_USER, project)}"},
         timeout=30,
     )
@@ -198,6 +200,7 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if method == "POST" and token is not None:
             if response.status_code == 200:
                 RECORD.accepted_tokens.add(token)
+                RECORD.accepted_fields.update(("register", k) for k, v in case.body.items() if v is not None)
             else:
                 RECORD.rejected_tokens.add(token)
 
@@ -229,6 +232,7 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
+            RECORD.accepted_fields.update(("send", k) for k in body or ())
 
     fuzz("/send", "POST", mode, run)
 
@@ -356,6 +360,11 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         f"FCM got messages of requests that were not accepted: {ids - RECORD.accepted_ids}"
     )
     assert any(m["message"]["token"] == CANARY_TOKEN for m in messages), "the canary got nothing"
+    # the new fields were generated, accepted and used: the canary (de-AT) got a "de" variant
+    assert {f for op, f in RECORD.accepted_fields if op == "register"} >= {"locale", "time_zone", "app_version"}
+    assert ("send", "localized") in RECORD.accepted_fields
+    hallo = {"title": "Hallo", "body": "Es gibt Neues"}
+    assert any(m["message"]["token"] == CANARY_TOKEN and m["message"].get("notification") == hallo for m in messages)
 
 
 @slow
