@@ -10,6 +10,7 @@ from shared.attributes import (
     check_app_version,
     check_time_zone,
     locale_chain,
+    locale_matches,
     select_variant,
     version_key,
 )
@@ -105,3 +106,8 @@ def test_app_versions_compare_numerically_missing_parts_zero() -> None:
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert version_key("2.3") == version_key("2.3.0") == version_key("2.3.0.0")
     assert version_key("999999.999999.999999.999999") == 10**24 - 1
+
+
+def test_a_locale_filter_matches_the_locale_and_its_extensions() -> None:
+    assert locale_matches("de", "de") and locale_matches("de", "de-AT") and locale_matches("zh-Hans", "zh-Hans-CN")
+    assert not locale_matches("de-AT", "de") and not locale_matches("de", "dea") and not locale_matches("de", None)
