@@ -4,6 +4,7 @@ columns that hold them, and the locale cache beside the tokens (shared/store.py)
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -230,14 +231,13 @@ def test_removed_devices_leave_the_locale_cache(register_client, store):
 
 
 def test_with_redis_down_locales_come_from_postgresql(register_client, store, monkeypatch):
+    from local.servers import free_port
+
     post(register_client, {"token": "t-de", "locale": "de-CH"})
-    import redis as redis_lib
-
-    def down(*args, **kwargs):
-        raise redis_lib.ConnectionError("down")
-
-    monkeypatch.setattr(store.redis, "pipeline", down)
-    assert store.devices_for_users(["alice"]) == ({"alice": {"t-de": None}}, {"t-de": "de-CH"})
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    instance.reset()
+    down = instance.token_store()
+    assert down.devices_for_users(["alice"]) == ({"alice": {"t-de": None}}, {"t-de": "de-CH"})
 
 
 def test_reconcile_repairs_a_lost_locale(register_client, store):
@@ -247,3 +247,20 @@ def test_reconcile_repairs_a_lost_locale(register_client, store):
     assert result.rebuilt == 1
     assert store.redis.hgetall("notif:locale:alice") == {b"t-de": b"de"}
     assert instance.token_store().devices_for_users(["alice"])[1] == {"t-de": "de"}
+
+
+def test_a_locale_changed_while_redis_was_down_is_not_hidden_by_the_stale_cache(register_client, store, monkeypatch):
+    """The dirty mark covers the locales as it covers the tokens: the next read rebuilds both."""
+    from local.servers import free_port
+
+    post(register_client, {"token": "t1", "locale": "de"})
+    assert store.devices_for_users(["alice"])[1] == {"t1": "de"}
+    real = os.environ["REDIS_URL"]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    instance.reset()
+    assert post(register_client, {"token": "t1", "locale": "fr-CA"}).status_code == 200  # PostgreSQL only
+    monkeypatch.setenv("REDIS_URL", real)
+    instance.reset()
+    assert store.redis.hget("notif:locale:alice", "t1") == b"de"  # the stale cache, as Redis kept it
+    assert instance.token_store().devices_for_users(["alice"])[1] == {"t1": "fr-CA"}
+    assert store.redis.hget("notif:locale:alice", "t1") == b"fr-CA"
