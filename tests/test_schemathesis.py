@@ -59,6 +59,7 @@ CHECKS = [
 ]
 CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
 CANARY_NOTIFICATION = ""  # sent to the canary by the stack fixture: the real target of generated receipts
+CANARY_LOCALE = "de-AT"  # takes the "de" variant of the send example's localized text
 MIN_REQUESTS = 1000
 
 # (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
@@ -83,6 +84,7 @@ class Record:
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
     counted: Counter = field(default_factory=Counter)  # receipts answered 200, by "counted"
+    accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
 
 
 RECORD = Record()
@@ -101,7 +103,7 @@ def stack(servers):
     project = stack.config.project
     r = requests.post(
         stack.url("register") + "/",
-        json={"token": CANARY_TOKEN, "platform": "android"},
+        json={"token": CANARY_TOKEN, "platform": "android", "locale": CANARY_LOCALE},
         headers={"Authorization": f"Bearer {emulator_id_token(CANARY_USER, project)}"},
         timeout=30,
     )
@@ -213,6 +215,7 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if method == "POST" and token is not None:
             if response.status_code == 200:
                 RECORD.accepted_tokens.add(token)
+                RECORD.accepted_fields.update(("register", k) for k, v in case.body.items() if v is not None)
             else:
                 RECORD.rejected_tokens.add(token)
 
@@ -266,6 +269,7 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
+            RECORD.accepted_fields.update(("send", k) for k in body or ())
 
     fuzz("/send", "POST", mode, run)
 
@@ -394,6 +398,11 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         f"FCM got messages of requests that were not accepted: {ids - RECORD.accepted_ids}"
     )
     assert any(m["message"]["token"] == CANARY_TOKEN for m in messages), "the canary got nothing"
+    # the new fields were generated, accepted and used: the canary (de-AT) got a "de" variant
+    assert {f for op, f in RECORD.accepted_fields if op == "register"} >= {"locale", "time_zone", "app_version"}
+    assert ("send", "localized") in RECORD.accepted_fields
+    hallo = {"title": "Hallo", "body": "Es gibt Neues"}
+    assert any(m["message"]["token"] == CANARY_TOKEN and m["message"].get("notification") == hallo for m in messages)
 
 
 @slow
@@ -479,7 +488,8 @@ def test_document_agrees_with_the_validators():
         assert send["properties"][name].get("type") == job_schema["properties"][name].get("type", "string"), name
 
     register = components["RegisterRequest"]
-    assert set(register["properties"]) == {"token", "platform"} and register["additionalProperties"] is False
+    assert set(register["properties"]) == {"token", *registration.ATTRIBUTE_CHECKS}
+    assert register["additionalProperties"] is False
     assert register["properties"]["platform"]["enum"] == list(PLATFORMS) == list(jobs.PLATFORMS)
     assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
     removal = components["RemoveRequest"]["oneOf"]
