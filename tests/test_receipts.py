@@ -169,6 +169,7 @@ def sent(nid: str, user: str, tokens: list[str]) -> None:
         ({"notification_id": "n1", "token": "t", "event": 1}, "event"),
         ({"notification_id": "not/an id", "token": "t", "event": "opened"}, "notification_id"),
         ({"notification_id": "x" * 33, "token": "t", "event": "opened"}, "notification_id"),
+        ({"notification_id": "n1\n", "token": "t", "event": "opened"}, "notification_id"),  # $ allows a final \n
         ({"notification_id": 7, "token": "t", "event": "opened"}, "notification_id"),
         ({"notification_id": "n1", "token": "has space", "event": "opened"}, "token"),
         ({"notification_id": "n1", "token": "", "event": "opened"}, "token"),
