@@ -263,6 +263,20 @@ def test_receipts_expire_with_the_status(env):
     assert redis.pttl(receipts_key("n-ttl")) > 100_000
 
 
+def test_a_redelivered_job_extends_the_receipts_with_the_status(env):
+    """Every copy of a job restarts its status's life (deliver's whole-job step): the receipts must follow,
+    or the set of who was counted expires first and a repeated receipt is counted again."""
+    claims = instance.claims()
+    sent("n-again", "alice", ["tok-a"])
+    redis = instance.redis_client()
+    assert claims.record_receipt("n-again", "tok-a", "opened") is True
+    for key in ("notif:status:n-again", receipts_key("n-again")):
+        redis.pexpire(key, 100_000)  # a while after the receipt
+    claims.create_status("n-again", targeted=1)  # a copy of the job arrives again
+    assert redis.pttl("notif:status:n-again") > 100_000
+    assert redis.pttl(receipts_key("n-again")) > 100_000
+
+
 def test_targeted_is_what_the_ledger_holds(env):
     claims = instance.claims()
     sent("n-t", "alice", ["tok-a"])
