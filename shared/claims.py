@@ -232,7 +232,8 @@ return out
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
-# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, tokens to remove...}.
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {outcome, tokens
+# it made final, ...}, tokens to remove...}.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -260,9 +261,9 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
-local expired, unheld = {}, {}
-local out = {tripped, 0, expired, unheld}
-local finals, waiting = 0, 0
+local expired, unheld, made = {}, {}, {}
+local out = {tripped, 0, expired, unheld, made}
+local finals, waiting, by_outcome = 0, 0, {}
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
 -- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
 local function wait_or_expire(t, attempts, at, deadline)
@@ -297,6 +298,7 @@ for i = first, #ARGV, 4 do
       redis.call('HSET', KEYS[1], t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
+      by_outcome[final] = (by_outcome[final] or 0) + 1
     end
   elseif not s or string.sub(s, 1, 1) ~= 'F' then
     -- not this attempt's lease, and not final: taken over by another copy, or the lease itself was
@@ -306,6 +308,7 @@ for i = first, #ARGV, 4 do
   end
 end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
+for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -465,6 +468,7 @@ class Confirmation:
     config_error_first: bool  # the job's first configuration error
     expired: list[str]  # retries that would have come after their window closed: final `expired`
     unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
+    finals: dict[str, int] = field(default_factory=dict)  # outcome -> tokens this step made final with it
 
 
 class Claims:
@@ -641,12 +645,14 @@ class Claims:
             DEAD_TOKENS_KEY,
         ]
         reply = self._confirm(keys=keys, args=args)
+        made = reply[4]
         return Confirmation(
-            remove=[t.decode() for t in reply[4:]],
+            remove=[t.decode() for t in reply[5:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
             unheld=[t.decode() for t in reply[3]],
+            finals={made[i].decode(): int(made[i + 1]) for i in range(0, len(made), 2)},
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------

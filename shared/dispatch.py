@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from shared.breaker import Breaker
@@ -39,6 +39,7 @@ class PartOutcome:
     sent: int = 0
     expired: int = 0  # tokens this instance found past their delivery window (now final)
     paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
+    finals: Counter[str] = field(default_factory=Counter)  # outcome -> tokens its answers made final
 
     @property
     def complete(self) -> bool:
@@ -177,6 +178,7 @@ class _Schedule:
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
         self.outcome.expired += confirmed.expired
+        self.outcome.finals.update(dict(confirmed.finals))
         for token in confirmed.unheld:  # another copy holds it, or Redis lost its lease: see at the end
             self.outcome.busy.setdefault(token, 0)
         for retry_at, token in confirmed.retries:
