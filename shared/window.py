@@ -89,13 +89,16 @@ class Confirmed(NamedTuple):
     from ``at`` (ms); the dead tokens removed from the stores; how many tokens it made ``expired``; and
     the tokens whose answers were not recorded because their lease is no longer this window's (taken
     over, or lost with Redis's last writes): not final, so the part is not finished with them; and how
-    many tokens it made final, per outcome (``expired`` included), as the ledger counted them."""
+    many retry answers it made final ``cancelled`` (the notification is cancelled: nothing is retried); and
+    how many tokens it made final, per outcome (``expired`` and ``cancelled`` included), as the ledger
+    counted them."""
 
     at: int
     retries: list[tuple[int, str]]
     removed: list[str]
     expired: int = 0
     unheld: tuple[str, ...] = ()
+    cancelled: int = 0
     finals: tuple[tuple[str, int], ...] = ()
 
 
@@ -265,12 +268,16 @@ class SendWindow:
             expired = set(confirmation.expired)
             self._log_expired(confirmation.expired, Counter(o.code for t, o, _ in answers if t in expired))
             retries = [(at, token) for at, token in retries if token not in expired]
+        if confirmation.cancelled:  # the notification was cancelled: a retry answer is final `cancelled`
+            cancelled = set(confirmation.cancelled)
+            retries = [(at, token) for at, token in retries if token not in cancelled]
         return Confirmed(
             now,
             retries,
             confirmation.remove,
             len(confirmation.expired),
             tuple(confirmation.unheld),
+            len(confirmation.cancelled),
             tuple(confirmation.finals.items()),
         )
 
