@@ -219,7 +219,7 @@ for i = first, #ARGV do
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
-    out[#out + 1] = 2; out[#out + 1] = 0
+    out[#out + 1] = 9; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
     redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
@@ -406,6 +406,7 @@ class LeaseCode(enum.IntEnum):
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
     PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
     CANCELLED = 8  # the notification is cancelled: made final `cancelled` by this lease
+    FAILED = 9  # its sender died after the last allowed attempt (the answer is unknown): made final `failed`
 
 
 class CancelResult(enum.IntEnum):
@@ -496,7 +497,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
-_PAUSED, _CANCELLED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED)
+_PAUSED, _CANCELLED, _FAILED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED), int(LeaseCode.FAILED)
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,7 @@ class Lease:
     expired: list[str]  # made final `expired` by this lease: their window closed
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
     cancelled: tuple[str, ...] = ()  # made final `cancelled` by this lease: the notification is cancelled
+    failed: tuple[str, ...] = ()  # made final `failed` by this lease: its sender died after the last attempt
 
 
 class BudgetChange(NamedTuple):
@@ -671,6 +673,7 @@ class Claims:
         expired: list[str] = []
         paused: list[str] = []
         cancelled: list[str] = []
+        failed: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -687,9 +690,11 @@ class Claims:
                 paused.append(token)
             elif code == _CANCELLED:
                 cancelled.append(token)
+            elif code == _FAILED:
+                failed.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled))
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled), tuple(failed))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that

@@ -179,6 +179,8 @@ class _Schedule:
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
+        if lease.failed:  # its sender died after the last attempt: the ledger made it final here
+            outcome.finals["failed"] += len(lease.failed)
         if lease.cancelled:
             outcome.cancelled += len(lease.cancelled)
             self._cancelled()

@@ -496,9 +496,12 @@ def json_lines():
     handler = Keep()
     handler.setFormatter(logs.JsonFormatter())
     logger = logging.getLogger("pushline")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     yield found
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_the_other_configuration_errors_are_counted_with_what_is_wrong(env, monkeypatch, tmp_path, json_lines):
@@ -522,3 +525,24 @@ def test_the_other_configuration_errors_are_counted_with_what_is_wrong(env, monk
     label = extracted(metric["labelExtractors"]["config"])
     counted = [log_entry(json.loads(line)) for line in json_lines]
     assert {field(e, label) for e in counted if matches(metric["filter"], e)} == {"fcm_credentials", "event_rules"}
+
+
+def test_a_token_failed_by_the_lease_is_counted_in_the_part_line(fcm, store, monkeypatch, json_lines):
+    """The one token the ledger makes final outside a confirmation and outside a window: its sender died
+    after its last allowed attempt, so the next copy's lease makes it ``failed``. The part's line counts
+    it as the status does (the messages metrics add up to the status's counts)."""
+    from shared import delivery, instance
+    from shared.claims import ledger_key
+    from tests.test_guarantees import event, job, setenv, status
+
+    setenv(monkeypatch, MAX_ATTEMPTS="1")
+    store.register("dora", "tok-sent-by-a-dead-copy")
+    store.register("dora", "tok-fine")
+    # a copy leased it for its one attempt and died: the lease is over, the answer unknown
+    instance.claims().register_part("died", 0, ["tok-sent-by-a-dead-copy"], 0, 0)
+    instance.redis_client().hset(ledger_key("died"), "tok-sent-by-a-dead-copy", "L:1:0")
+    assert delivery.handle(event(job(id="died", user_ids=["dora"]))) == "delivered"
+    counts = status("died")["counts"]
+    assert (counts["failed"], counts["delivered"]) == (1, 1)
+    [line] = [json.loads(line) for line in json_lines if '"part_processed"' in line]
+    assert (line["failed"], line["delivered"]) == (1, 1)
