@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import bus, expiry, instance, jobs, logs
-from shared.claims import Claims, now_ms
+from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
@@ -219,7 +219,6 @@ def _log_part(
 ) -> None:
     """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
     log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
-    finals = outcome.finals
     log.info(
         "part processed",
         extra={
@@ -229,13 +228,7 @@ def _log_part(
             "parts": parts,
             "tokens": len(tokens),
             "sent": outcome.sent,
-            "delivered": finals["delivered"],
-            "dead_removed": len(outcome.removed),
-            "failed": finals["failed"],
-            "payload_rejected": finals["payload_rejected"],
-            "config_error": finals["config_error"],
-            "expired": outcome.expired,
-            "cancelled": outcome.cancelled,
+            **{final.value: outcome.finals[final.value] for final in FinalOutcome},
             "busy": len(outcome.busy),
             "later": len(outcome.later),
             "paused": outcome.paused,

@@ -44,7 +44,8 @@ class PartOutcome:
     expired: int = 0  # tokens this instance found past their delivery window (now final)
     paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
     cancelled: int = 0  # tokens this instance found cancelled (now final)
-    finals: Counter[str] = field(default_factory=Counter)  # outcome -> tokens its answers made final
+    # outcome -> tokens this processing made final with it (its leases and its confirmations, as the ledger did)
+    finals: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
@@ -179,8 +180,7 @@ class _Schedule:
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
-        if lease.failed:  # its sender died after the last attempt: the ledger made it final here
-            outcome.finals["failed"] += len(lease.failed)
+        outcome.finals.update(expired=len(lease.expired), cancelled=len(lease.cancelled), failed=len(lease.failed))
         if lease.cancelled:
             outcome.cancelled += len(lease.cancelled)
             self._cancelled()

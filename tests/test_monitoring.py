@@ -546,3 +546,20 @@ def test_a_token_failed_by_the_lease_is_counted_in_the_part_line(fcm, store, mon
     assert (counts["failed"], counts["delivered"]) == (1, 1)
     [line] = [json.loads(line) for line in json_lines if '"part_processed"' in line]
     assert (line["failed"], line["delivered"]) == (1, 1)
+
+
+def test_tokens_cancelled_by_the_lease_are_counted_in_the_part_line(fcm, store, json_lines):
+    """A part of a notification cancelled before it ran: its lease makes every token ``cancelled``, and
+    the part's line counts them as the status does."""
+    from shared import delivery, instance
+    from tests.test_guarantees import event, job, status
+
+    store.register("erin", "tok-e1")
+    store.register("erin", "tok-e2")
+    instance.claims().create_status("gone", targeted=1, parts_total=1)
+    instance.claims().cancel("gone")
+    delivery.handle(event(job(id="gone", user_ids=["erin"])))
+    assert status("gone")["counts"]["cancelled"] == 2
+    [line] = [json.loads(line) for line in json_lines if '"part_processed"' in line]
+    assert (line["cancelled"], line["delivered"], line["sent"]) == (2, 0, 0)
+    assert fcm.messages() == []
