@@ -563,3 +563,36 @@ def test_tokens_cancelled_by_the_lease_are_counted_in_the_part_line(fcm, store, 
     [line] = [json.loads(line) for line in json_lines if '"part_processed"' in line]
     assert (line["cancelled"], line["delivered"], line["sent"]) == (2, 0, 0)
     assert fcm.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"MAX_ATTEMPTS": "0", "GOOGLE_CLOUD_PROJECT": "demo-p"}, "MAX_ATTEMPTS"),  # a value out of range
+        ({}, "GOOGLE_CLOUD_PROJECT"),  # in the cloud without the project
+    ],
+)
+def test_a_function_that_refuses_to_start_says_so_as_a_configuration_error(env, says):
+    """A function whose environment is wrong does not start (functions/main.py raises at import); before
+    it does, one CRITICAL JSON line counted by pushline_config_errors (config: environment) names the
+    problem, so the alert fires instead of the function silently failing its health check."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "SYSTEMROOT")}
+    done = subprocess.run(
+        [sys.executable, "-c", "import main"],
+        cwd=ROOT / "functions",
+        env={**base, "K_SERVICE": "send", "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0 and "ConfigError" in done.stderr
+    lines = [json.loads(raw) for raw in done.stderr.splitlines() if raw.startswith("{")]
+    metric = METRICS["pushline_config_errors"]
+    counted = [line for line in lines if matches(metric["filter"], log_entry(line))]
+    assert [line["config"] for line in counted] == ["environment"]
+    assert counted[0]["severity"] == "CRITICAL" and says in counted[0]["message"]
