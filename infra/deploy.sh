@@ -601,10 +601,14 @@ render() {  # render SRC DEST [ETAG]: the placeholders (@PROJECT@, the subscript
         channel="\"$ALERT_CHANNEL\""
     fi
     sed -e "s|@PROJECT@|$PROJECT|g" -e "s|@JOBS_SUBSCRIPTION@|$JOBS_SUBSCRIPTION|g" \
-        -e "s|@EVENTS_SUBSCRIPTION@|$EVENTS_SUBSCRIPTION|g" -e "s|\"@ALERT_CHANNEL@\"|$channel|g" "$1" >"$2"
-    if [[ -n "${3:-}" ]]; then  # an update names the version it replaces
-        sed -i -e "1a\\  \"etag\": \"$3\"," "$2"
-    fi
+        -e "s|@EVENTS_SUBSCRIPTION@|$EVENTS_SUBSCRIPTION|g" -e "s|\"@ALERT_CHANNEL@\"|$channel|g" "$1" | {
+        IFS= read -r first  # the object's opening brace
+        printf '%s\n' "$first"
+        if [[ -n "${3:-}" ]]; then  # an update names the version it replaces
+            printf '  "etag": "%s",\n' "$3"
+        fi
+        cat
+    } >"$2"
 }
 
 step "log-based metrics from the functions' JSON log lines (created, or updated to infra/monitoring/metrics)"
