@@ -39,10 +39,11 @@ from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
 
-SETTINGS = config.settings()
-logs.setup(SETTINGS.log_level)
-config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
-config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), GOOGLE_CLOUD_PROJECT set
+with config.refusal_logged():  # a function that cannot start says why first (a configuration error)
+    SETTINGS = config.settings()
+    logs.setup(SETTINGS.log_level)
+    config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
+    config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), GOOGLE_CLOUD_PROJECT set
 if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
     from local.bus import plug_in
 

@@ -232,7 +232,7 @@ for i = first, #ARGV do
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
-    out[#out + 1] = 2; out[#out + 1] = 0
+    out[#out + 1] = 9; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
     redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
@@ -272,8 +272,8 @@ return out
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
-# cancelled}, tokens to remove...}. Once the notification is cancelled, an answer that would wait for a
-# retry makes its token final `cancelled` instead.
+# cancelled}, {outcome, tokens it made final, ...}, tokens to remove...}. Once the notification is
+# cancelled, an answer that would wait for a retry makes its token final `cancelled` instead.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -302,9 +302,9 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
 local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
-local expired, unheld, cancels = {}, {}, {}
-local out = {tripped, 0, expired, unheld, cancels}
-local finals, waiting = 0, 0
+local expired, unheld, cancels, made = {}, {}, {}, {}
+local out = {tripped, 0, expired, unheld, cancels, made}
+local finals, waiting, by_outcome = 0, 0, {}
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless the notification is
 -- cancelled (then it is final `cancelled`: issue 22) or its delivery window closes first (then it is final
 -- `expired` at once: issue 20). Returns the final outcome, or nil when it waits.
@@ -341,6 +341,7 @@ for i = first, #ARGV, 4 do
       redis.call('HSET', KEYS[1], t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
+      by_outcome[final] = (by_outcome[final] or 0) + 1
     end
   elseif not s or string.sub(s, 1, 1) ~= 'F' then
     -- not this attempt's lease, and not final: taken over by another copy, or the lease itself was
@@ -350,6 +351,7 @@ for i = first, #ARGV, 4 do
   end
 end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
+for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
@@ -429,6 +431,7 @@ class LeaseCode(enum.IntEnum):
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
     PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
     CANCELLED = 8  # the notification is cancelled: made final `cancelled` by this lease
+    FAILED = 9  # its sender died after the last allowed attempt (the answer is unknown): made final `failed`
 
 
 class CancelResult(enum.IntEnum):
@@ -519,7 +522,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
-_PAUSED, _CANCELLED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED)
+_PAUSED, _CANCELLED, _FAILED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED), int(LeaseCode.FAILED)
 
 
 @dataclass(frozen=True)
@@ -532,6 +535,7 @@ class Lease:
     expired: list[str]  # made final `expired` by this lease: their window closed
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
     cancelled: tuple[str, ...] = ()  # made final `cancelled` by this lease: the notification is cancelled
+    failed: tuple[str, ...] = ()  # made final `failed` by this lease: its sender died after the last attempt
 
 
 class BudgetChange(NamedTuple):
@@ -547,6 +551,7 @@ class Confirmation:
     expired: list[str]  # retries that would have come after their window closed: final `expired`
     unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
     cancelled: list[str] = field(default_factory=list)  # retry answers made final `cancelled`: not retried
+    finals: dict[str, int] = field(default_factory=dict)  # outcome -> tokens this step made final with it
 
 
 class Claims:
@@ -695,6 +700,7 @@ class Claims:
         expired: list[str] = []
         paused: list[str] = []
         cancelled: list[str] = []
+        failed: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -711,9 +717,11 @@ class Claims:
                 paused.append(token)
             elif code == _CANCELLED:
                 cancelled.append(token)
+            elif code == _FAILED:
+                failed.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled))
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled), tuple(failed))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that
@@ -742,13 +750,15 @@ class Claims:
             receipts_key(nid),
         ]
         reply = self._confirm(keys=keys, args=args)
+        made = reply[5]
         return Confirmation(
-            remove=[t.decode() for t in reply[5:]],
+            remove=[t.decode() for t in reply[6:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
             unheld=[t.decode() for t in reply[3]],
             cancelled=[t.decode() for t in reply[4]],
+            finals={made[i].decode(): int(made[i + 1]) for i in range(0, len(made), 2)},
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------

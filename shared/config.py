@@ -12,11 +12,12 @@ environment once per instance (cached); tests that change the environment call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,6 +373,22 @@ def check_cloud_safety(s: Settings) -> None:
         )
     if problems:
         raise ConfigError(f"refusing to start (K_SERVICE={s.k_service}): " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def refusal_logged() -> Iterator[None]:
+    """Around a function's start: a ``ConfigError`` (the function will not start) is first logged as one
+    CRITICAL JSON line, ``event: config_error``, ``config: environment`` (the configuration-errors alert
+    counts it), then raised."""
+    try:
+        yield
+    except ConfigError as exc:
+        logs.setup("INFO")
+        logs.get("main").critical(
+            f"configuration error: the function does not start: {exc}",
+            extra={"event": "config_error", "config": "environment"},
+        )
+        raise
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:

@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import bus, expiry, instance, jobs, logs
-from shared.claims import Claims, now_ms
+from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
-from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
+from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
 from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
@@ -198,23 +198,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     outcome = instance.run(run())
     if job.once:
         _release_undelivered_once(job, per_user)
-    log.info(
-        "part processed",
-        extra={
-            "notification_id": job.id,
-            "part": part,
-            "parts": parts,
-            "tokens": len(tokens),
-            "sent": outcome.sent,
-            "dead_removed": len(outcome.removed),
-            "busy": len(outcome.busy),
-            "later": len(outcome.later),
-            "expired": outcome.expired,
-            "paused": outcome.paused,
-            "cancelled": outcome.cancelled,
-            "unresolved_users": len(unresolved),
-        },
-    )
+    _log_part(job, part, parts, tokens, outcome, unresolved)
     if unresolved:
         raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
     if outcome.busy:
@@ -228,6 +212,29 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
+
+
+def _log_part(
+    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+) -> None:
+    """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
+    log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
+    log.info(
+        "part processed",
+        extra={
+            "event": "part_processed",
+            "notification_id": job.id,
+            "part": part,
+            "parts": parts,
+            "tokens": len(tokens),
+            "sent": outcome.sent,
+            **{final.value: outcome.finals[final.value] for final in FinalOutcome},
+            "busy": len(outcome.busy),
+            "later": len(outcome.later),
+            "paused": outcome.paused,
+            "unresolved_users": len(unresolved),
+        },
+    )
 
 
 def _deadlines(
