@@ -22,3 +22,19 @@ CREATE TABLE IF NOT EXISTS token_cache_dirty (
     user_id   TEXT        PRIMARY KEY,
     marked_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
+
+-- Each user's notification preferences (GET / PUT /preferences on register): the document as the
+-- user last replaced it, and a version bumped by every write. Redis's notif:prefs:{user_id} caches it.
+CREATE TABLE IF NOT EXISTS user_preferences (
+    user_id    TEXT        PRIMARY KEY,
+    document   JSONB       NOT NULL,
+    version    BIGINT      NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Users whose cached preferences may be stale: every write marks its user in the same statement and
+-- clears the mark once Redis holds the new document; a read finding the mark rebuilds from PostgreSQL.
+CREATE TABLE IF NOT EXISTS preferences_cache_dirty (
+    user_id   TEXT        PRIMARY KEY,
+    marked_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);

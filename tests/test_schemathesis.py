@@ -46,8 +46,8 @@ slow = pytest.mark.slow
 
 DOCUMENT = ROOT / "infra" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
-FUNCTION = {"/register": "register", "/send": "send", "/send/{id}": "send"}
-PREFIX = {"/register": "/register", "/send": "/send", "/send/{id}": "/send"}
+FUNCTION = {"/register": "register", "/register/preferences": "register", "/send": "send", "/send/{id}": "send"}
+PREFIX = {"/register": "/register", "/register/preferences": "/register", "/send": "/send", "/send/{id}": "/send"}
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -63,6 +63,8 @@ BUDGET = {
     ("/register", "POST"): 200,
     ("/register", "DELETE"): 120,
     ("/register", "OPTIONS"): 40,
+    ("/register/preferences", "GET"): 30,
+    ("/register/preferences", "PUT"): 150,
     ("/send", "POST"): 250,
     ("/send/{id}", "GET"): 60,
 }
@@ -77,6 +79,7 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+    preferences: dict[str, Any] = field(default_factory=dict)  # user -> the document of their last PUT answered 200
 
 
 RECORD = Record()
@@ -181,7 +184,7 @@ def fuzz(operation: str, method: str, mode: GenerationMode, run: Any) -> None:
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 
 
-def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
+def fuzz_register(stack, http, method: str, mode: GenerationMode, operation: str = "/register") -> None:
     callers = authorizations(stack.config.project)
 
     valid, invalid = sorted(VALID_CALLERS), sorted(set(callers) - VALID_CALLERS)
@@ -193,6 +196,8 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if who not in VALID_CALLERS:
             assert response.status_code == 401, (who, response.status_code, response.text)
             assert response.headers.get("WWW-Authenticate") == "Bearer"
+        if operation == "/register/preferences" and method == "PUT" and response.status_code == 200:
+            RECORD.preferences[who] = response.json()
         token = body_token(case)
         if method == "POST" and token is not None:
             if response.status_code == 200:
@@ -200,7 +205,7 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
             else:
                 RECORD.rejected_tokens.add(token)
 
-    fuzz("/register", method, mode, run)
+    fuzz(operation, method, mode, run)
 
 
 def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
@@ -266,6 +271,13 @@ RUNS: dict[str, Callable[..., None]] = {
         for mode in MODES
     },
     **{f"register OPTIONS {mode}": partial(fuzz_register_preflight, mode=mode) for mode in MODES},
+    **{
+        f"register {method} /preferences {mode}": partial(
+            fuzz_register, method=method, mode=mode, operation="/register/preferences"
+        )
+        for method in ("GET", "PUT")
+        for mode in MODES
+    },
     **{f"send POST {mode}": partial(fuzz_send, mode=mode) for mode in MODES},
     **{f"send GET {mode}": partial(fuzz_send_status, mode=mode) for mode in MODES},
     **{
@@ -305,6 +317,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     db = Database(stack.env["DATABASE_URL"])
     try:
         stored = {row[0] for row in db.run("SELECT token FROM device_tokens")}
+        documents = {u: json.loads(d) for u, d in db.run("SELECT user_id, document::text FROM user_preferences")}
     finally:
         db.close()
     cache = redis.Redis.from_url(stack.env["REDIS_URL"])
@@ -319,6 +332,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     leaked = rejected & (stored | cached)
     assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
     assert CANARY_TOKEN in stored
+    assert documents == RECORD.preferences, "a rejected PUT /preferences changed what is stored"
     assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
 
     pending: dict[str, Any] = {}
@@ -408,6 +422,16 @@ def test_document_agrees_with_the_validators():
     assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
     removal = components["RemoveRequest"]["oneOf"]
     assert [set(o["properties"]) for o in removal] == [{"token"}, {"all"}]
+
+    from shared import preferences
+
+    prefs = components["PreferencesRequest"]
+    assert set(prefs["properties"]) == set(preferences.FIELDS) and prefs["additionalProperties"] is False
+    assert prefs["properties"]["muted_categories"]["maxItems"] == preferences.MAX_MUTED_CATEGORIES
+    assert components["Category"]["pattern"] == preferences.CATEGORY_PATTERN
+    quiet = components["QuietHours"]
+    assert quiet["required"] == list(preferences.QUIET_FIELDS) == list(quiet["properties"])
+    assert quiet["properties"]["time_zone"]["maxLength"] == preferences.MAX_TIME_ZONE_CHARS
 
     status = components["Status"]
     assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
