@@ -1,7 +1,7 @@
 """The deliver use case: a Pub/Sub message in, notifications out.
 
-A message is either a public v1 job (``send``'s body plus ``"version": 1``; any service may
-publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
+A message is either a public job (``send``'s body plus ``"version"``, 1 or 2: ``shared/jobs.py``;
+any service may publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
 job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus redeliver":
 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
@@ -57,7 +57,7 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
 
 
 def unknown_shape(payload: dict[str, Any]) -> str | None:
-    """What in a message this deliver does not know yet (``"job version 2"``), or None."""
+    """What in a message this deliver does not know yet (``"job version 3"``), or None."""
     kind = payload.get("kind")
     if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
         return f"message kind {kind!r}"
@@ -65,7 +65,7 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     version = job.get("version") if isinstance(job, dict) else None
     if isinstance(version, float) and version.is_integer():
         version = int(version)
-    if isinstance(version, int) and not isinstance(version, bool) and jobs.VERSION < version <= _MAX_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and jobs.LATEST_VERSION < version <= _MAX_VERSION:
         return f"job version {version}"
     return None
 
