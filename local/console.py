@@ -319,8 +319,9 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         f"{'' if state == 'done' else ' (updating…)'}</p>"
         f'<ul class="counts">{counts}</ul>'
         f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
-        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('skipped_once', 0))} skipped "
-        f"(already sent with this <code>once</code> key).</p>"
+        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('muted', 0))} muted the category, "
+        f"{int(users.get('skipped_once', 0))} skipped (already sent with this <code>once</code> key), "
+        f"{int(users.get('capped', 0))} over the daily cap.</p>"
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
         f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p></div>'
     )

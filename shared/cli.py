@@ -198,7 +198,7 @@ def _status_text(body: dict[str, Any]) -> str:
     lines = [
         f"{body['id']}: {body['state']}",
         f"  users     targeted {users['targeted']}, without tokens {users['without_tokens']}, "
-        f"skipped (once) {users['skipped_once']}",
+        f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}",
         f"  tokens    {body['tokens']}",
         "  outcomes  " + ", ".join(f"{k} {v}" for k, v in body["counts"].items()),
         f"  created   {body['created_at']}",

@@ -20,6 +20,7 @@ import redis
 from shared.breaker import Breaker
 from shared.claims import Claims
 from shared.config import settings
+from shared.daily_cap import DailyCap
 from shared.db import Database
 from shared.preference_store import PreferenceStore
 from shared.store import TokenStore
@@ -61,6 +62,11 @@ def token_store() -> TokenStore:
 @functools.cache
 def preference_store() -> PreferenceStore:
     return PreferenceStore(redis_client(), database())
+
+
+@functools.cache
+def daily_cap() -> DailyCap:
+    return DailyCap(redis_client(), settings().max_per_user_per_day)
 
 
 @functools.cache
@@ -159,5 +165,5 @@ def reset() -> None:
         database().close()
     if _loop.cache_info().currsize:
         _loop().stop()
-    for cached in (redis_client, database, token_store, preference_store, claims, breaker, _loop, settings):
+    for cached in (redis_client, database, token_store, preference_store, daily_cap, claims, breaker, _loop, settings):
         cached.cache_clear()

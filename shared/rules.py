@@ -10,7 +10,9 @@ The rules file is JSON::
        "title": "Maintenance", "body": "Starts at {starts_at}"}
     ]}
 
-Title, body, data values and once are templates (``shared/templates.py``). What a job allows
+Title, body, data values and once are templates (``shared/templates.py``); ``category`` (what users
+may mute) and ``urgent`` (true: past the daily cap and quiet hours) are copied into each job as they
+are, making it a version-2 job. What a job allows
 (user ids, platforms, data keys, the payload size) is checked by the job's own rules
 (``shared/jobs.py``), so a rule that loads renders jobs that ``send`` would accept.
 """
@@ -46,7 +48,7 @@ _TYPE_RE = re.compile(TYPE_PATTERN)
 _ONCE_CHARS_RE = re.compile(r"[A-Za-z0-9_.-]*")
 
 RULES_FIELDS = ("rules",)
-RULE_FIELDS = ("type", "recipients", "title", "body", "data", "platforms", "once")
+RULE_FIELDS = ("type", "recipients", "title", "body", "data", "platforms", "once", "category", "urgent")
 RECIPIENT_FIELDS = ("field", "users")
 
 
@@ -71,6 +73,8 @@ class Rule:
     data: dict[str, str]
     platforms: tuple[str, ...] | None
     once: str | None
+    category: str | None = None  # the job's category (fixed text, not a template)
+    urgent: bool = False
 
 
 # --- one rule's fields -------------------------------------------------------------------------
@@ -171,6 +175,18 @@ def _check_once(value: object, problems: list[str]) -> str | None:
     return value
 
 
+def _check_job_field(obj: Mapping, name: str, problems: list[str]) -> Any:
+    """A field the rule copies into its jobs as it is (``category``, ``urgent``), checked by the job's rule."""
+    if name not in obj:
+        return None
+    try:
+        jobs.parse_v1({"version": 2, "user_ids": ["u"], "notification": {"title": "t"}, name: obj[name]})
+    except JobError as exc:
+        problems.append(exc.message)
+        return None
+    return obj[name]
+
+
 def _check_type(obj: Mapping, problems: list[str]) -> None:
     rule_type = obj.get("type")
     if "type" not in obj:
@@ -229,6 +245,7 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
     data = _check_data(obj["data"], problems) if "data" in obj else {}
     platforms = _check_platforms(obj["platforms"], problems) if "platforms" in obj else None
     once = _check_once(obj["once"], problems) if "once" in obj else None
+    category, urgent = _check_job_field(obj, "category", problems), _check_job_field(obj, "urgent", problems)
     if not problems:
         _check_fixed_size(title, body, data, problems)
     if problems:
@@ -242,6 +259,8 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
         data=data,
         platforms=platforms,
         once=once,
+        category=category,
+        urgent=bool(urgent),
     )
     return rule, []
 

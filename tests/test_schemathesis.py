@@ -395,7 +395,7 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 
 def test_document_agrees_with_the_validators():
     from shared import jobs, registration
-    from shared.claims import OUTCOME_COUNTS
+    from shared.claims import OUTCOME_COUNTS, USER_COUNTS
     from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
@@ -435,4 +435,5 @@ def test_document_agrees_with_the_validators():
 
     status = components["Status"]
     assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
+    assert status["properties"]["users"]["required"] == ["targeted", *USER_COUNTS]
     assert set(status["required"]) == {"id", "state", "counts", "users", "tokens", "created_at", "updated_at"}
