@@ -93,9 +93,14 @@ def select_variant(locale: str | None, variants: Container[str]) -> str | None:
     return None
 
 
+# Names a system's zone directory may hold that are no IANA zone of their own (the machine's own zone,
+# the "no zone" placeholder, a rules template): refused.
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
 @functools.cache
 def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
 
 
 def check_time_zone(value: object) -> str:

@@ -13,6 +13,11 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
   instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
+- a cancelled notification (``shared/cancel.py``) sends nothing more: a job not yet fanned out publishes
+  no part; a part (a whole job of one part too) puts its tokens in the ledger, where each one not held
+  by a live lease becomes final ``cancelled`` (counted once, however many copies arrive; a one-time
+  claim it takes is given back, as for any user none of whose devices got it), and is acknowledged
+  as soon as its tokens are final;
 - a malformed message (undecodable, or an invalid job of a version we know) is logged and
   acknowledged: it would never become valid;
 - a message of a job version or kind this deliver does not know is not acknowledged (``Unknown``
@@ -134,6 +139,9 @@ def _whole_job(job: jobs.Job) -> str:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
         return "fanned-out-before"
+    if claims.cancelled(job.id):
+        log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
+        return "cancelled"
     for message in part_messages(job, per_part):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
     claims.mark_fanout(job.id)
@@ -203,6 +211,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             "later": len(outcome.later),
             "expired": outcome.expired,
             "paused": outcome.paused,
+            "cancelled": outcome.cancelled,
             "unresolved_users": len(unresolved),
         },
     )
@@ -241,9 +250,12 @@ def _deadlines(
 def _not_while_paused(job: jobs.Job) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
-    or its delivery window has closed (then it expires what is left, and is acknowledged)."""
+    or its delivery window has closed (then it expires what is left, and is acknowledged), or the
+    notification is cancelled (then it cancels what is left, sending nothing, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
+        if instance.claims().cancelled(job.id):
+            return
         accepted = instance.claims().accepted_at(job.id)
         if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
             return

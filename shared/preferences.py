@@ -15,12 +15,13 @@ whether an instant falls inside and when they end (``shared/preference_store.py`
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import re
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from shared.attributes import AttributeRuleError, check_time_zone
 
 __all__ = [
     "CATEGORY_PATTERN",
@@ -35,14 +36,11 @@ __all__ = [
 
 CATEGORY_PATTERN = r"^[a-z0-9_.-]{1,64}$"  # a job's `category` follows the same rule
 MAX_MUTED_CATEGORIES = 100
-MAX_TIME_ZONE_CHARS = 64
 FIELDS = ("muted_categories", "quiet_hours")
 QUIET_FIELDS = ("start", "end", "time_zone")
 
 _CATEGORY = re.compile(CATEGORY_PATTERN)
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-# Names a system may hold that are no IANA zone of their own (the machine's zone, a test zone).
-_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
 
 
 class InvalidPreferences(ValueError):
@@ -141,16 +139,12 @@ def _clock(obj: Mapping, name: str) -> dt.time:
     return dt.time(int(value[:2]), int(value[3:]))
 
 
-@functools.cache
-def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
-
-
-def check_time_zone(value: object, path: str) -> str:
-    """An IANA time zone name (``Europe/Berlin``, ``UTC``), else InvalidPreferences naming ``path``."""
-    if not isinstance(value, str) or not value or len(value) > MAX_TIME_ZONE_CHARS or value not in _zones():
-        raise InvalidPreferences(path, f'{path} must be an IANA time zone name (e.g. "Europe/Berlin")')
-    return value
+def _time_zone(value: object) -> str:
+    path = "quiet_hours.time_zone"
+    try:
+        return check_time_zone(value)
+    except AttributeRuleError as exc:
+        raise InvalidPreferences(path, f"{path} {exc}") from None
 
 
 def _quiet_hours(value: object) -> QuietHours | None:
@@ -162,7 +156,7 @@ def _quiet_hours(value: object) -> QuietHours | None:
     start, end = _clock(value, "start"), _clock(value, "end")
     if "time_zone" not in value:
         raise InvalidPreferences("quiet_hours.time_zone", "quiet_hours.time_zone is required")
-    zone = check_time_zone(value["time_zone"], "quiet_hours.time_zone")
+    zone = _time_zone(value["time_zone"])
     if start == end:
         raise InvalidPreferences("quiet_hours.end", "quiet_hours.end must differ from quiet_hours.start")
     return QuietHours(start, end, zone)
