@@ -435,7 +435,8 @@ def test_document_agrees_with_the_validators():
         assert send["properties"][name].get("type") == job_schema["properties"][name].get("type", "string"), name
 
     register = components["RegisterRequest"]
-    assert set(register["properties"]) == {"token", "platform"} and register["additionalProperties"] is False
+    assert set(register["properties"]) == {"token", *registration.ATTRIBUTE_CHECKS}
+    assert register["additionalProperties"] is False
     assert register["properties"]["platform"]["enum"] == list(PLATFORMS) == list(jobs.PLATFORMS)
     assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
     removal = components["RemoveRequest"]["oneOf"]
