@@ -472,6 +472,7 @@ def test_send_status_shape(send_client):
         "config_error",
         "failed",
         "expired",
+        "cancelled",
         "retrying",
     }
     assert all(isinstance(v, int) for v in body["counts"].values())
