@@ -1,7 +1,8 @@
 """pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
 
-  register  (HTTP)        clients register / unregister their FCM device tokens; GET / PUT /preferences:
-                          the signed-in user's muted categories and quiet hours
+  register  (HTTP)        clients register / unregister their FCM device tokens; POST /receipts: a
+                          device opened or dismissed a notification; GET / PUT /preferences: the
+                          signed-in user's muted categories and quiet hours
   send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
                           GET /<id> answers its status, DELETE /<id> cancels it
   deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
@@ -133,12 +134,28 @@ def _replace_preferences(request: flask.Request) -> tuple[int, dict]:
         return 200, user_preferences.replace(user_id, web.read_json(request, REGISTER_MAX_BODY))
 
 
+def _receipt(request: flask.Request) -> tuple[int, dict]:
+    from shared import receipts
+
+    user_id = _caller(request)
+    try:
+        result = receipts.record(user_id, receipts.parse(web.read_json(request, REGISTER_MAX_BODY)))
+    except receipts.InvalidReceipt as exc:
+        raise web.HttpError(400, str(exc)) from None
+    if isinstance(result, receipts.NotFound):
+        return 404, {"error": result.reason}
+    return 200, {"counted": result.counted}
+
+
 @functions_framework.http
 def register(request: flask.Request) -> flask.Response:
     return web.serve(
         request,
         {"POST": _register_device, "DELETE": _unregister_device},
-        paths={"/preferences": {"GET": _read_preferences, "PUT": _replace_preferences}},  # any other path: a 404
+        paths={
+            "/receipts": {"POST": _receipt},
+            "/preferences": {"GET": _read_preferences, "PUT": _replace_preferences},
+        },  # any other path is a 404
         cors_origins=SETTINGS.cors_allowed_origins,
     )
 

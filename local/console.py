@@ -13,6 +13,9 @@ Redis keys of its own (all ``notif:console:``):
   notif:console:users    Set of the test users made here
   notif:console:devices  Hash token -> JSON {user, platform, behaviour, at}: devices registered here
   notif:console:sent     List of the notification ids sent from here, newest first (20 kept)
+
+A received notification can be opened or dismissed on its device card: an open receipt sent through
+the real ``register`` endpoint (``POST /receipts``) as the device's user.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -76,8 +79,10 @@ COUNT_LABELS = {
     "config_error": "configuration error",
     "failed": "failed",
     "expired": "expired",
+    "cancelled": "cancelled",
     "retrying": "retrying",
 }
+CANCELLABLE = frozenset({"accepted", "delivering"})
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ def _device_card(d: Device) -> str:
     behaviour = BEHAVIOURS[d.behaviour][1] if d.behaviour in BEHAVIOURS else "—"
     answers = ", ".join(f"{_e(a)} &times;{n}" for a, n in sorted(d.answers.items())) or "none yet"
     shown = d.received[:MAX_MESSAGES_PER_CARD]
-    items = "".join(_received(m) for m in shown)
+    items = "".join(_received(m, d.user) for m in shown)
     more = len(d.received) - len(shown)
     received = (
         f'<ol class="received" reversed>{items}</ol>' + (f"<p>and {more} older</p>" if more > 0 else "")
@@ -284,7 +289,19 @@ def _device_card(d: Device) -> str:
     )
 
 
-def _received(m: dict[str, Any]) -> str:
+def _receipt_form(nid: str, token: str, user: str) -> str:
+    """The device opens (or dismisses) the notification: a receipt through the real register endpoint."""
+    hidden = "".join(
+        f'<input type="hidden" name="{k}" value="{_e(v)}">' for k, v in (("n", nid), ("token", token), ("user", user))
+    )
+    return (
+        f'<form class="receipt" method="post" action="/receipts">{hidden}'
+        '<button name="event" value="opened">Open</button> '
+        '<button name="event" value="dismissed">Dismiss</button></form>'
+    )
+
+
+def _received(m: dict[str, Any], user: str | None = None) -> str:
     message = m["message"]
     note = message.get("notification") or {}
     data = message.get("data") or {}
@@ -294,9 +311,26 @@ def _received(m: dict[str, Any]) -> str:
     pairs = "".join(f"<li><code>{_e(k)}={_e(v)}</code></li>" for k, v in data.items())
     data_html = f'<ul class="data" aria-label="data">{pairs}</ul>' if pairs else ""
     link = f' · <a href="{_e(_link(n=nid))}#status">status</a>' if nid else ""
+    receipt = _receipt_form(nid, str(message.get("token", "")), user) if nid and user else ""
     return (
         f'<li><p class="title">{title}</p>{body}{data_html}'
-        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p></li>'
+        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p>{receipt}</li>'
+    )
+
+
+def settled(status: dict[str, Any] | None) -> bool:
+    """Nothing will change any more: done, or cancelled with every token final (no need to follow it)."""
+    if status is None or status["state"] not in ("done", "cancelled"):
+        return False
+    counts = status["counts"]
+    return status["state"] == "done" or sum(v for k, v in counts.items() if k != "retrying") >= status["tokens"]
+
+
+def _cancel_form(nid: str) -> str:
+    return (
+        '<form method="post" action="/cancel" class="cancel">'
+        f'<input type="hidden" name="n" value="{_e(nid)}">'
+        '<button type="submit">Cancel this notification</button></form>'
     )
 
 
@@ -313,17 +347,24 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         for k, label in COUNT_LABELS.items()
     )
     users = status.get("users", {})
+    done = settled(status)
+    receipts = status.get("receipts", {})
+    opened = ", ".join(
+        f'<span data-receipt="{k}">{int(receipts.get(k, 0))} {k}</span>' for k in ("opened", "dismissed")
+    )
     return (
-        f'<div data-state="{_e(state)}">'
+        f'<div data-state="{_e(state)}"{" data-settled" if done else ""}>'
         f'<p>Notification <code>{_e(nid)}</code>: <strong class="status-state state-{_e(state)}">{_e(state)}</strong>'
-        f"{'' if state == 'done' else ' (updating…)'}</p>"
+        f"{'' if done else ' (updating…)'}</p>"
         f'<ul class="counts">{counts}</ul>'
         f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
         f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('muted', 0))} muted the category, "
         f"{int(users.get('skipped_once', 0))} skipped (already sent with this <code>once</code> key), "
         f"{int(users.get('capped', 0))} over the daily cap.</p>"
+        f'<p class="receipts">Open receipts: {opened}.</p>'
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
-        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p></div>'
+        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p>'
+        f"{_cancel_form(nid) if state in CANCELLABLE else ''}</div>"
     )
 
 
@@ -502,12 +543,12 @@ def _views(page: PageState, seen: _Seen) -> dict[str, str]:
         if sent
         else ""
     )
-    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and (status or {}).get("state") != "done" else ""
+    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and not settled(status) else ""
     stores_url = "/fragments/stores?" + urlencode({"user": page.user}) if page.user else ""
     return {
         "refresh_without_js": (
             '<noscript><meta http-equiv="refresh" content="2"></noscript>'
-            if status is not None and status.get("state") != "done"
+            if status is not None and not settled(status)
             else ""
         ),
         "status_url": _e(status_url),
@@ -706,6 +747,45 @@ async def send(request: web.Request) -> web.Response:
     raise _redirect("status", n=nid, user=str(form.get("current", "")) or (values["users"] or [""])[0])
 
 
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel through the real ``send`` endpoint (``DELETE /<id>``), then show the status."""
+    nid = str((await request.post()).get("n", ""))
+    cfg = request.app[CONFIG]
+    try:
+        async with request.app[HTTP].delete(f"{cfg.send}/{quote(nid, safe='')}") as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, err=f"send at {cfg.send} did not answer: {exc}") from None
+    if status != 200:
+        try:
+            reason = json.loads(text).get("error", text[:300])
+        except (ValueError, AttributeError):
+            reason = text[:300]
+        raise _redirect("status", n=nid, err=f"send refused the cancel ({status}): {reason}")
+    raise _redirect("status", n=nid, msg=f"Cancelled notification {nid}.")
+
+
+async def receipt(request: web.Request) -> web.Response:
+    """A simulated device opens (or dismisses) a notification: ``POST /receipts`` on the real register
+    endpoint, as the device's user."""
+    form = await request.post()
+    nid, token, user, event = (str(form.get(k, "")) for k in ("n", "token", "user", "event"))
+    if not USER_RE.fullmatch(user):
+        raise _redirect("status", n=nid, err="the receipt names no user")
+    cfg = request.app[CONFIG]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, cfg.project)}"}
+    body = {"notification_id": nid, "token": token, "event": event}
+    try:
+        async with request.app[HTTP].post(f"{cfg.register}/receipts", json=body, headers=headers) as response:
+            status, answer = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, user=user, err=f"register at {cfg.register} did not answer: {exc}") from None
+    if status != 200:
+        raise _redirect("status", n=nid, user=user, err=f"register answered {status} to the receipt: {answer[:300]}")
+    counted = "counted" if json.loads(answer).get("counted") else "already counted for this device"
+    raise _redirect("status", n=nid, user=user, msg=f"Device {token} {event} {nid}: {counted}.")
+
+
 def _remember_sent(nid: str) -> None:
     pipe = instance.redis_client().pipeline()
     pipe.lpush(SENT_KEY, nid)
@@ -785,6 +865,8 @@ def make_app(endpoints: Endpoints) -> web.Application:
     app.router.add_post("/devices", register_device)
     app.router.add_post("/preferences", save_preferences)
     app.router.add_post("/send", send)
+    app.router.add_post("/cancel", cancel)
+    app.router.add_post("/receipts", receipt)
     app.router.add_get("/fragments/devices", fragment_devices)
     app.router.add_get("/fragments/status", fragment_status)
     app.router.add_get("/fragments/stores", fragment_stores)

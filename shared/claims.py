@@ -11,7 +11,10 @@
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, muted, skipped_once, capped,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
                            mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
-                           read, so that a cancel touches no ledger entry)
+                           read, so that a cancel touches no ledger entry), and the open receipts
+                           counted: opened, dismissed
+  notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
+                           expires with the status
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
@@ -25,6 +28,7 @@
                            prober); expires 15 minutes after it was set or last probed (shared/breaker.py)
   notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
+  notif:ratelimit:receipts:{user}:{minute}  open receipts of a user this minute (REGISTER_RATE_PER_MINUTE)
 
 Every state change is one Lua script over one notification, so copies of an event running in
 parallel on many instances never lease the same token twice, and each token is counted once.
@@ -48,9 +52,10 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 
 from shared.expiry import NO_DEADLINES, Deadlines
-from shared.store import DEAD_TOKENS_KEY, text
+from shared.store import DEAD_TOKENS_KEY, RateLimited, text
 
 T = TypeVar("T")
+RECEIPT_EVENTS = ("opened", "dismissed")  # open receipts (shared/receipts.py): status fields of these names
 OUTCOME_COUNTS = (
     "delivered",
     "dead_removed",
@@ -92,6 +97,14 @@ def fanout_key(nid: str) -> str:
     return f"notif:fanout:{nid}"
 
 
+def receipts_key(nid: str) -> str:
+    return f"notif:receipts:{nid}"
+
+
+def receipt_rate_key(user_id: str, minute: int) -> str:
+    return f"notif:ratelimit:receipts:{user_id}:{minute}"
+
+
 def valve_window_key(bucket: int) -> str:
     return f"notif:valve:{bucket}"
 
@@ -123,7 +136,7 @@ def now_ms() -> int:
 # The users a part leaves out, each counted under one rule (shared/recipients.py), in the status.
 USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
 
-# KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
+# KEYS: ledger, status, parts, receipts. ARGV: part ("" while some of its users are unreadable), ttl, now,
 # n, then n pairs (user count name, users), then tokens...
 _REGISTER_PART = """
 local first = 0
@@ -139,7 +152,7 @@ if first == 1 then
   for i = 5, tokens_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end  -- (the receipts expire with the status)
 return first
 """
 
@@ -258,7 +271,7 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens).
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
@@ -342,10 +355,22 @@ end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
 return out
 """
 )
+
+# KEYS: status, receipts. ARGV: event, "{event}:{token}". An open receipt, counted once per device and
+# event: -1 when the notification's status is gone, 0 when counted before, 1 when counted now. The
+# receipts key gets the status's remaining life (and the scripts that extend the status extend it too).
+_RECEIPT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
 
 # KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
 # every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
@@ -553,6 +578,7 @@ class Claims:
         self._cancel = client.register_script(_CANCEL)
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
+        self._receipt = client.register_script(_RECEIPT)
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -609,6 +635,7 @@ class Claims:
             "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
             "users": {"targeted": fields.get("targeted", 0), **{name: fields.get(name, 0) for name in USER_COUNTS}},
             "tokens": tokens,
+            "receipts": {name: fields.get(name, 0) for name in RECEIPT_EVENTS},
             "created_at": _iso(fields.get("created_at", 0)),
             "updated_at": _iso(fields.get("updated_at", 0)),
         }
@@ -653,7 +680,7 @@ class Claims:
     ) -> bool:
         """Put a part's tokens in the ledger; its user counts (``USER_COUNTS``) are added by the first
         complete copy only (``complete`` is False while some of the part's users could not be read)."""
-        keys = [ledger_key(nid), status_key(nid), parts_key(nid)]
+        keys = [ledger_key(nid), status_key(nid), parts_key(nid), receipts_key(nid)]
         users = {"without_tokens": without_tokens, "muted": muted, "skipped_once": skipped_once, "capped": capped}
         counted = [(name, users[name]) for name in USER_COUNTS if users[name]]
         args = [part if complete else "", self.ledger_ttl, now_ms(), len(counted), *(x for c in counted for x in c)]
@@ -723,6 +750,7 @@ class Claims:
             valve_window_key(bucket - 1),
             VALVE_KEY,
             DEAD_TOKENS_KEY,
+            receipts_key(nid),
         ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
@@ -749,6 +777,30 @@ class Claims:
         """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
         values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
         return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+
+    def targeted(self, nid: str, token: str) -> bool:
+        """Was the notification sent to this token (whatever FCM answered)? Its ledger holds it. The one
+        place open receipts ask this (a ledger kept in other keys changes only here)."""
+        return self.ledger(nid, [token])[token].state is not LedgerState.ABSENT
+
+    # --- open receipts ---------------------------------------------------------------------------
+
+    def receipt_rate(self, user_id: str, per_minute: int) -> None:
+        """Count one open receipt of the user this minute; ``RateLimited`` beyond ``per_minute`` (0: no limit)."""
+        if not per_minute:
+            return
+        minute = int(time.time() // 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(receipt_rate_key(user_id, minute))
+        pipe.expire(receipt_rate_key(user_id, minute), 120)
+        if pipe.execute()[0] > per_minute:
+            raise RateLimited(retry_after=60 - int(time.time()) % 60 or 1, what="open receipts")
+
+    def record_receipt(self, nid: str, token: str, event: str) -> bool | None:
+        """Count the device's ``event`` (one of RECEIPT_EVENTS) once: True the first time, False after,
+        None when the notification's status is gone (nothing stored)."""
+        found = int(self._receipt(keys=[status_key(nid), receipts_key(nid)], args=[event, f"{event}:{token}"]))
+        return None if found < 0 else bool(found)
 
     # --- one-time claims -------------------------------------------------------------------------
 

@@ -222,6 +222,7 @@ def _status_text(body: dict[str, Any]) -> str:
         f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}",
         f"  tokens    {body['tokens']}",
         "  outcomes  " + ", ".join(f"{k} {v}" for k, v in body["counts"].items()),
+        "  receipts  " + ", ".join(f"{k} {v}" for k, v in body["receipts"].items()),
         f"  created   {body['created_at']}",
         f"  updated   {body['updated_at']}",
     ]

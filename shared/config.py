@@ -133,7 +133,8 @@ class Settings:
     register_rate_per_minute: int = variable(
         "REGISTER_RATE_PER_MINUTE",
         60,
-        "registrations per user per minute (429 beyond); `0` turns it off; not enforced while Redis is down",
+        "registrations per user per minute (429 beyond), and open receipts per user per minute (a counter of "
+        "their own); `0` turns both off; registrations are not limited while Redis is down",
     )
     reconcile_seconds: int = variable(
         "RECONCILE_SECONDS",

@@ -9,6 +9,8 @@ the part while the ledger holds what is not yet due).
 Once the notification is cancelled (``Claims.cancel``), the ledger answers every lease with
 ``cancelled`` and every retry answer becomes final: the part sends nothing more, confirms what was in
 flight, and leases the tokens it had deferred at once (each comes back ``cancelled``), so it finishes.
+A part with nothing in flight, waiting only for its retries, looks at the cancel flag every
+``CANCEL_POLL_MS`` instead of sleeping through the wait.
 
 While the breaker's project-wide pause holds (``shared.breaker``) the part sends nothing but its
 probe, when one is due and no other instance probes: it confirms what was in flight, waits for the
@@ -32,6 +34,7 @@ from shared.window import Confirmed, MessageFor, RemoveDead, Send, SendWindow
 
 IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance; a pause, this long
 PAUSE_POLL_MS = 500  # while another instance probes, look at the pause again this often
+CANCEL_POLL_MS = 1000  # while waiting only for retries, look at the notification's cancel flag this often
 
 
 @dataclass
@@ -95,8 +98,21 @@ async def dispatch(
             if window.confirm_due(more_to_lease=bool(part.ready)):
                 part.confirmed(await window.confirm())
             elif not window.sending:
-                await part.wait_until_due()
+                await _wait_for_retries(part, window)
     return part.outcome
+
+
+async def _wait_for_retries(part: _Schedule, window: SendWindow) -> None:
+    """Sleep until the next retry is due, looking at the cancel flag every CANCEL_POLL_MS on the way:
+    once the notification is cancelled, every waiting token is leased at once (and comes back cancelled)."""
+    while part.next_due is not None:
+        wait = part.next_due - now_ms()
+        if wait <= 0:
+            return
+        await asyncio.sleep(min(wait, CANCEL_POLL_MS) / 1000)
+        if wait > CANCEL_POLL_MS and await asyncio.to_thread(window.claims.cancelled, window.nid):
+            part.cancel_pending()
+            return
 
 
 async def _ride_out(part: _Schedule, window: SendWindow) -> bool:
@@ -180,9 +196,9 @@ class _Schedule:
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
         if lease.cancelled:
             outcome.cancelled += len(lease.cancelled)
-            self._cancelled()
+            self.cancel_pending()
 
-    def _cancelled(self) -> None:
+    def cancel_pending(self) -> None:
         """The notification is cancelled: what waits for a retry is leased now (and found cancelled)."""
         outcome = self.outcome
         self.ready.extend(token for _, token in self.deferred)
@@ -199,7 +215,7 @@ class _Schedule:
             self._retry(token, retry_at, confirmed.at)
         if confirmed.cancelled:
             self.outcome.cancelled += confirmed.cancelled
-            self._cancelled()
+            self.cancel_pending()
 
     def _retry(self, token: str, due: int, now: int) -> None:
         if due - now <= IN_PROCESS_WAIT_MS:
@@ -217,7 +233,3 @@ class _Schedule:
             outcome.later[token] = due
         self.ready.clear()
         self.deferred.clear()
-
-    async def wait_until_due(self) -> None:
-        if self.deferred:
-            await asyncio.sleep(max(0.0, (self.deferred[0][0] - now_ms()) / 1000))

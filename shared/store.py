@@ -143,8 +143,8 @@ def check_user_id(user_id: object) -> str:
 
 
 class RateLimited(RuntimeError):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many registrations; retry in {retry_after} s")
+    def __init__(self, retry_after: int, what: str = "registrations") -> None:
+        super().__init__(f"too many {what}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 

@@ -202,6 +202,17 @@ def test_cancel_answers_as_delete_does(env: dict[str, str], capsys: pytest.Captu
     assert (code, out) == (1, "") and "done" in err
 
 
+def test_status_shows_the_open_receipts(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    claims = instance.claims()
+    claims.create_status("n-43", targeted=1, parts_total=1)
+    claims.register_part("n-43", 0, ["tok-a", "tok-b"], 0, 0)
+    for token, event in (("tok-a", "opened"), ("tok-b", "opened"), ("tok-a", "dismissed"), ("tok-a", "opened")):
+        claims.record_receipt("n-43", token, event)
+    assert run_json(capsys, "status", "n-43")["receipts"] == {"opened": 2, "dismissed": 1}
+    code, out, _ = run(capsys, "status", "n-43")
+    assert code == 0 and "receipts  opened 2, dismissed 1" in out
+
+
 def test_stats_shows_every_counter(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     instance.claims().count("events_rendered", 4)
 

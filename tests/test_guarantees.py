@@ -464,7 +464,7 @@ def test_send_status_shape(send_client):
     body = answer.get_json()
     assert {"id", "state", "counts", "users", "created_at", "updated_at"} <= set(body)
     assert body["id"] == nid
-    assert body["state"] in ("accepted", "delivering", "done")
+    assert body["state"] in ("accepted", "delivering", "done", "cancelled")
     assert set(body["counts"]) == {
         "delivered",
         "dead_removed",

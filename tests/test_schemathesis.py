@@ -5,6 +5,8 @@ bus, the fake FCM, real Redis and PostgreSQL), and each answer is checked:
 - never a 5xx; every error is JSON ``{"error": "..."}``; status, content type, headers and body
   conform to the document; data that breaks the document is rejected (4xx);
 - register: a missing or invalid ID token is 401, and a rejected registration stores nothing;
+- register's receipts: a missing or invalid ID token is 401; only a real device's receipt of a notification
+  it was sent is stored (every receipt Redis holds is of an accepted notification and a registered token);
 - send: nothing from a rejected request reaches FCM (every message FCM received carries, as its
   collapse id, the id of an accepted request), and accepted ones are delivered.
 
@@ -46,8 +48,20 @@ slow = pytest.mark.slow
 
 DOCUMENT = ROOT / "infra" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
-FUNCTION = {"/register": "register", "/register/preferences": "register", "/send": "send", "/send/{id}": "send"}
-PREFIX = {"/register": "/register", "/register/preferences": "/register", "/send": "/send", "/send/{id}": "/send"}
+FUNCTION = {
+    "/register": "register",
+    "/register/receipts": "register",
+    "/register/preferences": "register",
+    "/send": "send",
+    "/send/{id}": "send",
+}
+PREFIX = {
+    "/register": "/register",
+    "/register/receipts": "/register",
+    "/register/preferences": "/register",
+    "/send": "/send",
+    "/send/{id}": "/send",
+}
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -56,6 +70,7 @@ CHECKS = [
     negative_data_rejection,
 ]
 CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
+CANARY_NOTIFICATION = ""  # sent to the canary by the stack fixture: the real target of generated receipts
 MIN_REQUESTS = 1000
 
 # (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
@@ -63,6 +78,7 @@ BUDGET = {
     ("/register", "POST"): 200,
     ("/register", "DELETE"): 120,
     ("/register", "OPTIONS"): 40,
+    ("/register/receipts", "POST"): 120,
     ("/register/preferences", "GET"): 30,
     ("/register/preferences", "PUT"): 150,
     ("/send", "POST"): 250,
@@ -80,6 +96,7 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+    counted: Counter = field(default_factory=Counter)  # receipts answered 200, by "counted"
     preferences: dict[str, Any] = field(default_factory=dict)  # user -> the document of their last PUT answered 200
 
 
@@ -104,6 +121,16 @@ def stack(servers):
         timeout=30,
     )
     assert r.status_code == 200, r.text
+    global CANARY_NOTIFICATION
+    r = requests.post(stack.url("send") + "/", json={"user_ids": [CANARY_USER], "data": {"k": "v"}}, timeout=30)
+    assert r.status_code == 202, r.text
+    CANARY_NOTIFICATION = r.json()["id"]
+    RECORD.accepted_ids.add(CANARY_NOTIFICATION)
+    wait_until(
+        lambda: requests.get(f"{stack.url('send')}/{CANARY_NOTIFICATION}", timeout=30).json()["state"] == "done",
+        timeout=60,
+        what="the canary's notification to be done (the receipts' real target)",
+    )
     yield stack
     stack.stop()
 
@@ -224,6 +251,28 @@ def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
     fuzz("/register", "OPTIONS", mode, run)
 
 
+def fuzz_receipts(stack, http, mode: GenerationMode) -> None:
+    project = stack.config.project
+    callers = {**authorizations(project), CANARY_USER: f"Bearer {emulator_id_token(CANARY_USER, project)}"}
+    valid, invalid = sorted(VALID_CALLERS | {CANARY_USER}), sorted(set(callers) - VALID_CALLERS - {CANARY_USER})
+
+    def run(case, data):
+        body = getattr(case, "body", None)
+        # Make some well-formed receipts real ones (the canary's device, a notification it was sent).
+        if isinstance(body, dict) and mode is GenerationMode.POSITIVE and data.draw(st.booleans(), label="real"):
+            body.update(notification_id=CANARY_NOTIFICATION, token=CANARY_TOKEN)
+        who = data.draw(st.sampled_from(valid) | st.sampled_from(invalid), label="caller")
+        response = call(stack, http, case, {"Authorization": callers[who]})
+        check_answer(case, response)
+        if who not in valid:
+            assert response.status_code == 401, (who, response.status_code, response.text)
+        if response.status_code == 200:
+            assert who == CANARY_USER and body["token"] == CANARY_TOKEN, (who, body)
+            RECORD.counted[response.json()["counted"]] += 1
+
+    fuzz("/register/receipts", "POST", mode, run)
+
+
 def fuzz_send(stack, http, mode: GenerationMode) -> None:
     def run(case, data):
         body = getattr(case, "body", None)
@@ -287,6 +336,7 @@ RUNS: dict[str, Callable[..., None]] = {
         for mode in MODES
     },
     **{f"register OPTIONS {mode}": partial(fuzz_register_preflight, mode=mode) for mode in MODES},
+    **{f"register receipts POST {mode}": partial(fuzz_receipts, mode=mode) for mode in MODES},
     **{
         f"register {method} /preferences {mode}": partial(
             fuzz_register, method=method, mode=mode, operation="/register/preferences"
@@ -373,6 +423,24 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
 
 
 @slow
+def test_only_real_receipts_are_stored(fuzzed, stack, http):
+    """After the fuzzing: receipts were counted (once per event of the canary's device), and Redis holds
+    receipts only of the canary's notification and device."""
+    assert RECORD.counted[True] >= 1, f"no receipt was counted: {RECORD.counted}"
+    assert RECORD.counted[True] <= 2  # opened and dismissed, once each
+    cache = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        stored = {k.decode(): cache.smembers(k) for k in cache.scan_iter("notif:receipts:*")}
+    finally:
+        cache.close()
+    canary = {f"{event}:{CANARY_TOKEN}".encode() for event in ("opened", "dismissed")}
+    assert set(stored) == {f"notif:receipts:{CANARY_NOTIFICATION}"}, sorted(stored)[:5]
+    assert stored[f"notif:receipts:{CANARY_NOTIFICATION}"] <= canary
+    status = http.get(f"{stack.url('send')}/{CANARY_NOTIFICATION}", timeout=30).json()
+    assert sum(status["receipts"].values()) == RECORD.counted[True]
+
+
+@slow
 def test_at_least_a_thousand_requests(fuzzed):
     total = sum(RECORD.requests.values())
     summary = json.dumps(
@@ -412,8 +480,8 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 
 
 def test_document_agrees_with_the_validators():
-    from shared import jobs, registration
-    from shared.claims import OUTCOME_COUNTS, USER_COUNTS
+    from shared import jobs, receipts, registration
+    from shared.claims import OUTCOME_COUNTS, RECEIPT_EVENTS, USER_COUNTS
     from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
@@ -424,6 +492,8 @@ def test_document_agrees_with_the_validators():
     assert send["properties"]["user_ids"]["maxItems"] == jobs.MAX_USER_IDS
     assert send["properties"]["user_ids"]["items"]["maxLength"] == jobs.MAX_USER_ID_CHARS
     assert send["properties"]["once"]["pattern"] == jobs.ONCE_PATTERN
+    assert send["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
+    assert job_schema["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
     assert components["Accepted"]["properties"]["id"]["pattern"] == jobs.ID_PATTERN
     for name, spec in jobs.OPTION_SPECS.items():
 
@@ -454,4 +524,20 @@ def test_document_agrees_with_the_validators():
     status = components["Status"]
     assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
     assert status["properties"]["users"]["required"] == ["targeted", *USER_COUNTS]
-    assert set(status["required"]) == {"id", "state", "counts", "users", "tokens", "created_at", "updated_at"}
+    assert set(status["required"]) == {
+        "id",
+        "state",
+        "counts",
+        "users",
+        "tokens",
+        "receipts",
+        "created_at",
+        "updated_at",
+    }
+    assert status["properties"]["receipts"]["required"] == list(RECEIPT_EVENTS)
+
+    receipt = components["ReceiptRequest"]
+    assert tuple(receipt["properties"]) == receipts.FIELDS and receipt["required"] == list(receipts.FIELDS)
+    assert receipt["additionalProperties"] is False
+    assert receipt["properties"]["event"]["enum"] == list(RECEIPT_EVENTS)
+    assert receipt["properties"]["notification_id"]["pattern"] == jobs.ID_PATTERN
