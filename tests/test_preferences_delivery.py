@@ -177,3 +177,15 @@ def test_preferences_unreadable_keep_the_part_for_a_redelivery(fcm, store, monke
     found = status("pg")
     assert found["users"]["muted"] == 1
     assert_counts_add_up(found, reached_users=1)
+
+
+def test_a_copy_of_a_counted_notification_goes_through_at_the_limit(capped, store):
+    """The limit reached by this very notification (an earlier copy took the last slot): a redelivered or
+    parallel copy still reaches the user, and takes no slot."""
+    store.register("alice", "tok-a1")
+    delivery.handle(event(job("e1", ["alice"])))
+    assert instance.daily_cap().claim("e2", ["alice"], now_ms()) == (["alice"], [])  # e2's first copy
+    delivery.handle(event(job("e2", ["alice"]), "m-2"))  # another copy of e2, with the set full
+    assert status("e2")["users"]["capped"] == 0 and status("e2")["counts"]["delivered"] == 1
+    assert received(capped) == Counter({"tok-a1": 2})
+    assert sorted(m.decode() for m in instance.redis_client().zrange("notif:cap:alice", 0, -1)) == ["e1", "e2"]
