@@ -8,7 +8,7 @@
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error, failed, expired or cancelled
-  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
+  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, muted, skipped_once, capped,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
                            mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
                            read, so that a cancel touches no ledger entry), and the open receipts
@@ -133,20 +133,23 @@ def now_ms() -> int:
     return int(wall_clock() * 1000)
 
 
+# The users a part leaves out, each counted under one rule (shared/recipients.py), in the status.
+USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
+
 # KEYS: ledger, status, parts, receipts. ARGV: part ("" while some of its users are unreadable), ttl, now,
-# without_tokens, skipped_once, tokens...
+# n, then n pairs (user count name, users), then tokens...
 _REGISTER_PART = """
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
+local tokens_at = 5 + 2 * tonumber(ARGV[4])
 local added = 0
-for i = 6, #ARGV do
+for i = tokens_at, #ARGV do
   if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then
-  redis.call('HINCRBY', KEYS[2], 'without_tokens', ARGV[4])
-  redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
+  for i = 5, tokens_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
 for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end  -- (the receipts expire with the status)
@@ -635,11 +638,7 @@ class Claims:
             "id": nid,
             "state": state,
             "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
-            "users": {
-                "targeted": fields.get("targeted", 0),
-                "without_tokens": fields.get("without_tokens", 0),
-                "skipped_once": fields.get("skipped_once", 0),
-            },
+            "users": {"targeted": fields.get("targeted", 0), **{name: fields.get(name, 0) for name in USER_COUNTS}},
             "tokens": tokens,
             "receipts": {name: fields.get(name, 0) for name in RECEIPT_EVENTS},
             "created_at": _iso(fields.get("created_at", 0)),
@@ -673,12 +672,24 @@ class Claims:
     # --- ledger ----------------------------------------------------------------------------------
 
     def register_part(
-        self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
+        self,
+        nid: str,
+        part: int,
+        tokens: list[str],
+        without_tokens: int,
+        skipped_once: int,
+        *,
+        complete: bool = True,
+        muted: int = 0,
+        capped: int = 0,
     ) -> bool:
-        """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
-        (``complete`` is False while some of the part's users could not be read)."""
+        """Put a part's tokens in the ledger; its user counts (``USER_COUNTS``) are added by the first
+        complete copy only (``complete`` is False while some of the part's users could not be read)."""
         keys = [ledger_key(nid), status_key(nid), parts_key(nid), receipts_key(nid)]
-        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
+        users = {"without_tokens": without_tokens, "muted": muted, "skipped_once": skipped_once, "capped": capped}
+        counted = [(name, users[name]) for name in USER_COUNTS if users[name]]
+        args = [part if complete else "", self.ledger_ttl, now_ms(), len(counted), *(x for c in counted for x in c)]
+        args += tokens
         return bool(self._register_part(keys=keys, args=args))
 
     def lease(

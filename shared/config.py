@@ -232,6 +232,12 @@ class Settings:
         minimum=60,
     )
     once_ttl_seconds: int = variable("ONCE_TTL_SECONDS", DAY, "life of a one-time claim (`once`)", minimum=1)
+    max_per_user_per_day: int = variable(
+        "MAX_PER_USER_PER_DAY",
+        0,
+        "non-urgent notifications per user per rolling 24 h (copies of one notification count once); a user "
+        "beyond it is skipped (`users.capped`); `0` turns it off",
+    )
     idempotency_ttl_seconds: int = variable(
         "IDEMPOTENCY_TTL_SECONDS", DAY, "how long an `Idempotency-Key` is remembered", minimum=1
     )

@@ -178,7 +178,7 @@ def test_fan_out_parts(client):
     client.wait_acknowledged(nid, 4)  # the job and its 3 parts
     status = client.wait_done(nid)
     assert client.received(tokens) == Counter({t: 1 for t in tokens})
-    assert status["users"] == {"targeted": 1200, "without_tokens": 1140, "skipped_once": 0}
+    assert status["users"] == {"targeted": 1200, "without_tokens": 1140, "muted": 0, "skipped_once": 0, "capped": 0}
 
 
 def test_wiped_token_cache_still_delivers(client):
