@@ -10,8 +10,7 @@
   accepted for ``-`` (``en_US``, as Android and Java write it). Canonical case: language lower,
   script title, region upper (``zh-Hans-CN``, ``pt-BR``).
 - **time zone**: an IANA name the zone database knows (``Europe/Berlin``, ``UTC``), exactly as spelled
-  there (names are case-sensitive): the pinned ``tzdata`` package's list, never the machine's
-  zoneinfo directory, so every instance knows the same names.
+  there (names are case-sensitive). ``tzdata`` is pinned so every instance knows the same names.
 - **app version**: one to four dot-separated whole numbers without leading zeros, each 0-999,999
   (``2``, ``2.3``, ``2.3.10``), compared numerically with missing parts counting as 0:
   :func:`version_key` maps one to an integer that sorts the same way (``2.10`` > ``2.9``,
@@ -23,8 +22,8 @@
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import re
+import zoneinfo
 from collections.abc import Container
 
 __all__ = [
@@ -102,12 +101,14 @@ def locale_matches(tag: str, locale: str | None) -> bool:
     return locale is not None and (locale == tag or locale.startswith(tag + "-"))
 
 
+# Names a system's zone directory may hold that are no IANA zone of their own (the machine's own zone,
+# the "no zone" placeholder, a rules template): refused.
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
 @functools.cache
 def _zones() -> frozenset[str]:
-    """The pinned ``tzdata`` package's zone names. Not ``zoneinfo.available_timezones()``: that adds
-    whatever the machine's zoneinfo directories hold (``localtime``, the host's own zone), so the
-    names accepted would differ between images."""
-    return frozenset(importlib.resources.files("tzdata").joinpath("zones").read_text().split())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
 
 
 def check_time_zone(value: object) -> str:

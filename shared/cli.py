@@ -136,9 +136,20 @@ def _cached_mark(token: str, cached: set[str] | None) -> str:
 
 def cmd_forget(args: argparse.Namespace) -> Result:
     tokens = instance.token_store().forget(args.user)
+    preferences = instance.preference_store().forget(args.user)
     claims = instance.claims().forget_once(args.user)
-    data = {"user": args.user, "tokens_removed": tokens, "once_claims_removed": claims}
-    return Result(data, f"forgot {args.user}: {tokens} token(s) and {claims} one-time claim(s) removed")
+    instance.daily_cap().forget(args.user)
+    data = {
+        "user": args.user,
+        "tokens_removed": tokens,
+        "preferences_removed": preferences,
+        "once_claims_removed": claims,
+    }
+    text = (
+        f"forgot {args.user}: {tokens} token(s), {'their' if preferences else 'no'} preferences and {claims} "
+        "one-time claim(s) removed"
+    )
+    return Result(data, text)
 
 
 # --- send, status, stats ------------------------------------------------------------------------
@@ -208,7 +219,7 @@ def _status_text(body: dict[str, Any]) -> str:
     lines = [
         f"{body['id']}: {body['state']}",
         f"  users     targeted {users['targeted']}, without tokens {users['without_tokens']}, "
-        f"skipped (once) {users['skipped_once']}",
+        f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}",
         f"  tokens    {body['tokens']}",
         "  outcomes  " + ", ".join(f"{k} {v}" for k, v in body["counts"].items()),
         "  receipts  " + ", ".join(f"{k} {v}" for k, v in body["receipts"].items()),
@@ -387,7 +398,7 @@ def _add_simple(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         ("status", cmd_status, "a notification's status", ("id",)),
         ("cancel", cmd_cancel, "cancel a notification that is not done (as DELETE /<id> on send)", ("id",)),
         ("rebuild-cache", cmd_rebuild_cache, "reload every user's Redis set from PostgreSQL", ()),
-        ("forget", cmd_forget, "account deletion: a user's tokens and one-time claims", ("user",)),
+        ("forget", cmd_forget, "account deletion: a user's tokens, preferences and one-time claims", ("user",)),
         ("stats", cmd_stats, "invalid-job and domain-event counters", ()),
     ]
     for name, run, text, positionals in simple:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from shared.breaker import Breaker
@@ -47,6 +47,8 @@ class PartOutcome:
     expired: int = 0  # tokens this instance found past their delivery window (now final)
     paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
     cancelled: int = 0  # tokens this instance found cancelled (now final)
+    # outcome -> tokens this processing made final with it (its leases and its confirmations, as the ledger did)
+    finals: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
@@ -194,6 +196,7 @@ class _Schedule:
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
+        outcome.finals.update(expired=len(lease.expired), cancelled=len(lease.cancelled), failed=len(lease.failed))
         if lease.cancelled:
             outcome.cancelled += len(lease.cancelled)
             self.cancel_pending()
@@ -209,6 +212,7 @@ class _Schedule:
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
         self.outcome.expired += confirmed.expired
+        self.outcome.finals.update(dict(confirmed.finals))
         for token in confirmed.unheld:  # another copy holds it, or Redis lost its lease: see at the end
             self.outcome.busy.setdefault(token, 0)
         for retry_at, token in confirmed.retries:

@@ -11,7 +11,9 @@ The rules file is JSON::
     ]}
 
 Title, body, data values and once are templates (``shared/templates.py``); ``analytics_label`` is a
-literal (FCM's rule: 1 to 50 of A-Z a-z 0-9 - _ . ~ %) given to every job of the rule. What a job allows
+literal (FCM's rule: 1 to 50 of A-Z a-z 0-9 - _ . ~ %) given to every job of the rule, and so are
+``category`` (what users may mute) and ``urgent`` (true: past the daily cap and quiet hours); each of
+the three makes the rule's jobs version 2. What a job allows
 (user ids, platforms, data keys, the payload size) is checked by the job's own rules
 (``shared/jobs.py``), so a rule that loads renders jobs that ``send`` would accept.
 """
@@ -47,7 +49,18 @@ _TYPE_RE = re.compile(TYPE_PATTERN)
 _ONCE_CHARS_RE = re.compile(r"[A-Za-z0-9_.-]*")
 
 RULES_FIELDS = ("rules",)
-RULE_FIELDS = ("type", "recipients", "title", "body", "data", "platforms", "once", "analytics_label")
+RULE_FIELDS = (
+    "type",
+    "recipients",
+    "title",
+    "body",
+    "data",
+    "platforms",
+    "once",
+    "analytics_label",
+    "category",
+    "urgent",
+)
 RECIPIENT_FIELDS = ("field", "users")
 
 
@@ -72,6 +85,8 @@ class Rule:
     data: dict[str, str]
     platforms: tuple[str, ...] | None
     once: str | None
+    category: str | None = None  # the job's category (fixed text, not a template)
+    urgent: bool = False
     analytics_label: str | None = None  # a literal (FCM's rule), never a template
 
 
@@ -173,6 +188,18 @@ def _check_once(value: object, problems: list[str]) -> str | None:
     return value
 
 
+def _check_job_field(obj: Mapping, name: str, problems: list[str]) -> Any:
+    """A field the rule copies into its jobs as it is (``category``, ``urgent``), checked by the job's rule."""
+    if name not in obj:
+        return None
+    try:
+        jobs.parse_v1({"version": 2, "user_ids": ["u"], "notification": {"title": "t"}, name: obj[name]})
+    except JobError as exc:
+        problems.append(exc.message)
+        return None
+    return obj[name]
+
+
 def _check_analytics_label(value: object, problems: list[str]) -> str | None:
     """A literal label (jobs.check_analytics_label): FCM groups by it, so it is not filled from events."""
     try:
@@ -240,6 +267,7 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
     data = _check_data(obj["data"], problems) if "data" in obj else {}
     platforms = _check_platforms(obj["platforms"], problems) if "platforms" in obj else None
     once = _check_once(obj["once"], problems) if "once" in obj else None
+    category, urgent = _check_job_field(obj, "category", problems), _check_job_field(obj, "urgent", problems)
     label = _check_analytics_label(obj["analytics_label"], problems) if "analytics_label" in obj else None
     if not problems:
         _check_fixed_size(title, body, data, problems)
@@ -254,6 +282,8 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
         data=data,
         platforms=platforms,
         once=once,
+        category=category,
+        urgent=bool(urgent),
         analytics_label=label,
     )
     return rule, []

@@ -17,6 +17,7 @@ import pytest
 
 from shared import bus, instance
 from shared.cli import main
+from shared.preferences import Preferences
 from shared.store import TokenStore
 from tests.conftest import PROJECT, require
 
@@ -142,10 +143,17 @@ def test_forget_removes_tokens_from_both_stores_and_one_time_claims(
     claims = instance.claims()
     claims.claim_once("n1", "welcome", ["alice", "bob"])
     claims.claim_once("n2", "promo", ["alice"])
+    prefs = instance.preference_store()
+    prefs.replace("alice", Preferences(("marketing",)))
+    prefs.replace("bob", Preferences(("news",)))
+    instance.daily_cap().claim("n1", ["alice"], 0)
 
     found = run_json(capsys, "forget", "alice")
 
-    assert found == {"user": "alice", "tokens_removed": 2, "once_claims_removed": 2}
+    assert found == {"user": "alice", "tokens_removed": 2, "preferences_removed": 1, "once_claims_removed": 2}
+    assert prefs.db_document("alice") is None and prefs.get("alice") == Preferences()
+    assert not store.redis.exists("notif:cap:alice")
+    assert prefs.get("bob").muted_categories == ("news",)
     assert store.db_tokens("alice") == {}
     assert store.cached_tokens("alice") is None
     assert list(store.redis.scan_iter(match="notif:onetime:alice:*")) == []

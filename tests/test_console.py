@@ -165,6 +165,53 @@ def test_console_forms_work_without_javascript(stack) -> None:
     assert foreign.status_code == 403
 
 
+def test_console_shows_and_edits_a_users_preferences(stack) -> None:
+    """Through the real register endpoint: saved, shown, refused with register's own message, and a
+    send with the muted category skips the user."""
+    from local.idtoken import emulator_id_token
+
+    console = stack.url("console")
+    http = requests.Session()
+    user = f"prefs-{uuid.uuid4().hex[:8]}"
+    http.post(f"{console}/users", data={"user": user}, allow_redirects=False, timeout=30)
+    http.post(f"{console}/devices", data={"user": user, "behaviour": "healthy", "platform": "android"}, timeout=30)
+    form = {"user": user, "muted": "marketing, news", "quiet_start": "22:00", "quiet_end": "07:00"}
+    saved = http.post(
+        f"{console}/preferences", data={**form, "time_zone": "Europe/Berlin"}, allow_redirects=False, timeout=30
+    )
+    assert saved.status_code == 303 and "err=" not in saved.headers["Location"], saved.headers["Location"]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, stack.config.project)}"}
+    stored = http.get(stack.url("register") + "/preferences", headers=headers, timeout=30).json()
+    assert stored == {
+        "muted_categories": ["marketing", "news"],
+        "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"},
+    }
+    page = http.get(f"{console}/?user={user}", timeout=30).text
+    assert f'data-preferences="{user}"' in page and "<code>marketing, news</code>" in page
+    assert 'value="Europe/Berlin"' in page and 'value="22:00"' in page
+
+    refused = http.post(f"{console}/preferences", data={**form, "time_zone": "Mars/Olympus"}, timeout=30)
+    assert "quiet_hours.time_zone" in refused.text  # register's 400, shown on the page
+    assert http.get(stack.url("register") + "/preferences", headers=headers, timeout=30).json() == stored
+
+    sent = http.post(
+        f"{console}/send",
+        data={"title": "Sale", "users": user, "category": "marketing", "current": user},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert sent.status_code == 303, sent.text
+    nid = sent.headers["Location"].split("n=")[1].split("&")[0].split("#")[0]
+
+    def muted() -> bool:
+        status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
+        return status["state"] == "done" and status["users"]["muted"] == 1
+
+    from local.servers import wait_until
+
+    wait_until(muted, timeout=60, interval=0.2, what="the console's send to be done, the user muted")
+
+
 def test_console_cancels_through_send(stack) -> None:
     """The status shows a cancel button while the notification can be cancelled; it goes through
     send's DELETE /<id> and the page then shows the notification cancelled (or send's refusal)."""

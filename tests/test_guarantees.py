@@ -476,7 +476,7 @@ def test_send_status_shape(send_client):
         "retrying",
     }
     assert all(isinstance(v, int) for v in body["counts"].values())
-    assert body["users"] == {"targeted": 2, "without_tokens": 0, "skipped_once": 0}
+    assert body["users"] == {"targeted": 2, "without_tokens": 0, "muted": 0, "skipped_once": 0, "capped": 0}
     for stamp in ("created_at", "updated_at"):
         assert isinstance(body[stamp], str) and body[stamp].endswith("Z")
 

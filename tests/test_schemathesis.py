@@ -48,8 +48,20 @@ slow = pytest.mark.slow
 
 DOCUMENT = ROOT / "infra" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
-FUNCTION = {"/register": "register", "/register/receipts": "register", "/send": "send", "/send/{id}": "send"}
-PREFIX = {"/register": "/register", "/register/receipts": "/register", "/send": "/send", "/send/{id}": "/send"}
+FUNCTION = {
+    "/register": "register",
+    "/register/receipts": "register",
+    "/register/preferences": "register",
+    "/send": "send",
+    "/send/{id}": "send",
+}
+PREFIX = {
+    "/register": "/register",
+    "/register/receipts": "/register",
+    "/register/preferences": "/register",
+    "/send": "/send",
+    "/send/{id}": "/send",
+}
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -68,6 +80,8 @@ BUDGET = {
     ("/register", "DELETE"): 120,
     ("/register", "OPTIONS"): 40,
     ("/register/receipts", "POST"): 120,
+    ("/register/preferences", "GET"): 30,
+    ("/register/preferences", "PUT"): 150,
     ("/send", "POST"): 250,
     ("/send/{id}", "GET"): 60,
     ("/send/{id}", "DELETE"): 40,
@@ -85,6 +99,7 @@ class Record:
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
     counted: Counter = field(default_factory=Counter)  # receipts answered 200, by "counted"
     accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
+    preferences: dict[str, Any] = field(default_factory=dict)  # user -> the document of their last PUT answered 200
 
 
 RECORD = Record()
@@ -199,7 +214,7 @@ def fuzz(operation: str, method: str, mode: GenerationMode, run: Any) -> None:
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 
 
-def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
+def fuzz_register(stack, http, method: str, mode: GenerationMode, operation: str = "/register") -> None:
     callers = authorizations(stack.config.project)
 
     valid, invalid = sorted(VALID_CALLERS), sorted(set(callers) - VALID_CALLERS)
@@ -211,6 +226,8 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if who not in VALID_CALLERS:
             assert response.status_code == 401, (who, response.status_code, response.text)
             assert response.headers.get("WWW-Authenticate") == "Bearer"
+        if operation == "/register/preferences" and method == "PUT" and response.status_code == 200:
+            RECORD.preferences[who] = response.json()
         token = body_token(case)
         if method == "POST" and token is not None:
             if response.status_code == 200:
@@ -219,7 +236,7 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
             else:
                 RECORD.rejected_tokens.add(token)
 
-    fuzz("/register", method, mode, run)
+    fuzz(operation, method, mode, run)
 
 
 def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
@@ -324,6 +341,13 @@ RUNS: dict[str, Callable[..., None]] = {
     },
     **{f"register OPTIONS {mode}": partial(fuzz_register_preflight, mode=mode) for mode in MODES},
     **{f"register receipts POST {mode}": partial(fuzz_receipts, mode=mode) for mode in MODES},
+    **{
+        f"register {method} /preferences {mode}": partial(
+            fuzz_register, method=method, mode=mode, operation="/register/preferences"
+        )
+        for method in ("GET", "PUT")
+        for mode in MODES
+    },
     **{f"send POST {mode}": partial(fuzz_send, mode=mode) for mode in MODES},
     **{f"send GET {mode}": partial(fuzz_send_status, mode=mode) for mode in MODES},
     **{f"send DELETE {mode}": partial(fuzz_send_cancel, mode=mode) for mode in MODES},
@@ -365,6 +389,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     db = Database(stack.env["DATABASE_URL"])
     try:
         stored = {row[0] for row in db.run("SELECT token FROM device_tokens")}
+        documents = {u: json.loads(d) for u, d in db.run("SELECT user_id, document::text FROM user_preferences")}
     finally:
         db.close()
     cache = redis.Redis.from_url(stack.env["REDIS_URL"])
@@ -379,6 +404,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     leaked = rejected & (stored | cached)
     assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
     assert CANARY_TOKEN in stored
+    assert documents == RECORD.preferences, "a rejected PUT /preferences changed what is stored"
     assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
 
     pending: dict[str, Any] = {}
@@ -464,7 +490,7 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 
 def test_document_agrees_with_the_validators():
     from shared import jobs, receipts, registration
-    from shared.claims import OUTCOME_COUNTS, RECEIPT_EVENTS
+    from shared.claims import OUTCOME_COUNTS, RECEIPT_EVENTS, USER_COUNTS
     from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
@@ -495,8 +521,18 @@ def test_document_agrees_with_the_validators():
     removal = components["RemoveRequest"]["oneOf"]
     assert [set(o["properties"]) for o in removal] == [{"token"}, {"all"}]
 
+    from shared import preferences
+
+    prefs = components["PreferencesRequest"]
+    assert set(prefs["properties"]) == set(preferences.FIELDS) and prefs["additionalProperties"] is False
+    assert prefs["properties"]["muted_categories"]["maxItems"] == preferences.MAX_MUTED_CATEGORIES
+    assert components["Category"]["pattern"] == preferences.CATEGORY_PATTERN
+    quiet = components["QuietHours"]
+    assert quiet["required"] == list(preferences.QUIET_FIELDS) == list(quiet["properties"])
+
     status = components["Status"]
     assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
+    assert status["properties"]["users"]["required"] == ["targeted", *USER_COUNTS]
     assert set(status["required"]) == {
         "id",
         "state",
