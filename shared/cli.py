@@ -173,6 +173,10 @@ def _send_body(args: argparse.Namespace) -> dict[str, Any]:
         body["platforms"] = list(dict.fromkeys(args.platform))
     if args.once is not None:
         body["once"] = args.once
+    if args.category is not None:
+        body["category"] = args.category
+    if args.urgent:
+        body["urgent"] = True
     return body
 
 
@@ -378,6 +382,8 @@ def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
     p.add_argument("--platform", action="append", choices=PLATFORMS, default=[])
     p.add_argument("--once", metavar="KEY", help="send each user this notification at most once per KEY")
+    p.add_argument("--category", metavar="NAME", help="users who muted NAME are skipped")
+    p.add_argument("--urgent", action="store_true", help="past the daily cap (never past a mute)")
     p.add_argument("--idempotency-key", metavar="KEY")
     p.set_defaults(run=cmd_send)
 

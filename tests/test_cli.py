@@ -331,7 +331,21 @@ def test_send_with_the_local_bus_delivers_a_cloudevent_before_exiting(
         bus.reset_for_tests()
 
         code, out, err = run(
-            capsys, "send", "alice", "bob", "--title", "Hi", "--body", "there", "--data", "k=v=w", "--once", "hello"
+            capsys,
+            "send",
+            "alice",
+            "bob",
+            "--title",
+            "Hi",
+            "--body",
+            "there",
+            "--data",
+            "k=v=w",
+            "--once",
+            "hello",
+            "--category",
+            "news",
+            "--urgent",
         )
 
         assert code == 0, err
@@ -344,6 +358,7 @@ def test_send_with_the_local_bus_delivers_a_cloudevent_before_exiting(
     assert job["notification"] == {"title": "Hi", "body": "there"}
     assert job["data"] == {"k": "v=w"}
     assert job["once"] == "hello"
+    assert job["category"] == "news" and job["urgent"] is True and job["version"] == 2
     assert body["message"]["attributes"] == {"notification_id": nid}
     assert run_json(capsys, "status", nid)["state"] == "accepted"
 

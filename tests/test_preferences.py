@@ -206,6 +206,18 @@ def test_a_rebuild_raced_by_a_write_does_not_land(prefs):
     assert prefs.for_users(["alice"])["alice"].muted_categories == ("new",)
 
 
+def test_two_puts_racing_leave_the_newer_document_cached(prefs):
+    """The older PUT's cache step arriving last (its instance was slower) does not put it back."""
+    from shared.preference_store import _encode
+    from shared.preferences import Preferences
+
+    prefs.replace("alice", Preferences(("old",)))  # version 1
+    prefs.replace("alice", Preferences(("new",)))  # version 2
+    prefs._cache_write("alice", 1, _encode(Preferences(("old",))), "epoch")  # version 1's step, late
+    assert prefs.for_users(["alice"])["alice"].muted_categories == ("new",)
+    assert prefs.redis.hget(prefs_key("alice"), "v") == b"2"
+
+
 def test_forget_removes_the_preferences_from_both_stores(prefs):
     from shared.preferences import Preferences
 
