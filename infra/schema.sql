@@ -22,3 +22,14 @@ CREATE TABLE IF NOT EXISTS token_cache_dirty (
     user_id   TEXT        PRIMARY KEY,
     marked_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
+
+-- Device attributes (issue 22).
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS locale TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS time_zone TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS app_version TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS app_version_key NUMERIC(24, 0) NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now();
+
+-- An audience's expansion (shared/audience_store.py) walks the devices first registered before its
+-- start in this order, a page at a time (keyset pagination: each page one range of this index).
+CREATE INDEX IF NOT EXISTS device_tokens_expansion_idx ON device_tokens (created_at, user_id, token);

@@ -8,10 +8,17 @@
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error, failed or expired
+  notif:ledger:{id}:{shard}  an audience send's ledger, sharded by a hash of the token (LEDGER_SHARDS
+                           hashes; the same encoding): a token has one place however the expansion cut
+                           its pages; dropped LEDGER_GRACE_SECONDS after the notification is done
+  notif:done:{id}          the audience send is done (LEDGER_TTL_SECONDS): any later copy of any of its
+                           parts registers and leases nothing (its ledger may be gone)
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
-                           tokens, final, the per-outcome counts, retrying, parts_total, answers,
-                           mismatches, valve
+                           tokens, final, the per-outcome counts, retrying, parts_total, parts_done,
+                           answers, mismatches, valve; an audience send: audience, expanding (when
+                           deliver first took it), devices_matched (parts_total once expanded)
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
+  notif:partsdone:{id}     Set of the job's parts all of whose tokens were final (parts_done counts it)
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
   notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
@@ -31,7 +38,9 @@ parallel on many instances never lease the same token twice, and each token is c
 
 from __future__ import annotations
 
+import copy
 import enum
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -60,8 +69,29 @@ PAUSE_KEY = "notif:pause"  # the breaker's project-wide pause (shared/breaker.py
 PROBE_KEY = "notif:probe"  # its one prober's lock
 
 
+LEDGER_SHARDS = 256  # an audience send's ledger: 39,000 tokens a shard at 10 million devices
+LEDGER_GRACE_SECONDS = 300  # an audience send's ledger outlives its done marker by this much
+
+
 def ledger_key(nid: str) -> str:
     return f"notif:ledger:{nid}"
+
+
+def ledger_shard(token: str) -> int:
+    """The ledger shard of a token (of an audience send): a hash of the token alone."""
+    return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big") % LEDGER_SHARDS
+
+
+def ledger_shard_key(nid: str, shard: int) -> str:
+    return f"notif:ledger:{nid}:{shard}"
+
+
+def done_key(nid: str) -> str:
+    return f"notif:done:{nid}"
+
+
+def parts_done_key(nid: str) -> str:
+    return f"notif:partsdone:{nid}"
 
 
 def status_key(nid: str) -> str:
@@ -104,14 +134,24 @@ def now_ms() -> int:
     return int(wall_clock() * 1000)
 
 
-# KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
-# without_tokens, skipped_once, tokens...
+# KEYS: ledger, status, parts, done marker, then the other ledger shards. ARGV: part ("" while some of its
+# users are unreadable), ttl, now, without_tokens, skipped_once, the ledger groups (_WINDOW_LUA), tokens...
+# Returns -1 (nothing registered) once the notification is done and its ledger may be gone.
 _REGISTER_PART = """
+local function ledgers_from(at)
+  local led, n = {}, tonumber(ARGV[at])
+  for g = 1, n do
+    for _ = 1, tonumber(ARGV[at + 3 * g]) do led[#led + 1] = tonumber(ARGV[at + 3 * g - 1]) end
+  end
+  return led, at + 3 * n + 1
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
+local ledger_of, at = ledgers_from(6)
 local added = 0
-for i = 6, #ARGV do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
+for i = at, #ARGV do
+  if redis.call('HSETNX', KEYS[ledger_of[i - at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
@@ -120,23 +160,26 @@ if first == 1 then
   redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, #KEYS do
+  if k ~= 4 then redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+end
 return first
 """
 
-# The delivery window (issue 20; shared.expiry), for the lease and confirm scripts. From ARGV[at]: n,
-# then n pairs (deadline ms, 0: none; how many of the items that follow are in that group); the items
-# follow group by group, so a batch carries a number or two per platform, not one per token. A token
-# whose next attempt would come at or after its deadline becomes final `expired` in the very step that
-# would lease or reschedule it (past_window), so the counts always add up.
+# The delivery window (issue 20; shared.expiry) and the ledger's shards (issue 22), for the register,
+# lease and confirm scripts. From ARGV[at]: n, then n triples (deadline ms, 0: none; the index in KEYS of
+# the ledger key of the group's tokens; how many of the items that follow are in that group); the items
+# follow group by group, so a batch carries three numbers per platform and ledger shard, not one per
+# token. A token whose next attempt would come at or after its deadline becomes final `expired` in the
+# very step that would lease or reschedule it (past_window), so the counts always add up.
 _WINDOW_LUA = """
 local function deadlines_from(at)
-  local per, n = {}, tonumber(ARGV[at])
+  local per, led, n = {}, {}, tonumber(ARGV[at])
   for g = 1, n do
-    local deadline = tonumber(ARGV[at + 2 * g - 1])
-    for _ = 1, tonumber(ARGV[at + 2 * g]) do per[#per + 1] = deadline end
+    local deadline, key = tonumber(ARGV[at + 3 * g - 2]), tonumber(ARGV[at + 3 * g - 1])
+    for _ = 1, tonumber(ARGV[at + 3 * g]) do per[#per + 1] = deadline; led[#led + 1] = key end
   end
-  return per, at + 2 * n + 1
+  return per, led, at + 3 * n + 1
 end
 local function past_window(at, deadline)
   return deadline > 0 and at >= deadline
@@ -157,17 +200,19 @@ end
 """
 )
 
-# KEYS: ledger, status, budget, budget scale[, pause]. ARGV: now, lease_ms, max_attempts, budget (0: none), the
-# deadline groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number,
-# or the time it is busy / due until). While the project-wide pause holds (only a probe's lease leaves
-# the pause key out) nothing is leased: what would be is answered 7 (paused), what is past its window
-# still expires.
+# KEYS: ledger, status, budget, budget scale, pause, done marker, then the other ledger shards. ARGV: now,
+# lease_ms, max_attempts, budget (0: none), probe (1: the pause does not hold this lease), the deadline
+# groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number, or the time
+# it is busy / due until). While the project-wide pause holds (only a probe's lease ignores it) nothing is
+# leased: what would be is answered 7 (paused), what is past its window still expires. Once the
+# notification is done (its done marker set) every token is final (2): its ledger may be gone.
 _LEASE = (
     _WINDOW_LUA
     + _BUDGET_LUA
     + """
 -- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
-local paused = KEYS[5] ~= nil and redis.call('EXISTS', KEYS[5]) == 1
+local paused = ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[5]) == 1
+local done = redis.call('EXISTS', KEYS[6]) == 1
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -175,13 +220,15 @@ if limit > 0 then
   limit = math.max(1, math.floor(limit * budget_scale(KEYS[4], now) / 1000))  -- slowed by quota answers
   room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0'))
 end
-local deadline_of, first = deadlines_from(5)
+local deadline_of, ledger_of, first = deadlines_from(6)
 local out, leased, left_waiting, failed, expired = {}, 0, 0, 0, 0
 for i = first, #ARGV do
-  local t, deadline = ARGV[i], deadline_of[i - first + 1]
-  local s = redis.call('HGET', KEYS[1], t)
-  if not s then
-    redis.call('HSET', KEYS[1], t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
+  local t, deadline, ledger = ARGV[i], deadline_of[i - first + 1], KEYS[ledger_of[i - first + 1]]
+  local s = redis.call('HGET', ledger, t)
+  if done then
+    s = 'F:done'
+  elseif not s then
+    redis.call('HSET', ledger, t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
   end
   local kind = string.sub(s, 1, 1)
   local attempts, when = 0, 0
@@ -195,11 +242,11 @@ for i = first, #ARGV do
     out[#out + 1] = 3; out[#out + 1] = when
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
-    redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
+    redis.call('HSET', ledger, t, 'F:failed'); failed = failed + 1
     out[#out + 1] = 2; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
-    redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
+    redis.call('HSET', ledger, t, 'F:expired'); expired = expired + 1
     if kind == 'W' then left_waiting = left_waiting + 1 end
     out[#out + 1] = 6; out[#out + 1] = 0
   elseif kind == 'W' and when > now then
@@ -211,7 +258,7 @@ for i = first, #ARGV do
   else
     if kind == 'W' then left_waiting = left_waiting + 1 end
     attempts = attempts + 1
-    redis.call('HSET', KEYS[1], t, 'L:' .. attempts .. ':' .. (now + lease))
+    redis.call('HSET', ledger, t, 'L:' .. attempts .. ':' .. (now + lease))
     leased = leased + 1
     out[#out + 1] = 1; out[#out + 1] = attempts
   end
@@ -229,7 +276,7 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens).
+# store's owed dead-token removals (notif:deadtokens), then the other ledger shards.
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, tokens to remove...}.
@@ -239,7 +286,7 @@ _CONFIRM = (
     _WINDOW_LUA
     + """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
-local deadline_of, first = deadlines_from(7)
+local deadline_of, ledger_of, first = deadlines_from(7)
 local answers, mismatches = 0, 0
 for i = first, #ARGV, 4 do
   answers = answers + 1
@@ -265,14 +312,15 @@ local out = {tripped, 0, expired, unheld}
 local finals, waiting = 0, 0
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
 -- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
-local function wait_or_expire(t, attempts, at, deadline)
+local function wait_or_expire(ledger, t, attempts, at, deadline)
   if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
-  redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
+  redis.call('HSET', ledger, t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
   return nil
 end
 for i = first, #ARGV, 4 do
   local t, r, deadline = ARGV[i], ARGV[i + 1], deadline_of[(i - first) / 4 + 1]
-  local s = redis.call('HGET', KEYS[1], t)
+  local ledger = KEYS[ledger_of[(i - first) / 4 + 1]]
+  local s = redis.call('HGET', ledger, t)
   -- only the holder of this very attempt's lease may confirm it (a late answer from a lease that
   -- expired and was taken over is ignored)
   if s and string.sub(s, 1, 1) == 'L' and tonumber(string.match(s, '^L:(%d+):')) == tonumber(ARGV[i + 3]) then
@@ -282,10 +330,10 @@ for i = first, #ARGV, 4 do
       -- the breaker (issue 20): an answer that says nothing about the token (FCM failing, our
       -- credentials) spends no attempt: the attempt is given back, never final
       -- (it still expires when its next attempt would come after its window)
-      final = wait_or_expire(t, attempts - 1, ARGV[i + 2], deadline)
+      final = wait_or_expire(ledger, t, attempts - 1, ARGV[i + 2], deadline)
     elseif r == 'retry' then
       if attempts >= maxa then final = 'failed'
-      else final = wait_or_expire(t, attempts, ARGV[i + 2], deadline) end
+      else final = wait_or_expire(ledger, t, attempts, ARGV[i + 2], deadline) end
     elseif r == 'dead' or r == 'mismatch' then
       if valve then final = 'config_error'
       else final = 'dead_removed'; out[#out + 1] = t; redis.call('SADD', KEYS[6], t) end
@@ -294,7 +342,7 @@ for i = first, #ARGV, 4 do
     end
     if final then
       if final == 'config_error' and redis.call('HSETNX', KEYS[2], 'config_logged', now) == 1 then out[2] = 1 end
-      redis.call('HSET', KEYS[1], t, 'F:' .. final)
+      redis.call('HSET', ledger, t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
     end
@@ -309,6 +357,7 @@ if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
+for k = 7, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
 return out
 """
 )
@@ -347,6 +396,22 @@ _BUDGET_SCALE = (
 return budget_scale(KEYS[1], tonumber(ARGV[1]))
 """
 )
+
+
+# KEYS: parts done, status, done marker. ARGV: part ("": only look), ttl, marks (1: set the done marker).
+# A part all of whose tokens are final counts once in parts_done. Returns 1 when this call found the
+# notification done (every part known and done, every token final) and set its done marker.
+_PART_DONE = """
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'parts_done', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+local f = redis.call('HMGET', KEYS[2], 'parts_total', 'parts_done', 'tokens', 'final')
+if not f[1] or ARGV[3] ~= '1' then return 0 end
+if tonumber(f[2] or '0') < tonumber(f[1]) or tonumber(f[4] or '0') < tonumber(f[3] or '0') then return 0 end
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
 
 
 class LeaseCode(enum.IntEnum):
@@ -486,6 +551,8 @@ class Claims:
         self.idempotency_ttl = idempotency_ttl
         self.max_attempts = max_attempts
         self.rate_per_second = max(1, rate_per_minute // 60) if rate_per_minute else 0
+        self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
+        self._part_done = client.register_script(_PART_DONE)
         self._register_part = client.register_script(_REGISTER_PART)
         self._lease = client.register_script(_LEASE)
         self._confirm = client.register_script(_CONFIRM)
@@ -493,12 +560,21 @@ class Claims:
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
 
+    def sharded(self) -> Claims:
+        """These claims with the ledger sharded by a hash of the token (an audience send's)."""
+        other = copy.copy(self)
+        other.ledger_shards = LEDGER_SHARDS
+        return other
+
     # --- status ----------------------------------------------------------------------------------
 
-    def create_status(self, nid: str, targeted: int, parts_total: int | None = None) -> None:
+    def create_status(self, nid: str, targeted: int, parts_total: int | None = None, *, audience: bool = False) -> None:
         now = now_ms()
         pipe = self.redis.pipeline()
-        for name, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
+        fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
+        if audience:
+            fields = (("created_at", now), ("updated_at", now), ("audience", 1))
+        for name, value in fields:
             pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
@@ -525,6 +601,7 @@ class Claims:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
 
     def status(self, nid: str) -> dict[str, Any] | None:
+        """The status document: one hash of counters and the size of one set, however many parts."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(status_key(nid))
         pipe.scard(parts_key(nid))
@@ -533,26 +610,48 @@ class Claims:
             return None
         fields = {text(k): int(v) for k, v in raw.items()}
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
-        parts_total = fields.get("parts_total", 1)
-        if parts_seen == 0:
+        audience = bool(fields.get("audience"))
+        parts_total = fields.get("parts_total", None if audience else 1)
+        if parts_seen == 0 and not (audience and "expanding" in fields):
             state = "accepted"
+        elif parts_total is None:
+            state = "expanding"
         elif parts_seen >= parts_total and final >= tokens:
             state = "done"
         else:
             state = "delivering"
-        return {
-            "id": nid,
-            "state": state,
-            "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
-            "users": {
+        found: dict[str, Any] = {"id": nid, "state": state}
+        found["counts"] = {name: fields.get(name, 0) for name in OUTCOME_COUNTS}
+        if audience:
+            found["devices_matched"] = fields.get("devices_matched", 0)
+        else:
+            found["users"] = {
                 "targeted": fields.get("targeted", 0),
                 "without_tokens": fields.get("without_tokens", 0),
                 "skipped_once": fields.get("skipped_once", 0),
-            },
-            "tokens": tokens,
-            "created_at": _iso(fields.get("created_at", 0)),
-            "updated_at": _iso(fields.get("updated_at", 0)),
-        }
+            }
+        found["tokens"] = tokens
+        found["progress"] = {"parts_total": parts_total, "parts_done": fields.get("parts_done", 0)}
+        found["created_at"] = _iso(fields.get("created_at", 0))
+        found["updated_at"] = _iso(fields.get("updated_at", 0))
+        return found
+
+    def part_done(self, nid: str, part: int | None) -> bool:
+        """Count ``part`` (all its tokens final) in parts_done, once; None only looks. True when this call
+        found the audience send done: its done marker is set, and its ledger dropped after a grace."""
+        keys = [parts_done_key(nid), status_key(nid), done_key(nid)]
+        marks = 1 if self.ledger_shards else 0
+        done = bool(self._part_done(keys=keys, args=["" if part is None else part, self.ledger_ttl, marks]))
+        if done:
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(self.ledger_shards):
+                pipe.expire(ledger_shard_key(nid, shard), LEDGER_GRACE_SECONDS)
+            pipe.execute()
+        return done
+
+    def is_done(self, nid: str) -> bool:
+        """The audience send's done marker is set: any copy of its parts is a no-op."""
+        return bool(self.redis.exists(done_key(nid)))
 
     def count(self, name: str, by: int = 1) -> None:
         self.redis.hincrby(STATS_KEY, name, by)
@@ -572,12 +671,15 @@ class Claims:
 
     def register_part(
         self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
-    ) -> bool:
+    ) -> bool | None:
         """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
-        (``complete`` is False while some of the part's users could not be read)."""
-        keys = [ledger_key(nid), status_key(nid), parts_key(nid)]
-        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
-        return bool(self._register_part(keys=keys, args=args))
+        (``complete`` is False while some of the part's users could not be read). None, with nothing
+        registered, once the notification is done (an audience send's done marker)."""
+        ledgers, groups, tokens = self._ledger_groups(nid, NO_DEADLINES, tokens, str, fixed=4)
+        keys = [ledgers[0], status_key(nid), parts_key(nid), done_key(nid), *ledgers[1:]]
+        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *groups, *tokens]
+        first = int(self._register_part(keys=keys, args=args))
+        return None if first < 0 else bool(first)
 
     def lease(
         self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES, *, probe: bool = False
@@ -585,11 +687,11 @@ class Claims:
         """Lease what may be sent now; nothing while the breaker's pause holds, unless ``probe`` (the
         caller holds the one prober's lock)."""
         now = now_ms()
-        keys = [ledger_key(nid), status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY]
-        if not probe:
-            keys.append(PAUSE_KEY)
-        groups, tokens = _deadline_groups(deadlines, tokens, str)
-        reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *groups, *tokens])
+        ledgers, groups, tokens = self._ledger_groups(nid, deadlines, tokens, str, fixed=6)
+        keys = [ledgers[0], status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY, PAUSE_KEY, done_key(nid)]
+        keys += ledgers[1:]
+        args = [now, lease_ms, self.max_attempts, self.rate_per_second, 1 if probe else 0, *groups, *tokens]
+        reply = self._lease(keys=keys, args=args)
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
@@ -628,17 +730,18 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        groups, answers = _deadline_groups(deadlines, answers, _token_of)
+        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=6)
         args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
         keys = [
-            ledger_key(nid),
+            ledgers[0],
             status_key(nid),
             valve_window_key(bucket),
             valve_window_key(bucket - 1),
             VALVE_KEY,
             DEAD_TOKENS_KEY,
+            *ledgers[1:],
         ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
@@ -662,8 +765,47 @@ class Claims:
 
     def ledger(self, nid: str, tokens: list[str]) -> dict[str, LedgerEntry]:
         """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
-        values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
-        return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+        if not tokens:
+            return {}
+        if not self.ledger_shards:
+            values = self.redis.hmget(ledger_key(nid), tokens)
+            return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+        by_shard: dict[int, list[str]] = {}
+        for token in tokens:
+            by_shard.setdefault(ledger_shard(token), []).append(token)
+        pipe = self.redis.pipeline(transaction=False)
+        for shard, members in by_shard.items():
+            pipe.hmget(ledger_shard_key(nid, shard), members)
+        found: dict[str, LedgerEntry] = {}
+        for members, values in zip(by_shard.values(), pipe.execute(), strict=True):
+            found.update((t, _ledger_entry(v)) for t, v in zip(members, values, strict=True))
+        return {t: found[t] for t in tokens}
+
+    def _ledger_groups(
+        self, nid: str, deadlines: Deadlines, items: list[T], token: Callable[[T], str], *, fixed: int
+    ) -> tuple[list[str], list[int], list[T]]:
+        """The ledger keys (the first one goes to KEYS[1], the others after the script's ``fixed`` keys),
+        the group arguments (_WINDOW_LUA: deadline, ledger key's KEYS index, count) and ``items`` in the
+        order of those groups."""
+        groups = deadlines.groups(items, token)
+        if not self.ledger_shards:
+            args = [len(groups)]
+            for deadline, members in groups:
+                args += (deadline, 1, len(members))
+            return [ledger_key(nid)], args, items if len(groups) == 1 else [i for _, ms in groups for i in ms]
+        by_key: dict[tuple[int, int], list[T]] = {}
+        for deadline, members in groups:
+            for item in members:
+                by_key.setdefault((deadline, ledger_shard(token(item))), []).append(item)
+        index: dict[int, int] = {}
+        ledgers: list[str] = []
+        args = [len(by_key)]
+        for (deadline, shard), members in by_key.items():
+            if shard not in index:
+                index[shard] = 1 if not ledgers else fixed + len(ledgers)
+                ledgers.append(ledger_shard_key(nid, shard))
+            args += (deadline, index[shard], len(members))
+        return ledgers or [ledger_shard_key(nid, 0)], args, [i for ms in by_key.values() for i in ms]
 
     # --- one-time claims -------------------------------------------------------------------------
 
@@ -722,15 +864,6 @@ class Claims:
 
 def _token_of(answer: Answered) -> str:
     return answer.token
-
-
-def _deadline_groups(deadlines: Deadlines, items: list[T], token: Callable[[T], str]) -> tuple[list[int], list[T]]:
-    """The deadline groups' arguments (_WINDOW_LUA) and ``items`` in the order those groups say."""
-    groups = deadlines.groups(items, token)
-    args = [len(groups)]
-    for deadline, members in groups:
-        args += (deadline, len(members))
-    return args, items if len(groups) == 1 else [item for _, members in groups for item in members]
 
 
 def _iso(ms: int) -> str | None:

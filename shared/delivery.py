@@ -30,12 +30,13 @@ import base64
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from shared import bus, expiry, instance, jobs, logs
+from shared import bus, expansion, expiry, instance, jobs, logs
+from shared.audience_store import Device
 from shared.claims import Claims, now_ms
 from shared.config import Settings, settings
-from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
+from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
 from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
@@ -70,9 +71,19 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
-    """(job, part index, parts) of a message; Malformed when it can never be delivered, Unknown when
-    a newer deploy may deliver it."""
+class Decoded(NamedTuple):
+    """A message: its job, part number and parts (0: the whole job; 0 for an audience part too, whose
+    parts are not known when it is published), and an audience part's devices (None otherwise)."""
+
+    job: jobs.Job
+    part: int = 0
+    parts: int = 0
+    devices: tuple[Device, ...] | None = None
+
+
+def decode(env: Envelope) -> Decoded:
+    """The message's job and part; Malformed when it can never be delivered, Unknown when a newer
+    deploy may deliver it."""
     payload = json_object(env, "message")
     newer = unknown_shape(payload)
     if newer:
@@ -80,16 +91,34 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
     kind = payload.get("kind")
     try:
         if kind is None:
-            return jobs.parse_v1(payload, default_id=derived_id(env.attributes, env.message_id)), 0, 0
+            return Decoded(jobs.parse_v1(payload, default_id=derived_id(env.attributes, env.message_id)))
         if kind == "part":
+            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
             part, parts = payload.get("part"), payload.get("parts")
+            if "devices" in payload:
+                return _audience_part(job, part, payload["devices"])
             if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
                 raise Malformed("part message without a valid part/parts")
-            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
-            return job, part, parts
+            return Decoded(job, part, parts)
     except jobs.JobError as exc:
         raise Malformed(f"invalid job: {exc.message}") from None
     raise Malformed(f"unknown message kind {kind!r}")
+
+
+def _audience_part(job: jobs.Job, part: object, rows: object) -> Decoded:
+    """An audience part: ``devices`` is a list of [token, user id, platform or null, locale or null]."""
+    if job.audience is None or not isinstance(part, int) or isinstance(part, bool) or part < 0:
+        raise Malformed("audience part without an audience job or a valid part number")
+    if not isinstance(rows, list) or not rows:
+        raise Malformed("audience part without devices")
+    devices = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and all(isinstance(v, str) for v in row[:2])):
+            raise Malformed("audience part with a malformed device")
+        if not all(v is None or isinstance(v, str) for v in row[2:]):
+            raise Malformed("audience part with a malformed device")
+        devices.append(Device(*row))
+    return Decoded(job, part, 0, tuple(devices))
 
 
 def part_messages(job: jobs.Job, per_part: int) -> list[dict[str, Any]]:
@@ -105,7 +134,7 @@ def handle(event_data: Any) -> str:
     """Process one Pub/Sub message; returns what happened, raises RetryLater to be redelivered."""
     try:
         env = envelope(event_data)
-        job, part, parts = decode(env)
+        job, part, parts, devices = decode(env)
     except Malformed as exc:
         log.error("malformed message acknowledged without sending", extra={"reason": str(exc)})
         _count("invalid_jobs")
@@ -118,6 +147,10 @@ def handle(event_data: Any) -> str:
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
+        if devices is not None:
+            return _audience_part_delivery(job, part, devices)
+        if job.audience is not None:
+            return expansion.expand(job)
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
@@ -142,7 +175,6 @@ def _whole_job(job: jobs.Job) -> str:
 
 
 def _part(job: jobs.Job, part: int, parts: int) -> str:
-    s = settings()
     _not_while_paused(job)
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
@@ -162,20 +194,62 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     for user_id, tokens in per_user.items():
         for token in tokens:
             holders.setdefault(token, user_id)
-    tokens = list(holders)
-    claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
+    claims.register_part(job.id, part, list(holders), without_tokens, len(skipped), complete=not unresolved)
+    outcome = _send(job, part, holders, devices, claims)
+    if job.once:
+        _release_undelivered_once(job, per_user)
+    _log_part(job, part, parts, len(holders), outcome, unresolved=len(unresolved))
+    if unresolved:
+        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
+    return _finish(job, part, claims, outcome)
+
+
+def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:
+    """An audience part: its devices come with it (the expansion read them); its ledger is sharded by
+    token, so a device in two parts (an expansion redone) is sent once; once the notification is done,
+    any copy of it is a no-op (the done marker)."""
+    claims = instance.claims().sharded()
+    if claims.is_done(job.id):
+        return "done-before"
+    _not_while_paused(job)
+    store = instance.token_store()
+    store.settle_dead_tokens()
+    holders = {d.token: d.user_id for d in devices}
+    by_user: dict[str, dict[str, str | None]] = {}
+    for device in devices:
+        by_user.setdefault(device.user_id, {})[device.token] = device.platform
+    if claims.register_part(job.id, part, list(holders), 0, 0) is None:
+        return "done-before"
+    locales = {d.token: d.locale for d in devices if d.locale}
+    outcome = _send(job, part, holders, by_user, claims, locales)
+    _log_part(job, part, 0, len(holders), outcome, unresolved=0)
+    return _finish(job, part, claims, outcome)
+
+
+def _send(
+    job: jobs.Job,
+    part: int,
+    holders: dict[str, str],
+    devices: Mapping[str, Mapping[str, str | None]],
+    claims: Claims,
+    locales: Mapping[str, str] | None = None,
+) -> PartOutcome:
+    """Send the part's tokens (``holders``: token -> its user; ``locales``: token -> its locale, for
+    localized text) through the send window."""
+    s = settings()
+    store = instance.token_store()
     deadlines = _deadlines(job, part, devices, claims, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
         store.remove_dead_many({t: [holders[t]] for t in dead if t in holders})
 
-    async def run() -> Any:
+    async def run() -> PartOutcome:
         client = await instance.fcm_client()
         return await dispatch(
             job.id,
-            tokens,
-            message_for=template.for_token,
+            list(holders),
+            message_for=template.message_for(locales or {}),
             send=client.send,
             claims=claims,
             remove_dead=remove_dead,
@@ -187,27 +261,30 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             breaker=instance.breaker(),
         )
 
-    outcome = instance.run(run())
-    if job.once:
-        _release_undelivered_once(job, per_user)
+    return instance.run(run())
+
+
+def _log_part(job: jobs.Job, part: int, parts: int, tokens: int, outcome: PartOutcome, *, unresolved: int) -> None:
     log.info(
         "part processed",
         extra={
             "notification_id": job.id,
             "part": part,
             "parts": parts,
-            "tokens": len(tokens),
+            "tokens": tokens,
             "sent": outcome.sent,
             "dead_removed": len(outcome.removed),
             "busy": len(outcome.busy),
             "later": len(outcome.later),
             "expired": outcome.expired,
             "paused": outcome.paused,
-            "unresolved_users": len(unresolved),
+            "unresolved_users": unresolved,
         },
     )
-    if unresolved:
-        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
+
+
+def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> str:
+    """Acknowledge the part once every token is final (and count it done); else RetryLater."""
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
@@ -218,6 +295,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         raise RetryLater(f"FCM outage: sending is paused project-wide; {len(outcome.later)} tokens wait")
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
+    claims.part_done(job.id, part)
     return "delivered"
 
 
