@@ -52,3 +52,7 @@ ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS app_version_key NUMERIC(24, 0
 -- another user restarts it. Rows older than the column take the time of the migration that added it
 -- (now() is evaluated once: no table rewrite).
 ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now();
+
+-- An audience's expansion (shared/audience_store.py) walks the devices first registered before its
+-- start in this order, a page at a time (keyset pagination: each page one range of this index).
+CREATE INDEX IF NOT EXISTS device_tokens_expansion_idx ON device_tokens (created_at, user_id, token);

@@ -82,6 +82,10 @@ def keyed_id(idempotency_key: str, body_fingerprint: str) -> str:
 def accept(body: Any, *, idempotency_key: str | None = None) -> Result:
     """Validate and publish; raises JobError (the request is invalid), Unavailable (the bus, or any Redis error)."""
     job = jobs.parse_request(body)
+    if idempotency_key is None and job.audience is not None:
+        raise jobs.JobError(
+            "Idempotency-Key header is required with audience: a retried broadcast must never reach its devices twice"
+        )
     if idempotency_key is None:
         return _publish(job)
     if not IDEMPOTENCY_KEY.match(idempotency_key):
@@ -127,7 +131,10 @@ def _publish(job: jobs.Job) -> Accepted:
     claims = instance.claims()
     parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
     try:
-        claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+        if job.audience is not None:  # its parts are known once deliver has expanded it
+            claims.create_status(job.id, targeted=0, audience=True)
+        else:
+            claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
     except REDIS_OUTAGE as exc:
         raise _outage(exc) from None
     try:

@@ -8,14 +8,22 @@
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error, failed, expired or cancelled
+  notif:ledger:{id}:{shard}  an audience send's ledger, sharded by a hash of the token (LEDGER_SHARDS
+                           hashes; the same encoding): a token has one place however the expansion cut
+                           its pages; dropped LEDGER_GRACE_SECONDS after the notification is done
+  notif:done:{id}          the audience send is done (LEDGER_TTL_SECONDS): any later copy of any of its
+                           parts registers and leases nothing (its ledger may be gone)
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, muted, skipped_once, capped,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
                            mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
                            read, so that a cancel touches no ledger entry), and the open receipts
-                           counted: opened, dismissed
+                           counted: opened, dismissed; parts_done; an audience send: audience,
+                           expanding (when deliver first took it), devices_matched (parts_total once
+                           expanded)
   notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
                            expires with the status
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
+  notif:partsdone:{id}     Set of the job's parts all of whose tokens were final (parts_done counts it)
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
   notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
@@ -42,7 +50,9 @@ and whatever defers work (a part waiting for its retries, a scheduled job) reads
 
 from __future__ import annotations
 
+import copy
 import enum
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -81,8 +91,29 @@ PAUSE_KEY = "notif:pause"  # the breaker's project-wide pause (shared/breaker.py
 PROBE_KEY = "notif:probe"  # its one prober's lock
 
 
+LEDGER_SHARDS = 256  # an audience send's ledger: 39,000 tokens a shard at 10 million devices
+LEDGER_GRACE_SECONDS = 300  # an audience send's ledger outlives its done marker by this much
+
+
 def ledger_key(nid: str) -> str:
     return f"notif:ledger:{nid}"
+
+
+def ledger_shard(token: str) -> int:
+    """The ledger shard of a token (of an audience send): a hash of the token alone."""
+    return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "big") % LEDGER_SHARDS
+
+
+def ledger_shard_key(nid: str, shard: int) -> str:
+    return f"notif:ledger:{nid}:{shard}"
+
+
+def done_key(nid: str) -> str:
+    return f"notif:done:{nid}"
+
+
+def parts_done_key(nid: str) -> str:
+    return f"notif:partsdone:{nid}"
 
 
 def status_key(nid: str) -> str:
@@ -136,39 +167,50 @@ def now_ms() -> int:
 # The users a part leaves out, each counted under one rule (shared/recipients.py), in the status.
 USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
 
-# KEYS: ledger, status, parts, receipts. ARGV: part ("" while some of its users are unreadable), ttl, now,
-# n, then n pairs (user count name, users), then tokens...
+# KEYS: ledger, status, parts, receipts, done marker, then the other ledger shards. ARGV: part ("" while
+# some of its users are unreadable), ttl, now, n, then n pairs (user count name, users), then the ledger
+# groups (_WINDOW_LUA), then tokens... Returns -1 (nothing registered) once the notification is done
+# (an audience send's done marker: its ledger may be gone).
 _REGISTER_PART = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
-local tokens_at = 5 + 2 * tonumber(ARGV[4])
+local groups_at = 5 + 2 * tonumber(ARGV[4])
+local tokens_at = groups_at + 3 * tonumber(ARGV[groups_at]) + 1
+local ledger_of = {}
+for g = 1, tonumber(ARGV[groups_at]) do
+  for _ = 1, tonumber(ARGV[groups_at + 3 * g]) do ledger_of[#ledger_of + 1] = tonumber(ARGV[groups_at + 3 * g - 1]) end
+end
 local added = 0
 for i = tokens_at, #ARGV do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
+  if redis.call('HSETNX', KEYS[ledger_of[i - tokens_at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then
-  for i = 5, tokens_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+  for i = 5, groups_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end  -- (the receipts expire with the status)
+for k = 1, #KEYS do  -- (the receipts expire with the status)
+  if k ~= 5 then redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+end
 return first
 """
 
-# The delivery window (issue 20; shared.expiry), for the lease and confirm scripts. From ARGV[at]: n,
-# then n pairs (deadline ms, 0: none; how many of the items that follow are in that group); the items
-# follow group by group, so a batch carries a number or two per platform, not one per token. A token
-# whose next attempt would come at or after its deadline becomes final `expired` in the very step that
-# would lease or reschedule it (past_window), so the counts always add up.
+# The delivery window (issue 20; shared.expiry) and the ledger's shards (issue 22), for the register,
+# lease and confirm scripts. From ARGV[at]: n, then n triples (deadline ms, 0: none; the index in KEYS of
+# the ledger key of the group's tokens; how many of the items that follow are in that group); the items
+# follow group by group, so a batch carries three numbers per platform and ledger shard, not one per
+# token. A token whose next attempt would come at or after its deadline becomes final `expired` in the
+# very step that would lease or reschedule it (past_window), so the counts always add up.
 _WINDOW_LUA = """
 local function deadlines_from(at)
-  local per, n = {}, tonumber(ARGV[at])
+  local per, led, n = {}, {}, tonumber(ARGV[at])
   for g = 1, n do
-    local deadline = tonumber(ARGV[at + 2 * g - 1])
-    for _ = 1, tonumber(ARGV[at + 2 * g]) do per[#per + 1] = deadline end
+    local deadline, key = tonumber(ARGV[at + 3 * g - 2]), tonumber(ARGV[at + 3 * g - 1])
+    for _ = 1, tonumber(ARGV[at + 3 * g]) do per[#per + 1] = deadline; led[#led + 1] = key end
   end
-  return per, at + 2 * n + 1
+  return per, led, at + 3 * n + 1
 end
 local function past_window(at, deadline)
   return deadline > 0 and at >= deadline
@@ -189,17 +231,19 @@ end
 """
 )
 
-# KEYS: ledger, status, budget, budget scale[, pause]. ARGV: now, lease_ms, max_attempts, budget (0: none), the
-# deadline groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number,
-# or the time it is busy / due until). While the project-wide pause holds (only a probe's lease leaves
-# the pause key out) nothing is leased: what would be is answered 7 (paused), what is past its window
-# still expires.
+# KEYS: ledger, status, budget, budget scale, pause, done marker, then the other ledger shards. ARGV: now,
+# lease_ms, max_attempts, budget (0: none), probe (1: the pause does not hold this lease), the deadline
+# groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number, or the time
+# it is busy / due until). While the project-wide pause holds (only a probe's lease ignores it) nothing is
+# leased: what would be is answered 7 (paused), what is past its window still expires. Once the
+# notification is done (an audience send's done marker) every token is final (2): its ledger may be gone.
 _LEASE = (
     _WINDOW_LUA
     + _BUDGET_LUA
     + """
 -- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
-local paused = KEYS[5] ~= nil and redis.call('EXISTS', KEYS[5]) == 1
+local paused = ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[5]) == 1
+local done = redis.call('EXISTS', KEYS[6]) == 1
 -- a cancelled notification (issue 22): what is not final and not held by a live lease is cancelled
 local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -209,13 +253,15 @@ if limit > 0 then
   limit = math.max(1, math.floor(limit * budget_scale(KEYS[4], now) / 1000))  -- slowed by quota answers
   room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0'))
 end
-local deadline_of, first = deadlines_from(5)
+local deadline_of, ledger_of, first = deadlines_from(6)
 local out, leased, left_waiting, failed, expired, cancels = {}, 0, 0, 0, 0, 0
 for i = first, #ARGV do
-  local t, deadline = ARGV[i], deadline_of[i - first + 1]
-  local s = redis.call('HGET', KEYS[1], t)
-  if not s then
-    redis.call('HSET', KEYS[1], t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
+  local t, deadline, ledger = ARGV[i], deadline_of[i - first + 1], KEYS[ledger_of[i - first + 1]]
+  local s = redis.call('HGET', ledger, t)
+  if done then
+    s = 'F:done'
+  elseif not s then
+    redis.call('HSET', ledger, t, 'N'); redis.call('HINCRBY', KEYS[2], 'tokens', 1); s = 'N'
   end
   local kind = string.sub(s, 1, 1)
   local attempts, when = 0, 0
@@ -229,16 +275,16 @@ for i = first, #ARGV do
     out[#out + 1] = 3; out[#out + 1] = when
   elseif cancelled then
     -- new, waiting (due or not) or its holder died: not sent after the cancel
-    redis.call('HSET', KEYS[1], t, 'F:cancelled'); cancels = cancels + 1
+    redis.call('HSET', ledger, t, 'F:cancelled'); cancels = cancels + 1
     if kind == 'W' then left_waiting = left_waiting + 1 end
     out[#out + 1] = 8; out[#out + 1] = 0
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
-    redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
+    redis.call('HSET', ledger, t, 'F:failed'); failed = failed + 1
     out[#out + 1] = 9; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
-    redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
+    redis.call('HSET', ledger, t, 'F:expired'); expired = expired + 1
     if kind == 'W' then left_waiting = left_waiting + 1 end
     out[#out + 1] = 6; out[#out + 1] = 0
   elseif kind == 'W' and when > now then
@@ -250,7 +296,7 @@ for i = first, #ARGV do
   else
     if kind == 'W' then left_waiting = left_waiting + 1 end
     attempts = attempts + 1
-    redis.call('HSET', KEYS[1], t, 'L:' .. attempts .. ':' .. (now + lease))
+    redis.call('HSET', ledger, t, 'L:' .. attempts .. ':' .. (now + lease))
     leased = leased + 1
     out[#out + 1] = 1; out[#out + 1] = attempts
   end
@@ -271,7 +317,8 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status).
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), then
+# the other ledger shards.
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
@@ -283,7 +330,7 @@ _CONFIRM = (
     _WINDOW_LUA
     + """
 local now, maxa = tonumber(ARGV[1]), tonumber(ARGV[2])
-local deadline_of, first = deadlines_from(7)
+local deadline_of, ledger_of, first = deadlines_from(7)
 local answers, mismatches = 0, 0
 for i = first, #ARGV, 4 do
   answers = answers + 1
@@ -311,15 +358,16 @@ local finals, waiting, by_outcome = 0, 0, {}
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless the notification is
 -- cancelled (then it is final `cancelled`: issue 22) or its delivery window closes first (then it is final
 -- `expired` at once: issue 20). Returns the final outcome, or nil when it waits.
-local function wait_or_expire(t, attempts, at, deadline)
+local function wait_or_expire(ledger, t, attempts, at, deadline)
   if cancelled then cancels[#cancels + 1] = t; return 'cancelled' end
   if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
-  redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
+  redis.call('HSET', ledger, t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
   return nil
 end
 for i = first, #ARGV, 4 do
   local t, r, deadline = ARGV[i], ARGV[i + 1], deadline_of[(i - first) / 4 + 1]
-  local s = redis.call('HGET', KEYS[1], t)
+  local ledger = KEYS[ledger_of[(i - first) / 4 + 1]]
+  local s = redis.call('HGET', ledger, t)
   -- only the holder of this very attempt's lease may confirm it (a late answer from a lease that
   -- expired and was taken over is ignored)
   if s and string.sub(s, 1, 1) == 'L' and tonumber(string.match(s, '^L:(%d+):')) == tonumber(ARGV[i + 3]) then
@@ -329,10 +377,10 @@ for i = first, #ARGV, 4 do
       -- the breaker (issue 20): an answer that says nothing about the token (FCM failing, our
       -- credentials) spends no attempt: the attempt is given back, never final
       -- (it still expires when its next attempt would come after its window)
-      final = wait_or_expire(t, attempts - 1, ARGV[i + 2], deadline)
+      final = wait_or_expire(ledger, t, attempts - 1, ARGV[i + 2], deadline)
     elseif r == 'retry' then
       if attempts >= maxa then final = 'failed'
-      else final = wait_or_expire(t, attempts, ARGV[i + 2], deadline) end
+      else final = wait_or_expire(ledger, t, attempts, ARGV[i + 2], deadline) end
     elseif r == 'dead' or r == 'mismatch' then
       if valve then final = 'config_error'
       else final = 'dead_removed'; out[#out + 1] = t; redis.call('SADD', KEYS[6], t) end
@@ -341,7 +389,7 @@ for i = first, #ARGV, 4 do
     end
     if final then
       if final == 'config_error' and redis.call('HSETNX', KEYS[2], 'config_logged', now) == 1 then out[2] = 1 end
-      redis.call('HSET', KEYS[1], t, 'F:' .. final)
+      redis.call('HSET', ledger, t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
       by_outcome[final] = (by_outcome[final] or 0) + 1
@@ -358,6 +406,7 @@ for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
+for k = 8, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
 return out
 """
 )
@@ -380,7 +429,8 @@ return 1
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
-local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total')
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total', 'audience')
+if f[4] and not f[3] then f[3] = '1e15' end  -- an audience still expanding: its parts are not all known
 local seen = redis.call('SCARD', KEYS[2])
 if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
 redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
@@ -421,6 +471,22 @@ _BUDGET_SCALE = (
 return budget_scale(KEYS[1], tonumber(ARGV[1]))
 """
 )
+
+
+# KEYS: parts done, status, done marker. ARGV: part ("": only look), ttl, marks (1: set the done marker).
+# A part all of whose tokens are final counts once in parts_done. Returns 1 when this call found the
+# notification done (every part known and done, every token final) and set its done marker.
+_PART_DONE = """
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'parts_done', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+local f = redis.call('HMGET', KEYS[2], 'parts_total', 'parts_done', 'tokens', 'final')
+if not f[1] or ARGV[3] ~= '1' then return 0 end
+if tonumber(f[2] or '0') < tonumber(f[1]) or tonumber(f[4] or '0') < tonumber(f[3] or '0') then return 0 end
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
 
 
 class LeaseCode(enum.IntEnum):
@@ -584,13 +650,24 @@ class Claims:
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
         self._receipt = client.register_script(_RECEIPT)
+        self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
+        self._part_done = client.register_script(_PART_DONE)
+
+    def sharded(self) -> Claims:
+        """These claims with the ledger sharded by a hash of the token (an audience send's)."""
+        other = copy.copy(self)
+        other.ledger_shards = LEDGER_SHARDS
+        return other
 
     # --- status ----------------------------------------------------------------------------------
 
-    def create_status(self, nid: str, targeted: int, parts_total: int | None = None) -> None:
+    def create_status(self, nid: str, targeted: int, parts_total: int | None = None, *, audience: bool = False) -> None:
         now = now_ms()
         pipe = self.redis.pipeline()
-        for name, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
+        fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
+        if audience:
+            fields = (("created_at", now), ("updated_at", now), ("audience", 1))
+        for name, value in fields:
             pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
@@ -626,25 +703,47 @@ class Claims:
             return None
         fields = {text(k): int(v) for k, v in raw.items()}
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
-        parts_total = fields.get("parts_total", 1)
+        audience = bool(fields.get("audience"))
+        parts_total = fields.get("parts_total", None if audience else 1)
         if "cancelled_at" in fields:
             state = "cancelled"
-        elif parts_seen == 0:
+        elif parts_seen == 0 and not (audience and "expanding" in fields):
             state = "accepted"
+        elif parts_total is None:
+            state = "expanding"
         elif parts_seen >= parts_total and final >= tokens:
             state = "done"
         else:
             state = "delivering"
-        return {
-            "id": nid,
-            "state": state,
-            "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
-            "users": {"targeted": fields.get("targeted", 0), **{name: fields.get(name, 0) for name in USER_COUNTS}},
-            "tokens": tokens,
-            "receipts": {name: fields.get(name, 0) for name in RECEIPT_EVENTS},
-            "created_at": _iso(fields.get("created_at", 0)),
-            "updated_at": _iso(fields.get("updated_at", 0)),
-        }
+        found: dict[str, Any] = {"id": nid, "state": state}
+        found["counts"] = {name: fields.get(name, 0) for name in OUTCOME_COUNTS}
+        if audience:
+            found["devices_matched"] = fields.get("devices_matched", 0)
+        else:
+            found["users"] = {"targeted": fields.get("targeted", 0), **{n: fields.get(n, 0) for n in USER_COUNTS}}
+        found["tokens"] = tokens
+        found["progress"] = {"parts_total": parts_total, "parts_done": fields.get("parts_done", 0)}
+        found["receipts"] = {name: fields.get(name, 0) for name in RECEIPT_EVENTS}
+        found["created_at"] = _iso(fields.get("created_at", 0))
+        found["updated_at"] = _iso(fields.get("updated_at", 0))
+        return found
+
+    def part_done(self, nid: str, part: int | None) -> bool:
+        """Count ``part`` (all its tokens final) in parts_done, once; None only looks. True when this call
+        found the audience send done: its done marker is set, and its ledger dropped after a grace."""
+        keys = [parts_done_key(nid), status_key(nid), done_key(nid)]
+        marks = 1 if self.ledger_shards else 0
+        done = bool(self._part_done(keys=keys, args=["" if part is None else part, self.ledger_ttl, marks]))
+        if done:
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(self.ledger_shards):
+                pipe.expire(ledger_shard_key(nid, shard), LEDGER_GRACE_SECONDS)
+            pipe.execute()
+        return done
+
+    def is_done(self, nid: str) -> bool:
+        """The audience send's done marker is set: any copy of its parts is a no-op."""
+        return bool(self.redis.exists(done_key(nid)))
 
     # --- cancel ------------------------------------------------------------------------------------
 
@@ -683,15 +782,18 @@ class Claims:
         complete: bool = True,
         muted: int = 0,
         capped: int = 0,
-    ) -> bool:
+    ) -> bool | None:
         """Put a part's tokens in the ledger; its user counts (``USER_COUNTS``) are added by the first
-        complete copy only (``complete`` is False while some of the part's users could not be read)."""
-        keys = [ledger_key(nid), status_key(nid), parts_key(nid), receipts_key(nid)]
+        complete copy only (``complete`` is False while some of the part's users could not be read).
+        None, with nothing registered, once the notification is done (an audience send's done marker)."""
+        ledgers, groups, tokens = self._ledger_groups(nid, NO_DEADLINES, tokens, str, fixed=5)
+        keys = [ledgers[0], status_key(nid), parts_key(nid), receipts_key(nid), done_key(nid), *ledgers[1:]]
         users = {"without_tokens": without_tokens, "muted": muted, "skipped_once": skipped_once, "capped": capped}
         counted = [(name, users[name]) for name in USER_COUNTS if users[name]]
         args = [part if complete else "", self.ledger_ttl, now_ms(), len(counted), *(x for c in counted for x in c)]
-        args += tokens
-        return bool(self._register_part(keys=keys, args=args))
+        args += [*groups, *tokens]
+        first = int(self._register_part(keys=keys, args=args))
+        return None if first < 0 else bool(first)
 
     def lease(
         self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES, *, probe: bool = False
@@ -699,11 +801,11 @@ class Claims:
         """Lease what may be sent now; nothing while the breaker's pause holds, unless ``probe`` (the
         caller holds the one prober's lock)."""
         now = now_ms()
-        keys = [ledger_key(nid), status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY]
-        if not probe:
-            keys.append(PAUSE_KEY)
-        groups, tokens = _deadline_groups(deadlines, tokens, str)
-        reply = self._lease(keys=keys, args=[now, lease_ms, self.max_attempts, self.rate_per_second, *groups, *tokens])
+        ledgers, groups, tokens = self._ledger_groups(nid, deadlines, tokens, str, fixed=6)
+        keys = [ledgers[0], status_key(nid), budget_key(now // 1000), BUDGET_SCALE_KEY, PAUSE_KEY, done_key(nid)]
+        keys += ledgers[1:]
+        args = [now, lease_ms, self.max_attempts, self.rate_per_second, 1 if probe else 0, *groups, *tokens]
+        reply = self._lease(keys=keys, args=args)
         leased: dict[str, int] = {}
         final: list[str] = []
         busy: dict[str, int] = {}
@@ -748,18 +850,19 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        groups, answers = _deadline_groups(deadlines, answers, _token_of)
+        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=7)
         args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
         keys = [
-            ledger_key(nid),
+            ledgers[0],
             status_key(nid),
             valve_window_key(bucket),
             valve_window_key(bucket - 1),
             VALVE_KEY,
             DEAD_TOKENS_KEY,
             receipts_key(nid),
+            *ledgers[1:],
         ]
         reply = self._confirm(keys=keys, args=args)
         made = reply[5]
@@ -786,13 +889,57 @@ class Claims:
 
     def ledger(self, nid: str, tokens: list[str]) -> dict[str, LedgerEntry]:
         """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
-        values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
-        return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+        if not tokens:
+            return {}
+        if not self.ledger_shards:
+            values = self.redis.hmget(ledger_key(nid), tokens)
+            return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+        by_shard: dict[int, list[str]] = {}
+        for token in tokens:
+            by_shard.setdefault(ledger_shard(token), []).append(token)
+        pipe = self.redis.pipeline(transaction=False)
+        for shard, members in by_shard.items():
+            pipe.hmget(ledger_shard_key(nid, shard), members)
+        found: dict[str, LedgerEntry] = {}
+        for members, values in zip(by_shard.values(), pipe.execute(), strict=True):
+            found.update((t, _ledger_entry(v)) for t, v in zip(members, values, strict=True))
+        return {t: found[t] for t in tokens}
+
+    def _ledger_groups(
+        self, nid: str, deadlines: Deadlines, items: list[T], token: Callable[[T], str], *, fixed: int
+    ) -> tuple[list[str], list[int], list[T]]:
+        """The ledger keys (the first one goes to KEYS[1], the others after the script's ``fixed`` keys),
+        the group arguments (_WINDOW_LUA: deadline, ledger key's KEYS index, count) and ``items`` in the
+        order of those groups."""
+        groups = deadlines.groups(items, token)
+        if not self.ledger_shards:
+            args = [len(groups)]
+            for deadline, members in groups:
+                args += (deadline, 1, len(members))
+            return [ledger_key(nid)], args, items if len(groups) == 1 else [i for _, ms in groups for i in ms]
+        by_key: dict[tuple[int, int], list[T]] = {}
+        for deadline, members in groups:
+            for item in members:
+                by_key.setdefault((deadline, ledger_shard(token(item))), []).append(item)
+        index: dict[int, int] = {}
+        ledgers: list[str] = []
+        args = [len(by_key)]
+        for (deadline, shard), members in by_key.items():
+            if shard not in index:
+                index[shard] = 1 if not ledgers else fixed + len(ledgers)
+                ledgers.append(ledger_shard_key(nid, shard))
+            args += (deadline, index[shard], len(members))
+        return ledgers or [ledger_shard_key(nid, 0)], args, [i for ms in by_key.values() for i in ms]
 
     def targeted(self, nid: str, token: str) -> bool:
-        """Was the notification sent to this token (whatever FCM answered)? Its ledger holds it. The one
-        place open receipts ask this (a ledger kept in other keys changes only here)."""
-        return self.ledger(nid, [token])[token].state is not LedgerState.ABSENT
+        """Was the notification sent to this token (whatever FCM answered)? Its ledger holds it: the one
+        key of a send to users, or the token's shard of an audience send's; once an audience send is done
+        its shards are dropped, and its done marker answers (yes: its devices are not known any more)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hexists(ledger_key(nid), token)
+        pipe.hexists(ledger_shard_key(nid, ledger_shard(token)), token)
+        pipe.exists(done_key(nid))
+        return any(pipe.execute())
 
     # --- open receipts ---------------------------------------------------------------------------
 
@@ -870,15 +1017,6 @@ class Claims:
 
 def _token_of(answer: Answered) -> str:
     return answer.token
-
-
-def _deadline_groups(deadlines: Deadlines, items: list[T], token: Callable[[T], str]) -> tuple[list[int], list[T]]:
-    """The deadline groups' arguments (_WINDOW_LUA) and ``items`` in the order those groups say."""
-    groups = deadlines.groups(items, token)
-    args = [len(groups)]
-    for deadline, members in groups:
-        args += (deadline, len(members))
-    return args, items if len(groups) == 1 else [item for _, members in groups for item in members]
 
 
 def _iso(ms: int) -> str | None:

@@ -243,6 +243,17 @@ class Settings:
     )
     # Fan-out: users per part of a job
     fanout_users_per_part: int = variable("FANOUT_USERS_PER_PART", 500, "users per part when a job fans out", minimum=1)
+    # Audiences: the expansion's pages and parts
+    audience_page_rows: int = variable(
+        "AUDIENCE_PAGE_ROWS",
+        5000,
+        "rows of `device_tokens` one page of an audience's expansion examines (one statement, one checkpoint)",
+        minimum=1,
+        maximum=50_000,
+    )
+    audience_part_tokens: int = variable(
+        "AUDIENCE_PART_TOKENS", 500, "devices per part an audience's expansion publishes", minimum=1, maximum=500
+    )
     # Domain events
     event_rules: str | None = variable(
         "EVENT_RULES",

@@ -125,6 +125,23 @@ class Database:
                     conn.run("ROLLBACK")
                 raise
 
+    def run_limited(self, sql: str, timeout_ms: int, **params: Any) -> list[list[Any]]:
+        """Run one statement (autocommit) under a ``statement_timeout`` of ``timeout_ms``: PostgreSQL
+        cancels it beyond that (SQLSTATE 57014); the connection's own timeout is restored after."""
+        with self.connection() as conn:
+            conn.run(f"SET statement_timeout = {int(timeout_ms)}")
+            try:
+                if isinstance(conn, _DbApiAdapter):
+                    return conn.run(sql, **params) or []
+                return _prepared(conn, sql).run(**params) or []
+            except pg8000.native.DatabaseError:
+                with contextlib.suppress(Exception):
+                    conn.run("ROLLBACK")
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.run("RESET statement_timeout")
+
     def close(self) -> None:
         if self._connector is not None:
             with contextlib.suppress(Exception):

@@ -13,6 +13,9 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
   instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
+- a job with an ``audience`` is expanded (``shared/expansion.py``) into parts that carry their devices;
+  an audience part sends to them through the same steps, with a ledger sharded by token (each device
+  once however its parts repeat) and, once the notification is done, nothing at all;
 - a cancelled notification (``shared/cancel.py``) sends nothing more: a job not yet fanned out publishes
   no part; a part (a whole job of one part too) puts its tokens in the ledger, where each one not held
   by a live lease becomes final ``cancelled`` (counted once, however many copies arrive; a one-time
@@ -35,9 +38,10 @@ import base64
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from shared import bus, expiry, instance, jobs, logs, recipients
+from shared import bus, expansion, expiry, instance, jobs, logs, recipients
+from shared.audience_store import Device
 from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
@@ -75,9 +79,19 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
-    """(job, part index, parts) of a message; Malformed when it can never be delivered, Unknown when
-    a newer deploy may deliver it."""
+class Decoded(NamedTuple):
+    """A message: its job, part number and parts (0: the whole job; 0 for an audience part too, whose
+    parts are not known when it is published), and an audience part's devices (None otherwise)."""
+
+    job: jobs.Job
+    part: int = 0
+    parts: int = 0
+    devices: tuple[Device, ...] | None = None
+
+
+def decode(env: Envelope) -> Decoded:
+    """The message's job and part; Malformed when it can never be delivered, Unknown when a newer
+    deploy may deliver it."""
     payload = json_object(env, "message")
     newer = unknown_shape(payload)
     if newer:
@@ -85,16 +99,34 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
     kind = payload.get("kind")
     try:
         if kind is None:
-            return jobs.parse_v1(payload, default_id=derived_id(env.attributes, env.message_id)), 0, 0
+            return Decoded(jobs.parse_v1(payload, default_id=derived_id(env.attributes, env.message_id)))
         if kind == "part":
+            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
             part, parts = payload.get("part"), payload.get("parts")
+            if "devices" in payload:
+                return _audience_part(job, part, payload["devices"])
             if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
                 raise Malformed("part message without a valid part/parts")
-            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
-            return job, part, parts
+            return Decoded(job, part, parts)
     except jobs.JobError as exc:
         raise Malformed(f"invalid job: {exc.message}") from None
     raise Malformed(f"unknown message kind {kind!r}")
+
+
+def _audience_part(job: jobs.Job, part: object, rows: object) -> Decoded:
+    """An audience part: ``devices`` is a list of [token, user id, platform or null, locale or null]."""
+    if job.audience is None or not isinstance(part, int) or isinstance(part, bool) or part < 0:
+        raise Malformed("audience part without an audience job or a valid part number")
+    if not isinstance(rows, list) or not rows:
+        raise Malformed("audience part without devices")
+    devices = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and all(isinstance(v, str) for v in row[:2])):
+            raise Malformed("audience part with a malformed device")
+        if not all(v is None or isinstance(v, str) for v in row[2:]):
+            raise Malformed("audience part with a malformed device")
+        devices.append(Device(*row))
+    return Decoded(job, part, 0, tuple(devices))
 
 
 def part_messages(job: jobs.Job, per_part: int) -> list[dict[str, Any]]:
@@ -110,7 +142,7 @@ def handle(event_data: Any) -> str:
     """Process one Pub/Sub message; returns what happened, raises RetryLater to be redelivered."""
     try:
         env = envelope(event_data)
-        job, part, parts = decode(env)
+        job, part, parts, devices = decode(env)
     except Malformed as exc:
         log.error("malformed message acknowledged without sending", extra={"reason": str(exc)})
         _count("invalid_jobs")
@@ -123,6 +155,10 @@ def handle(event_data: Any) -> str:
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
+        if devices is not None:
+            return _audience_part_delivery(job, part, devices)
+        if job.audience is not None:
+            return expansion.expand(job)
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
@@ -150,11 +186,39 @@ def _whole_job(job: jobs.Job) -> str:
 
 
 def _part(job: jobs.Job, part: int, parts: int) -> str:
-    s = settings()
     _not_while_paused(job)
-    store, claims = instance.token_store(), instance.claims()
+    store = instance.token_store()
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
+    return _deliver_to(job, part, parts, devices, locales, instance.claims())
+
+
+def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:
+    """An audience part: its devices come with it (the expansion read them); its ledger is sharded by
+    token, so a device in two parts (an expansion redone) is sent once; once the notification is done,
+    any copy of it is a no-op (the done marker)."""
+    claims = instance.claims().sharded()
+    if claims.is_done(job.id):
+        return "done-before"
+    _not_while_paused(job)
+    instance.token_store().settle_dead_tokens()
+    by_user: dict[str, dict[str, str | None]] = {}
+    for device in devices:
+        by_user.setdefault(device.user_id, {})[device.token] = device.platform
+    locales = {d.token: d.locale for d in devices if d.locale}
+    return _deliver_to(job, part, 0, by_user, locales, claims)
+
+
+def _deliver_to(
+    job: jobs.Job,
+    part: int,
+    parts: int,
+    devices: Mapping[str, Mapping[str, str | None]],
+    locales: Mapping[str, str],
+    claims: Claims,
+) -> str:
+    """The part's users' rules (``recipients``), its tokens into the ledger, sent; acknowledged once
+    every token is final."""
     chosen = recipients.choose(job, devices)
     unresolved = chosen.unresolved
     holders: dict[str, str] = {}
@@ -162,7 +226,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         for token in tokens:
             holders.setdefault(token, user_id)
     tokens = list(holders)
-    claims.register_part(
+    registered = claims.register_part(
         job.id,
         part,
         tokens,
@@ -172,17 +236,39 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         muted=chosen.muted,
         capped=chosen.capped,
     )
+    if registered is None:
+        return "done-before"
+    outcome = _send(job, part, holders, devices, locales, claims)
+    _give_back(job, chosen.per_user, claims)
+    _log_part(job, part, parts, tokens, outcome, unresolved)
+    if unresolved:
+        raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
+    return _finish(job, part, claims, outcome)
+
+
+def _send(
+    job: jobs.Job,
+    part: int,
+    holders: dict[str, str],
+    devices: Mapping[str, Mapping[str, str | None]],
+    locales: Mapping[str, str],
+    claims: Claims,
+) -> PartOutcome:
+    """Send the part's tokens (``holders``: token -> its user; ``locales``: token -> its locale, for
+    localized text) through the send window."""
+    s = settings()
+    store = instance.token_store()
     deadlines = _deadlines(job, part, devices, claims, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
         store.remove_dead_many({t: [holders[t]] for t in dead if t in holders})
 
-    async def run() -> Any:
+    async def run() -> PartOutcome:
         client = await instance.fcm_client()
         return await dispatch(
             job.id,
-            tokens,
+            list(holders),
             message_for=template.message_for(locales),
             send=client.send,
             claims=claims,
@@ -195,11 +281,11 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             breaker=instance.breaker(),
         )
 
-    outcome = instance.run(run())
-    _give_back(job, chosen.per_user)
-    _log_part(job, part, parts, tokens, outcome, unresolved)
-    if unresolved:
-        raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
+    return instance.run(run())
+
+
+def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> str:
+    """Acknowledge the part once every token is final (and count it done); else RetryLater."""
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
@@ -210,6 +296,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         raise RetryLater(f"FCM outage: sending is paused project-wide; {len(outcome.later)} tokens wait")
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
+    claims.part_done(job.id, part)
     return "delivered"
 
 
@@ -269,11 +356,11 @@ def _not_while_paused(job: jobs.Job) -> None:
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")
 
 
-def _give_back(job: jobs.Job, per_user: dict[str, list[str]]) -> None:
+def _give_back(job: jobs.Job, per_user: dict[str, list[str]], claims: Claims) -> None:
     """What the notification took from users it did not reach goes back: the one-time claim of a user
     none of whose devices got it (all final, none delivered), and the daily cap's slot of a user all of
     whose devices were cancelled (the notification was cancelled before it was sent to any of them)."""
-    claims, cap = instance.claims(), instance.daily_cap()
+    cap = instance.daily_cap()
     cancelled = bool(cap.limit) and not job.urgent and claims.cancelled(job.id)
     if not job.once and not cancelled:
         return

@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 
 import redis
 
+from shared.audience_store import AudienceStore
 from shared.breaker import Breaker
+from shared.checkpoint import Checkpoints
 from shared.claims import Claims
 from shared.config import settings
 from shared.daily_cap import DailyCap
@@ -80,6 +82,17 @@ def claims() -> Claims:
         max_attempts=s.max_attempts,
         rate_per_minute=s.fcm_rate_per_minute,
     )
+
+
+@functools.cache
+def checkpoints() -> Checkpoints:
+    """The audience expansions' checkpoints and project-wide slots."""
+    return Checkpoints(redis_client(), ttl=settings().ledger_ttl_seconds)
+
+
+@functools.cache
+def audience_store() -> AudienceStore:
+    return AudienceStore(database(), ttl_seconds=settings().token_ttl_seconds)
 
 
 @functools.cache
@@ -165,5 +178,17 @@ def reset() -> None:
         database().close()
     if _loop.cache_info().currsize:
         _loop().stop()
-    for cached in (redis_client, database, token_store, preference_store, daily_cap, claims, breaker, _loop, settings):
+    for cached in (
+        redis_client,
+        database,
+        token_store,
+        preference_store,
+        daily_cap,
+        claims,
+        checkpoints,
+        audience_store,
+        breaker,
+        _loop,
+        settings,
+    ):
         cached.cache_clear()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
+from shared import audience as audience_rules
 from shared.attributes import AttributeRuleError, canonical_locale
 from shared.preferences import CATEGORY_PATTERN
 
@@ -88,7 +89,7 @@ RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
 # The fields that make a job version 2 (see the module docstring: one line here per new field).
-V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label", "category", "urgent")
+V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label", "category", "urgent", "audience")
 V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
 REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
 V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
@@ -132,6 +133,7 @@ class Job:
     category: str | None = None  # what a user may mute (shared/preferences.py); None: never muted
     urgent: bool | None = None  # True: past quiet hours and the daily cap (never a mute); false is None
     analytics_label: str | None = None  # FCM's fcm_options.analytics_label of every message
+    audience: dict[str, Any] | None = None  # the devices to reach instead of user_ids (shared.audience)
 
 
 def version_of(job: Job) -> int:
@@ -479,10 +481,26 @@ def payload_size(notification: dict | None, data: dict | None) -> int:
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
+def _target(obj: Mapping) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """A job's target: exactly one of ``user_ids`` and ``audience`` (which refuses platforms and once)."""
+    if "user_ids" in obj and "audience" in obj:
+        raise JobError("user_ids and audience cannot both be given: a job names exactly one of them")
+    if "user_ids" not in obj and "audience" not in obj:
+        raise JobError("user_ids is required (or audience): a job names exactly one of them")
+    if "user_ids" in obj:
+        return check_user_ids(obj["user_ids"]), None
+    for name in ("platforms", "once"):
+        if name in obj:
+            where = "audience.platforms" if name == "platforms" else "user_ids"
+            raise JobError(f"{name} cannot be used with audience (use {where} instead)")
+    try:
+        return (), audience_rules.parse(obj["audience"], PLATFORMS)
+    except audience_rules.AudienceError as exc:
+        raise JobError(str(exc)) from None
+
+
 def _build(obj: Mapping, job_id: str) -> Job:
-    if "user_ids" not in obj:
-        raise JobError("user_ids is required")
-    user_ids = check_user_ids(obj["user_ids"])
+    user_ids, audience = _target(obj)
     notification = _notification(obj["notification"]) if "notification" in obj else None
     data = _data(obj["data"]) if "data" in obj else None
     if notification is None and data is None:
@@ -523,6 +541,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
         category=category,
         urgent=urgent,
         analytics_label=label,
+        audience=audience,
     )
 
 
@@ -592,7 +611,9 @@ def _copy(value: Any) -> Any:
 def to_v1(job: Job) -> dict:
     """Encode a Job as a public job (a JSON-ready dict) of the version it needs (:func:`version_of`):
     version 1 unless it uses a ``V2_FIELDS`` field; ``parse_v1(to_v1(job)) == job``."""
-    out: dict[str, Any] = {"version": version_of(job), "id": job.id, "user_ids": list(job.user_ids)}
+    out: dict[str, Any] = {"version": version_of(job), "id": job.id}
+    if job.audience is None:
+        out["user_ids"] = list(job.user_ids)
     if job.notification is not None:
         out["notification"] = _copy(job.notification)
     if job.data is not None:

@@ -7,8 +7,9 @@ bus, the fake FCM, real Redis and PostgreSQL), and each answer is checked:
 - register: a missing or invalid ID token is 401, and a rejected registration stores nothing;
 - register's receipts: a missing or invalid ID token is 401; only a real device's receipt of a notification
   it was sent is stored (every receipt Redis holds is of an accepted notification and a registered token);
-- send: nothing from a rejected request reaches FCM (every message FCM received carries, as its
-  collapse id, the id of an accepted request), and accepted ones are delivered.
+- send: an audience (with an Idempotency-Key half the time: it is refused without) reaches every
+  registered device, the canary's too; nothing from a rejected request reaches FCM (every message FCM
+  received carries, as its collapse id, the id of an accepted request), and accepted ones are delivered.
 
 The document names each operation with its function's prefix (``/register``, ``/send``); each
 function serves it at ``/`` of its own URL, so the prefix is stripped before calling.
@@ -282,7 +283,10 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         # Make requests name a user who has a device, so a rejected one that leaked would show at FCM.
         if isinstance(body, dict) and isinstance(body.get("user_ids"), list) and data.draw(st.booleans()):
             body["user_ids"].append(CANARY_USER)
-        response = call(stack, http, case)
+        extra = None
+        if isinstance(body, dict) and "audience" in body and data.draw(st.booleans(), label="idempotency key"):
+            extra = {"Idempotency-Key": f"fuzz-{uuid.uuid4().hex}"}  # an audience is accepted only with one
+        response = call(stack, http, case, extra)
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
