@@ -10,7 +10,8 @@
                                                    config_error, failed or expired
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
-                           mismatches, valve
+                           mismatches, valve; send_at and due_at (ms) of a scheduled send (kept until
+                           LEDGER_TTL_SECONDS after send_at)
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
@@ -495,15 +496,26 @@ class Claims:
 
     # --- status ----------------------------------------------------------------------------------
 
-    def create_status(self, nid: str, targeted: int, parts_total: int | None = None) -> None:
+    def create_status(
+        self, nid: str, targeted: int, parts_total: int | None = None, *, send_at: int | None = None
+    ) -> None:
+        """The notification's status, unless it exists; ``send_at`` (ms) marks a scheduled send, whose
+        status then lives until LEDGER_TTL_SECONDS after it."""
         now = now_ms()
         pipe = self.redis.pipeline()
         for name, value in (("created_at", now), ("updated_at", now), ("targeted", targeted)):
             pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
-        pipe.expire(status_key(nid), self.ledger_ttl)
+        if send_at is not None:
+            pipe.hsetnx(status_key(nid), "send_at", send_at)
+        until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
+        pipe.expire(status_key(nid), until_due + self.ledger_ttl)
         pipe.execute()
+
+    def mark_due(self, nid: str, now: int) -> None:
+        """A scheduled send is due and being delivered: its status leaves ``scheduled``."""
+        self.redis.hsetnx(status_key(nid), "due_at", now)
 
     def delete_status(self, nid: str) -> None:
         self.redis.delete(status_key(nid))
@@ -535,7 +547,7 @@ class Claims:
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
         parts_total = fields.get("parts_total", 1)
         if parts_seen == 0:
-            state = "accepted"
+            state = "scheduled" if "send_at" in fields and "due_at" not in fields else "accepted"
         elif parts_seen >= parts_total and final >= tokens:
             state = "done"
         else:
@@ -552,6 +564,7 @@ class Claims:
             "tokens": tokens,
             "created_at": _iso(fields.get("created_at", 0)),
             "updated_at": _iso(fields.get("updated_at", 0)),
+            **({"send_at": _iso(fields["send_at"])} if "send_at" in fields else {}),
         }
 
     def count(self, name: str, by: int = 1) -> None:

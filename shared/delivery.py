@@ -118,9 +118,38 @@ def handle(event_data: Any) -> str:
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
+        if parts == 0 and job.send_at is not None and not _due(job, env):
+            return _schedule(job)
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
+
+
+DUE_ATTRIBUTE = "due"  # tick publishes a due job with {"due": "1"}: sent, whatever deliver's clock says
+
+
+def _due(job: jobs.Job, env: Envelope) -> bool:
+    """A scheduled job is due when tick published it, or when its send_at has passed by this clock."""
+    return env.attributes.get(DUE_ATTRIBUTE) == "1" or (jobs.epoch_ms(job.send_at) or 0) <= now_ms()
+
+
+def _schedule(job: jobs.Job) -> str:
+    """A job not due yet: recorded durably (PostgreSQL, once per notification), its status mirrored in
+    Redis, then acknowledged; tick publishes it when it is due."""
+    send_at = jobs.epoch_ms(job.send_at) or 0
+    if send_at > now_ms() + jobs.MAX_SCHEDULE_DAYS * 86_400_000:
+        log.error("malformed message acknowledged without sending", extra={"reason": "send_at beyond 30 days"})
+        _count("invalid_jobs")
+        return "malformed"
+    assert job.send_at is not None
+    recorded = instance.schedule().record(job.id, job.send_at, jobs.to_v1(job))
+    parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
+    instance.claims().create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)
+    log.info(
+        "scheduled job recorded" if recorded else "scheduled job was recorded before",
+        extra={"notification_id": job.id, "send_at": jobs.format_time(job.send_at)},
+    )
+    return "scheduled"
 
 
 def _whole_job(job: jobs.Job) -> str:
@@ -128,8 +157,11 @@ def _whole_job(job: jobs.Job) -> str:
     claims = instance.claims()
     per_part = s.fanout_users_per_part
     parts = jobs.part_count(len(job.user_ids), per_part)
-    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+    send_at = jobs.epoch_ms(job.send_at)
+    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)
     claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
+    if send_at is not None:
+        claims.mark_due(job.id, now_ms())
     if parts <= 1:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
@@ -224,7 +256,8 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
 def _deadlines(
     job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
 ) -> expiry.Deadlines:
-    """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
+    """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance (a scheduled
+    one's due time), and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
     redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
     now = now_ms()
@@ -232,7 +265,7 @@ def _deadlines(
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=claims.accepted_at(job.id) or now,
+        accepted_at=expiry.window_opens(job, claims.accepted_at(job.id) or now),
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
@@ -245,7 +278,9 @@ def _not_while_paused(job: jobs.Job) -> None:
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
         accepted = instance.claims().accepted_at(job.id)
-        if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
+        if accepted is not None and now_ms() >= expiry.window_end(
+            expiry.window_opens(job, accepted), settings().delivery_window_seconds
+        ):
             return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")

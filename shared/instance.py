@@ -21,6 +21,7 @@ from shared.breaker import Breaker
 from shared.claims import Claims
 from shared.config import settings
 from shared.db import Database
+from shared.schedule import ScheduleStore
 from shared.store import TokenStore
 
 
@@ -55,6 +56,12 @@ def token_store() -> TokenStore:
         max_tokens_per_user=s.max_tokens_per_user,
         register_rate_per_minute=s.register_rate_per_minute,
     )
+
+
+@functools.cache
+def schedule() -> ScheduleStore:
+    """Scheduled work (PostgreSQL): deliver records it, tick publishes it when due."""
+    return ScheduleStore(database())
 
 
 @functools.cache
@@ -153,5 +160,5 @@ def reset() -> None:
         database().close()
     if _loop.cache_info().currsize:
         _loop().stop()
-    for cached in (redis_client, database, token_store, claims, breaker, _loop, settings):
+    for cached in (redis_client, database, token_store, schedule, claims, breaker, _loop, settings):
         cached.cache_clear()

@@ -17,10 +17,12 @@ Every rule failure is a :class:`JobError` whose message names the field path and
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -29,11 +31,15 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
     "PLATFORMS",
+    "V2_FIELDS",
     "Job",
     "JobError",
     "check_data_key",
     "check_platforms",
+    "check_send_at_window",
     "check_user_ids",
+    "epoch_ms",
+    "format_time",
     "new_id",
     "parse_request",
     "parse_v1",
@@ -44,7 +50,8 @@ __all__ = [
     "with_users",
 ]
 
-VERSION = 1
+VERSION = 2  # the newest job version this deploy reads (and writes, when a job uses a version-2 field)
+VERSIONS = (1, 2)
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
 MAX_ONCE_CHARS = 64
@@ -63,11 +70,21 @@ PLATFORMS = ("android", "ios", "web")
 RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
-REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
+# The fields only a version-2 job may carry: a job using any of them is written as version 2 (so a
+# deploy that knows only version 1 leaves it on the bus for one that knows it), any other as version 1.
+V2_FIELDS = ("send_at",)
+REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush", *V2_FIELDS)
 V1_FIELDS = ("version", "id", *REQUEST_FIELDS)
+# send_at: RFC 3339 with an offset (Z or +hh:mm), seconds required, at most 9 fractional digits.
+SEND_AT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+MAX_SCHEDULE_DAYS = 30  # send_at at most this long after acceptance
+SEND_AT_PAST_SECONDS = 1  # and at most this far in the past (a clock a little behind the caller's)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
+_SEND_AT_RE = re.compile(SEND_AT_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -97,6 +114,12 @@ class Job:
     android: dict | None = None
     apns: dict | None = None
     webpush: dict | None = None
+    send_at: datetime | None = None  # (UTC) not sent before: deliver records it until tick finds it due
+
+    @property
+    def version(self) -> int:
+        """The version this job is written as: 2 when it uses a field of ``V2_FIELDS``, else 1."""
+        return 2 if any(getattr(self, name) is not None for name in V2_FIELDS) else 1
 
 
 def new_id() -> str:
@@ -376,6 +399,51 @@ def _id(value: object) -> str:
     return value
 
 
+def _send_at(value: object) -> datetime:
+    """An RFC 3339 date-time with an offset, as an aware UTC datetime (fractions beyond microseconds
+    round up: never due before the instant asked for)."""
+    match = _SEND_AT_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        shown = _shown_text(value)
+        example = '"2026-12-24T09:00:00Z"'
+        raise JobError(f"send_at must be an RFC 3339 date-time with an offset (e.g. {example}), got {shown}")
+    text = value.upper() if isinstance(value, str) else ""
+    fraction, offset = match.group(1) or "", match.group(2).upper()
+    try:
+        hours, minutes = (0, 0) if offset == "Z" else (int(offset[1:3]), int(offset[4:6]))
+        if hours > 23 or minutes > 59:
+            raise ValueError("offset")
+        sign = -1 if offset.startswith("-") else 1
+        zone = timezone(sign * timedelta(hours=hours, minutes=minutes))
+        whole = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=zone)
+    except ValueError:
+        raise JobError(f"send_at is not a valid date-time, got {_shown_text(value)}") from None
+    micros = math.ceil(Decimal(fraction or "0") * 1_000_000) if fraction else 0
+    return (whole + timedelta(microseconds=micros)).astimezone(UTC)
+
+
+def check_send_at_window(send_at: datetime, now: datetime) -> None:
+    """``send``'s rule for send_at: not more than a second before ``now``, at most 30 days after it."""
+    if send_at < now - timedelta(seconds=SEND_AT_PAST_SECONDS):
+        raise JobError(f"send_at is in the past ({format_time(send_at)} is before now, {format_time(now)})")
+    if send_at > now + timedelta(days=MAX_SCHEDULE_DAYS):
+        raise JobError(f"send_at is more than {MAX_SCHEDULE_DAYS} days after now ({format_time(send_at)})")
+
+
+def format_time(moment: datetime) -> str:
+    """An aware datetime as RFC 3339 in UTC (``2026-12-24T08:00:00Z``, microseconds when it has any)."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{utc.microsecond:06d}" if utc.microsecond else "") + "Z"
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    """An aware datetime as epoch milliseconds, rounded up (never before the moment); None stays None."""
+    if moment is None:
+        return None
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta // timedelta(microseconds=1) + 999) // 1000
+
+
 def payload_size(notification: dict | None, data: dict | None) -> int:
     """Bytes of the compact UTF-8 JSON of ``{"notification": ..., "data": ...}`` (present ones only)."""
     payload = {}
@@ -397,6 +465,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
     platforms = check_platforms(obj["platforms"]) if "platforms" in obj else None
     once = _once(obj["once"]) if "once" in obj else None
     options = {name: _options(obj[name], OPTION_SPECS[name], name) for name in OPTION_SPECS if name in obj}
+    send_at = _send_at(obj["send_at"]) if "send_at" in obj else None
 
     if notification is None:
         if "notification" in options.get("android", {}):
@@ -422,17 +491,19 @@ def _build(obj: Mapping, job_id: str) -> Job:
         android=options.get("android"),
         apns=options.get("apns"),
         webpush=options.get("webpush"),
+        send_at=send_at,
     )
 
 
 # --- public API --------------------------------------------------------------------------------
 
 
-def parse_request(body: object) -> Job:
+def parse_request(body: object, now: datetime | None = None) -> Job:
     """Validate ``send``'s request body (decoded JSON) and return a Job with a new id.
 
-    ``version`` and ``id`` are not accepted here (they are fields of the published v1 job).
-    Duplicate ``user_ids`` are removed, keeping the first occurrence's order.
+    ``version`` and ``id`` are not accepted here (they are fields of the published job).
+    Duplicate ``user_ids`` are removed, keeping the first occurrence's order. ``send_at`` must lie
+    between a second before ``now`` (the acceptance; default: the clock) and 30 days after it.
     """
     obj = _object(body, "the request body")
     unknown = [k for k in obj if k not in REQUEST_FIELDS]
@@ -442,26 +513,33 @@ def parse_request(body: object) -> Job:
             hint = " (version and id belong to a job published on the topic, not to send's body)"
         noun = "field" if len(unknown) == 1 else "fields"
         raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
-    return _build(obj, new_id())
+    job = _build(obj, new_id())
+    if job.send_at is not None:
+        check_send_at_window(job.send_at, now or datetime.now(UTC))
+    return job
 
 
 def parse_v1(payload: object, default_id: str | None = None) -> Job:
-    """Validate a public v1 job (decoded JSON): ``send``'s body plus ``"version": 1`` and an optional ``"id"``.
+    """Validate a public job (decoded JSON): ``send``'s body plus ``"version"`` (1, or 2 for a job using a
+    field of ``V2_FIELDS``) and an optional ``"id"``.
 
     The id is the payload's ``id``, else ``default_id``, else a new one. Duplicate ``user_ids`` are
-    removed, keeping order. Raises JobError for anything else, including another version.
+    removed, keeping order. Raises JobError for anything else, including another version. A ``send_at``
+    on the bus may be in the past (it is due now): only ``send`` bounds it.
     """
     obj = _object(payload, "the job")
     if "version" not in obj:
-        raise JobError('version is required: a job must say "version": 1')
+        raise JobError('version is required: a job must say "version": 1 (or 2)')
     version = obj["version"]
-    if isinstance(version, bool) or version != VERSION or not isinstance(version, int | float):
+    if isinstance(version, bool) or version not in VERSIONS or not isinstance(version, int | float):
         shown = json.dumps(version) if isinstance(version, str) and len(version) <= 100 else _shown(version)
-        raise JobError(f"unsupported job version {shown}; this service reads version {VERSION}")
-    unknown = [k for k in obj if k not in V1_FIELDS]
+        raise JobError(f"unsupported job version {shown}; this service reads versions 1 and 2")
+    allowed = V1_FIELDS if version == 2 else tuple(f for f in V1_FIELDS if f not in V2_FIELDS)
+    unknown = [k for k in obj if k not in allowed]
     if unknown:
         noun = "field" if len(unknown) == 1 else "fields"
-        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(V1_FIELDS)}")
+        hint = ' (version 2 fields: a job using one says "version": 2)' if set(unknown) & set(V2_FIELDS) else ""
+        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(allowed)}{hint}")
     if "id" in obj:
         job_id = _id(obj["id"])
     elif default_id is not None:
@@ -478,8 +556,9 @@ def _copy(value: Any) -> Any:
 
 
 def to_v1(job: Job) -> dict:
-    """Encode a Job as a public v1 job (a JSON-ready dict); ``parse_v1(to_v1(job)) == job``."""
-    out: dict[str, Any] = {"version": VERSION, "id": job.id, "user_ids": list(job.user_ids)}
+    """Encode a Job as a public job (a JSON-ready dict; version 2 when it uses a version-2 field);
+    ``parse_v1(to_v1(job)) == job``."""
+    out: dict[str, Any] = {"version": job.version, "id": job.id, "user_ids": list(job.user_ids)}
     if job.notification is not None:
         out["notification"] = _copy(job.notification)
     if job.data is not None:
@@ -492,6 +571,8 @@ def to_v1(job: Job) -> dict:
         value = getattr(job, name)
         if value is not None:
             out[name] = _copy(value)
+    if job.send_at is not None:
+        out["send_at"] = format_time(job.send_at)
     return out
 
 

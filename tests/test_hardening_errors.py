@@ -285,7 +285,7 @@ def test_a_refused_command_is_an_outage_logged_as_a_possible_bug(env, receiver, 
 
 # --- 8. jobs from a newer deploy go back to the bus -------------------------------------------------
 
-NEWER = {"version": 2, "user_ids": ["alice"], "notification": {"title": "Hi"}, "audience": {"segment": "new"}}
+NEWER = {"version": 3, "user_ids": ["alice"], "notification": {"title": "Hi"}, "audience": {"segment": "new"}}
 
 
 def pubsub(payload: dict) -> dict:
@@ -296,9 +296,9 @@ def pubsub(payload: dict) -> dict:
 @pytest.mark.parametrize(
     ("payload", "named"),
     [
-        (NEWER, "job version 2"),
+        (NEWER, "job version 3"),
         ({**NEWER, "version": 7.0}, "job version 7"),
-        ({"kind": "part", "part": 0, "parts": 1, "job": NEWER}, "job version 2"),
+        ({"kind": "part", "part": 0, "parts": 1, "job": NEWER}, "job version 3"),
         ({"kind": "batch", "jobs": [NEWER]}, "message kind 'batch'"),
     ],
 )
@@ -329,7 +329,7 @@ def test_deliver_answers_503_to_a_job_of_a_newer_version(fcm, monkeypatch):
     [
         {**NEWER, "version": 1},  # a known version with an unknown field: invalid, never deliverable
         {**NEWER, "version": 0},
-        {**NEWER, "version": "2"},
+        {**NEWER, "version": "3"},
         {**NEWER, "version": 2.5},
         {**NEWER, "version": True},
         {**NEWER, "version": None},

@@ -392,6 +392,11 @@ def test_document_agrees_with_the_validators():
     assert send["properties"]["user_ids"]["maxItems"] == jobs.MAX_USER_IDS
     assert send["properties"]["user_ids"]["items"]["maxLength"] == jobs.MAX_USER_ID_CHARS
     assert send["properties"]["once"]["pattern"] == jobs.ONCE_PATTERN
+    assert (
+        send["properties"]["send_at"]["pattern"]
+        == jobs.SEND_AT_PATTERN
+        == job_schema["properties"]["send_at"]["pattern"]
+    )
     assert components["Accepted"]["properties"]["id"]["pattern"] == jobs.ID_PATTERN
     for name, spec in jobs.OPTION_SPECS.items():
 
