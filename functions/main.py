@@ -2,7 +2,7 @@
 
   register  (HTTP)        clients register / unregister their FCM device tokens
   send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
-                          GET /<id> answers its status
+                          GET /<id> answers its status, DELETE /<id> cancels it
   deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
   on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
   prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
@@ -141,9 +141,23 @@ def _status(request: flask.Request) -> tuple[int, dict, dict]:
     return 200, found, {}
 
 
+def _cancel(request: flask.Request) -> tuple[int, dict]:
+    from shared import cancel
+
+    match cancel.cancel(request.path.strip("/")):
+        case cancel.Cancelled(status=status):
+            return 200, status
+        case cancel.InvalidId() as bad:
+            raise web.HttpError(400, bad.reason)
+        case cancel.NotFound() as missing:
+            return 404, {"error": missing.reason}
+        case cancel.AlreadyDone() as done:
+            return 409, {"error": done.reason}
+
+
 @functions_framework.http
 def send(request: flask.Request) -> flask.Response:
-    return web.serve(request, {"POST": _accept, "GET": _status})
+    return web.serve(request, {"POST": _accept, "GET": _status, "DELETE": _cancel})
 
 
 @functions_framework.cloud_event

@@ -7,11 +7,12 @@
                                                    spends no attempt (an outage, our credentials)
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
-                                                   config_error, failed or expired
+                                                   config_error, failed, expired or cancelled
   notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
-                           mismatches, valve; send_at and due_at (ms) of a scheduled send (kept until
-                           LEDGER_TTL_SECONDS after send_at)
+                           mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
+                           read, so that a cancel touches no ledger entry); send_at and due_at (ms) of
+                           a scheduled send (kept until LEDGER_TTL_SECONDS after send_at)
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
@@ -28,6 +29,12 @@
 
 Every state change is one Lua script over one notification, so copies of an event running in
 parallel on many instances never lease the same token twice, and each token is counted once.
+
+A cancel (``cancel``) is one field in the status hash, set by one script unless the notification is
+done: from then on the lease step makes every token it is asked for that is not final and not held by
+a live lease final ``cancelled`` (a retry not yet due too), and the confirm step makes a retry answer
+final ``cancelled`` instead of waiting. Whatever keeps the ledger (per notification, or in shards)
+and whatever defers work (a part waiting for its retries, a scheduled job) reads the same flag.
 """
 
 from __future__ import annotations
@@ -45,7 +52,16 @@ from shared.expiry import NO_DEADLINES, Deadlines
 from shared.store import DEAD_TOKENS_KEY, text
 
 T = TypeVar("T")
-OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "expired", "retrying")
+OUTCOME_COUNTS = (
+    "delivered",
+    "dead_removed",
+    "payload_rejected",
+    "config_error",
+    "failed",
+    "expired",
+    "cancelled",
+    "retrying",
+)
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
@@ -169,6 +185,8 @@ _LEASE = (
     + """
 -- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
 local paused = KEYS[5] ~= nil and redis.call('EXISTS', KEYS[5]) == 1
+-- a cancelled notification (issue 22): what is not final and not held by a live lease is cancelled
+local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -177,7 +195,7 @@ if limit > 0 then
   room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0'))
 end
 local deadline_of, first = deadlines_from(5)
-local out, leased, left_waiting, failed, expired = {}, 0, 0, 0, 0
+local out, leased, left_waiting, failed, expired, cancels = {}, 0, 0, 0, 0, 0
 for i = first, #ARGV do
   local t, deadline = ARGV[i], deadline_of[i - first + 1]
   local s = redis.call('HGET', KEYS[1], t)
@@ -194,6 +212,11 @@ for i = first, #ARGV do
     out[#out + 1] = 2; out[#out + 1] = 0
   elseif kind == 'L' and when > now then
     out[#out + 1] = 3; out[#out + 1] = when
+  elseif cancelled then
+    -- new, waiting (due or not) or its holder died: not sent after the cancel
+    redis.call('HSET', KEYS[1], t, 'F:cancelled'); cancels = cancels + 1
+    if kind == 'W' then left_waiting = left_waiting + 1 end
+    out[#out + 1] = 8; out[#out + 1] = 0
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
@@ -224,6 +247,9 @@ end
 if expired > 0 then
   redis.call('HINCRBY', KEYS[2], 'expired', expired); redis.call('HINCRBY', KEYS[2], 'final', expired)
 end
+if cancels > 0 then
+  redis.call('HINCRBY', KEYS[2], 'cancelled', cancels); redis.call('HINCRBY', KEYS[2], 'final', cancels)
+end
 if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.call('EXPIRE', KEYS[3], 5) end
 return out
 """
@@ -233,7 +259,9 @@ return out
 # store's owed dead-token removals (notif:deadtokens).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
-# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, tokens to remove...}.
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
+# cancelled}, tokens to remove...}. Once the notification is cancelled, an answer that would wait for a
+# retry makes its token final `cancelled` instead.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -261,12 +289,15 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
-local expired, unheld = {}, {}
-local out = {tripped, 0, expired, unheld}
+local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
+local expired, unheld, cancels = {}, {}, {}
+local out = {tripped, 0, expired, unheld, cancels}
 local finals, waiting = 0, 0
--- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
--- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
+-- The token waits to be sent again at `at` as attempt `attempts` + 1, unless the notification is
+-- cancelled (then it is final `cancelled`: issue 22) or its delivery window closes first (then it is final
+-- `expired` at once: issue 20). Returns the final outcome, or nil when it waits.
 local function wait_or_expire(t, attempts, at, deadline)
+  if cancelled then cancels[#cancels + 1] = t; return 'cancelled' end
   if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
   redis.call('HSET', KEYS[1], t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
   return nil
@@ -314,6 +345,19 @@ return out
 """
 )
 
+# KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
+# every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
+# and nothing else. Returns a CancelResult.
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total')
+local seen = redis.call('SCARD', KEYS[2])
+if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
+redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
+return 1
+"""
+
 # KEYS: once keys. ARGV: notification id. Releases the claims this notification holds.
 _RELEASE_ONCE = """
 local n = 0
@@ -360,6 +404,16 @@ class LeaseCode(enum.IntEnum):
     NO_BUDGET = 5  # the project's FCM budget for this second is spent
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
     PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
+    CANCELLED = 8  # the notification is cancelled: made final `cancelled` by this lease
+
+
+class CancelResult(enum.IntEnum):
+    """The cancel script's answer."""
+
+    UNKNOWN = 0  # no status: no such notification (or past LEDGER_TTL_SECONDS)
+    CANCELLED = 1  # cancelled now
+    ALREADY = 2  # cancelled before: nothing changed
+    DONE = 3  # every token is final already: nothing to cancel
 
 
 class AnswerKind(enum.StrEnum):
@@ -393,6 +447,7 @@ class FinalOutcome(enum.StrEnum):
     CONFIG_ERROR = "config_error"
     FAILED = "failed"
     EXPIRED = "expired"  # not delivered before its delivery window closed (shared.expiry)
+    CANCELLED = "cancelled"  # not sent: the notification was cancelled first
 
 
 class LedgerState(enum.Enum):
@@ -440,7 +495,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
-_PAUSED = int(LeaseCode.PAUSED)
+_PAUSED, _CANCELLED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -452,6 +507,7 @@ class Lease:
     no_budget: list[str]
     expired: list[str]  # made final `expired` by this lease: their window closed
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
+    cancelled: tuple[str, ...] = ()  # made final `cancelled` by this lease: the notification is cancelled
 
 
 class BudgetChange(NamedTuple):
@@ -466,6 +522,7 @@ class Confirmation:
     config_error_first: bool  # the job's first configuration error
     expired: list[str]  # retries that would have come after their window closed: final `expired`
     unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
+    cancelled: list[str] = field(default_factory=list)  # retry answers made final `cancelled`: not retried
 
 
 class Claims:
@@ -491,6 +548,7 @@ class Claims:
         self._lease = client.register_script(_LEASE)
         self._confirm = client.register_script(_CONFIRM)
         self._release_once = client.register_script(_RELEASE_ONCE)
+        self._cancel = client.register_script(_CANCEL)
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
 
@@ -546,7 +604,9 @@ class Claims:
         fields = {text(k): int(v) for k, v in raw.items()}
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
         parts_total = fields.get("parts_total", 1)
-        if parts_seen == 0:
+        if "cancelled_at" in fields:
+            state = "cancelled"
+        elif parts_seen == 0:
             state = "scheduled" if "send_at" in fields and "due_at" not in fields else "accepted"
         elif parts_seen >= parts_total and final >= tokens:
             state = "done"
@@ -566,6 +626,16 @@ class Claims:
             "updated_at": _iso(fields.get("updated_at", 0)),
             **({"send_at": _iso(fields["send_at"])} if "send_at" in fields else {}),
         }
+
+    # --- cancel ------------------------------------------------------------------------------------
+
+    def cancel(self, nid: str) -> CancelResult:
+        """Cancel the notification unless it is done or unknown: one flag, set atomically (see _CANCEL)."""
+        return CancelResult(int(self._cancel(keys=[status_key(nid), parts_key(nid)], args=[now_ms()])))
+
+    def cancelled(self, nid: str) -> bool:
+        """Whether the notification is cancelled: work not started yet (a fan-out, a deferred job) is not."""
+        return bool(self.redis.hexists(status_key(nid), "cancelled_at"))
 
     def count(self, name: str, by: int = 1) -> None:
         self.redis.hincrby(STATS_KEY, name, by)
@@ -610,6 +680,7 @@ class Claims:
         no_budget: list[str] = []
         expired: list[str] = []
         paused: list[str] = []
+        cancelled: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -624,9 +695,11 @@ class Claims:
                 no_budget.append(token)
             elif code == _PAUSED:
                 paused.append(token)
+            elif code == _CANCELLED:
+                cancelled.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused))
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that
@@ -655,11 +728,12 @@ class Claims:
         ]
         reply = self._confirm(keys=keys, args=args)
         return Confirmation(
-            remove=[t.decode() for t in reply[4:]],
+            remove=[t.decode() for t in reply[5:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
             unheld=[t.decode() for t in reply[3]],
+            cancelled=[t.decode() for t in reply[4]],
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------

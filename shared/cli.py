@@ -22,7 +22,7 @@ from typing import Any
 import pg8000.native
 import redis
 
-from shared import accept, bus, instance, jobs, logs, rules
+from shared import accept, bus, cancel, instance, jobs, logs, rules
 from shared.config import ConfigError, settings
 from shared.db import DatabaseUnavailable, migrate
 from shared.errors import Unavailable
@@ -191,6 +191,16 @@ def cmd_status(args: argparse.Namespace) -> Result:
     if isinstance(found, accept.NotFound):
         raise CliError(f"{found.reason}: {args.id}")
     return Result(found, _status_text(found))
+
+
+def cmd_cancel(args: argparse.Namespace) -> Result:
+    match cancel.cancel(args.id):
+        case cancel.Cancelled(status=status):
+            return Result(status, _status_text(status))
+        case cancel.InvalidId() as bad:
+            raise CliError(f"{bad.reason}, got {args.id!r}", 2)
+        case cancel.NotFound() | cancel.AlreadyDone() as refused:
+            raise CliError(f"{refused.reason}: {args.id}")
 
 
 def _status_text(body: dict[str, Any]) -> str:
@@ -374,6 +384,7 @@ def _add_simple(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         ("prune", cmd_prune, "delete tokens past the TTL window from both stores", ()),
         ("tokens", cmd_tokens, "a user's tokens in Redis and PostgreSQL", ("user",)),
         ("status", cmd_status, "a notification's status", ("id",)),
+        ("cancel", cmd_cancel, "cancel a notification that is not done (as DELETE /<id> on send)", ("id",)),
         ("rebuild-cache", cmd_rebuild_cache, "reload every user's Redis set from PostgreSQL", ()),
         ("forget", cmd_forget, "account deletion: a user's tokens and one-time claims", ("user",)),
         ("stats", cmd_stats, "invalid-job and domain-event counters", ()),

@@ -1,7 +1,7 @@
 """The deliver use case: a Pub/Sub message in, notifications out.
 
-A message is either a public v1 job (``send``'s body plus ``"version": 1``; any service may
-publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
+A message is either a public job (``send``'s body plus ``"version"``, 1 or 2: ``shared/jobs.py``;
+any service may publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
 job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus redeliver":
 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
@@ -13,6 +13,11 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
   instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
+- a cancelled notification (``shared/cancel.py``) sends nothing more: a job not yet fanned out publishes
+  no part; a part (a whole job of one part too) puts its tokens in the ledger, where each one not held
+  by a live lease becomes final ``cancelled`` (counted once, however many copies arrive; a one-time
+  claim it takes is given back, as for any user none of whose devices got it), and is acknowledged
+  as soon as its tokens are final;
 - a malformed message (undecodable, or an invalid job of a version we know) is logged and
   acknowledged: it would never become valid;
 - a message of a job version or kind this deliver does not know is not acknowledged (``Unknown``
@@ -57,7 +62,7 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
 
 
 def unknown_shape(payload: dict[str, Any]) -> str | None:
-    """What in a message this deliver does not know yet (``"job version 2"``), or None."""
+    """What in a message this deliver does not know yet (``"job version 3"``), or None."""
     kind = payload.get("kind")
     if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
         return f"message kind {kind!r}"
@@ -65,7 +70,7 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     version = job.get("version") if isinstance(job, dict) else None
     if isinstance(version, float) and version.is_integer():
         version = int(version)
-    if isinstance(version, int) and not isinstance(version, bool) and jobs.VERSION < version <= _MAX_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and jobs.LATEST_VERSION < version <= _MAX_VERSION:
         return f"job version {version}"
     return None
 
@@ -166,6 +171,9 @@ def _whole_job(job: jobs.Job) -> str:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
         return "fanned-out-before"
+    if claims.cancelled(job.id):
+        log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
+        return "cancelled"
     for message in part_messages(job, per_part):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
     claims.mark_fanout(job.id)
@@ -235,6 +243,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
             "later": len(outcome.later),
             "expired": outcome.expired,
             "paused": outcome.paused,
+            "cancelled": outcome.cancelled,
             "unresolved_users": len(unresolved),
         },
     )
@@ -274,9 +283,12 @@ def _deadlines(
 def _not_while_paused(job: jobs.Job) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
-    or its delivery window has closed (then it expires what is left, and is acknowledged)."""
+    or its delivery window has closed (then it expires what is left, and is acknowledged), or the
+    notification is cancelled (then it cancels what is left, sending nothing, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
+        if instance.claims().cancelled(job.id):
+            return
         accepted = instance.claims().accepted_at(job.id)
         if accepted is not None and now_ms() >= expiry.window_end(
             expiry.window_opens(job, accepted), settings().delivery_window_seconds

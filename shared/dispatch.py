@@ -6,6 +6,10 @@ failure comes back as a retry time; retries due within ``IN_PROCESS_WAIT_MS`` ar
 later ones go back to the bus (the caller raises, and the subscription's retry policy redelivers
 the part while the ledger holds what is not yet due).
 
+Once the notification is cancelled (``Claims.cancel``), the ledger answers every lease with
+``cancelled`` and every retry answer becomes final: the part sends nothing more, confirms what was in
+flight, and leases the tokens it had deferred at once (each comes back ``cancelled``), so it finishes.
+
 While the breaker's project-wide pause holds (``shared.breaker``) the part sends nothing but its
 probe, when one is due and no other instance probes: it confirms what was in flight, waits for the
 next probe or the pause to lift, and goes back to the bus rather than wait longer than
@@ -39,6 +43,7 @@ class PartOutcome:
     sent: int = 0
     expired: int = 0  # tokens this instance found past their delivery window (now final)
     paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
+    cancelled: int = 0  # tokens this instance found cancelled (now final)
 
     @property
     def complete(self) -> bool:
@@ -83,8 +88,8 @@ async def dispatch(
             if size:
                 lease = await window.lease(part.take(size))
                 part.leased(lease)
-                if lease.leased or lease.paused:
-                    continue  # fill the window before waiting (or follow the pause)
+                if lease.leased or lease.paused or lease.cancelled:
+                    continue  # fill the window before waiting (or follow the pause, or the cancel)
             if window.sending:
                 await window.collect(until=part.next_due)
             if window.confirm_due(more_to_lease=bool(part.ready)):
@@ -173,6 +178,17 @@ class _Schedule:
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
+        if lease.cancelled:
+            outcome.cancelled += len(lease.cancelled)
+            self._cancelled()
+
+    def _cancelled(self) -> None:
+        """The notification is cancelled: what waits for a retry is leased now (and found cancelled)."""
+        outcome = self.outcome
+        self.ready.extend(token for _, token in self.deferred)
+        self.ready.extend(outcome.later)
+        self.deferred.clear()
+        outcome.later.clear()
 
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
@@ -181,6 +197,9 @@ class _Schedule:
             self.outcome.busy.setdefault(token, 0)
         for retry_at, token in confirmed.retries:
             self._retry(token, retry_at, confirmed.at)
+        if confirmed.cancelled:
+            self.outcome.cancelled += confirmed.cancelled
+            self._cancelled()
 
     def _retry(self, token: str, due: int, now: int) -> None:
         if due - now <= IN_PROCESS_WAIT_MS:

@@ -3,13 +3,24 @@
 A job asks for one notification to be sent to many users. It reaches the pipeline two ways:
 
 * ``send``'s HTTP request body, read by :func:`parse_request` (the id is generated here);
-* the public **v1 job** on the Pub/Sub topic: the same body plus ``"version": 1`` and an
-  optional ``"id"``, read by :func:`parse_v1` and written by :func:`to_v1`. Any service may
-  publish one, so it is validated exactly as ``send`` validates (the same code).
+* the public **job** on the Pub/Sub topic: the same body plus ``"version"`` and an optional
+  ``"id"``, read by :func:`parse_v1` and written by :func:`to_v1`. Any service may publish one, so
+  it is validated exactly as ``send`` validates (the same code).
 
-``infra/job.schema.json`` describes the v1 job as a JSON Schema; ``tests/test_jobs.py`` keeps the
+**Versions.** A job that uses any field of ``V2_FIELDS`` is ``"version": 2``; one that uses none is
+written ``"version": 1`` exactly as before, so a reader that knows only version 1 keeps reading every
+job it can deliver correctly (and does not acknowledge a version-2 job: ``shared/delivery.py``).
+The parser reads both; a version-1 job that carries a ``V2_FIELDS`` field is refused, naming it.
+**Adding a field that older readers must not ignore** (an extension point): append its name to
+``V2_FIELDS``, give ``Job`` an attribute of that name that is None when the field is absent, parse
+it in ``_build``, and describe it in ``infra/job.schema.json`` (a property, plus a line in
+``dependentSchemas`` requiring version 2; ``tests/test_jobs.py`` checks both). :func:`to_v1` writes it
+(dicts and tuples as JSON objects and lists) and picks the version by itself.
+
+``infra/job.schema.json`` describes the job as a JSON Schema; ``tests/test_jobs.py`` keeps the
 two in agreement. What the schema cannot say: duplicate user ids are removed, strings must be
-valid Unicode (no lone surrogates), and notification + data must fit FCM's 4,096 bytes.
+valid Unicode (no lone surrogates), two ``localized`` locales may not be equal once canonical, and
+notification (or any localized variant) + data must fit FCM's 4,096 bytes.
 
 Every rule failure is a :class:`JobError` whose message names the field path and the problem.
 """
@@ -26,10 +37,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+from shared.attributes import AttributeRuleError, canonical_locale
+
 __all__ = [
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
+    "MAX_VARIANTS",
     "PLATFORMS",
     "V2_FIELDS",
     "Job",
@@ -47,10 +61,12 @@ __all__ = [
     "to_v1",
     "type_name",
     "valid_unicode",
+    "version_of",
     "with_users",
 ]
 
-VERSION = 2  # the newest job version this deploy reads (and writes, when a job uses a version-2 field)
+VERSION = 1  # a job using no V2_FIELDS field is written as this version: every reader knows it
+LATEST_VERSION = 2  # the newest version this service reads and writes
 VERSIONS = (1, 2)
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
@@ -64,17 +80,19 @@ MAX_URL_CHARS = 2048
 MAX_BADGE = 2**31 - 1
 MAX_TTL_SECONDS = 28 * 86_400  # FCM keeps a message at most 4 weeks
 PLATFORMS = ("android", "ios", "web")
+MAX_VARIANTS = 100  # localized: variants per job
 
 # FCM's documented reserved data keys: "from", "notification", "message_type", and any key starting
 # with "google." or "gcm.". ("collapse_key" is not reserved in HTTP v1: it lives in android.collapse_key.)
 RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
-# The fields only a version-2 job may carry: a job using any of them is written as version 2 (so a
-# deploy that knows only version 1 leaves it on the bus for one that knows it), any other as version 1.
-V2_FIELDS = ("send_at",)
-REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush", *V2_FIELDS)
-V1_FIELDS = ("version", "id", *REQUEST_FIELDS)
+# The fields that make a job version 2 (see the module docstring: one line here per new field).
+V2_FIELDS: tuple[str, ...] = ("localized", "send_at")
+V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
+REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
+V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
+JOB_FIELDS = ("version", "id", *REQUEST_FIELDS)
 # send_at: RFC 3339 with an offset (Z or +hh:mm), seconds required, at most 9 fractional digits.
 SEND_AT_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
@@ -114,12 +132,14 @@ class Job:
     android: dict | None = None
     apns: dict | None = None
     webpush: dict | None = None
+    # version 2 (V2_FIELDS): None when absent
+    localized: dict[str, dict] | None = None  # canonical locale -> notification text, in the given order
     send_at: datetime | None = None  # (UTC) not sent before: deliver records it until tick finds it due
 
-    @property
-    def version(self) -> int:
-        """The version this job is written as: 2 when it uses a field of ``V2_FIELDS``, else 1."""
-        return 2 if any(getattr(self, name) is not None for name in V2_FIELDS) else 1
+
+def version_of(job: Job) -> int:
+    """The version ``job`` is written as: 2 when it uses a ``V2_FIELDS`` field, else 1."""
+    return LATEST_VERSION if any(getattr(job, name) is not None for name in V2_FIELDS) else VERSION
 
 
 def new_id() -> str:
@@ -334,17 +354,48 @@ def check_user_ids(value: object, path: str = "user_ids") -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _notification(value: object) -> dict:
-    obj = _object(value, "notification")
-    _no_unknown(obj, ("title", "body", "image"), "notification")
+def _notification(value: object, path: str = "notification") -> dict:
+    obj = _object(value, path)
+    _no_unknown(obj, ("title", "body", "image"), path)
     out: dict = {}
     for key in ("title", "body"):
         if key in obj:
-            out[key] = _string(obj[key], f"notification.{key}", max_chars=None)  # the payload limit applies
+            out[key] = _string(obj[key], f"{path}.{key}", max_chars=None)  # the payload limit applies
     if not out.get("title") and not out.get("body"):
-        raise JobError("notification must have a non-empty title or body")
+        raise JobError(f"{path} must have a non-empty title or body")
     if "image" in obj:
-        out["image"] = _http_url(obj["image"], "notification.image")
+        out["image"] = _http_url(obj["image"], f"{path}.image")
+    return out
+
+
+def _localized(value: object, notification: dict | None, data: dict | None) -> dict[str, dict]:
+    """``localized``: locale -> a whole notification text (title, body, image) for the devices it
+    selects; keys made canonical (two equal once canonical are refused); each variant with ``data``
+    within FCM's payload limit."""
+    obj = _object(value, "localized")
+    if notification is None:
+        raise JobError("localized needs a notification (for devices no variant selects): not on a data-only job")
+    if not obj:
+        raise JobError("localized must have at least one variant (leave localized out to send none)")
+    if len(obj) > MAX_VARIANTS:
+        raise JobError(f"localized has {len(obj)} variants; at most {MAX_VARIANTS} are allowed")
+    out: dict[str, dict] = {}
+    given: dict[str, str] = {}
+    for key, item in obj.items():
+        try:
+            tag = canonical_locale(key)
+        except AttributeRuleError as exc:
+            raise JobError(f"localized keys {exc}") from None
+        if tag in out:
+            raise JobError(f"localized has the locale {tag!r} twice ({given[tag]!r} and {key!r})")
+        variant = _notification(item, f"localized.{key}")
+        size = payload_size(variant, data)
+        if size > MAX_PAYLOAD_BYTES:
+            raise JobError(
+                f"payload is {size} bytes with localized.{key}; FCM allows at most {MAX_PAYLOAD_BYTES} "
+                "(compact JSON of the variant and data)"
+            )
+        out[tag], given[tag] = variant, key
     return out
 
 
@@ -465,7 +516,6 @@ def _build(obj: Mapping, job_id: str) -> Job:
     platforms = check_platforms(obj["platforms"]) if "platforms" in obj else None
     once = _once(obj["once"]) if "once" in obj else None
     options = {name: _options(obj[name], OPTION_SPECS[name], name) for name in OPTION_SPECS if name in obj}
-    send_at = _send_at(obj["send_at"]) if "send_at" in obj else None
 
     if notification is None:
         if "notification" in options.get("android", {}):
@@ -481,6 +531,8 @@ def _build(obj: Mapping, job_id: str) -> Job:
         raise JobError(
             f"payload is {size} bytes; FCM allows at most {MAX_PAYLOAD_BYTES} (compact JSON of notification and data)"
         )
+    localized = _localized(obj["localized"], notification, data) if "localized" in obj else None
+    send_at = _send_at(obj["send_at"]) if "send_at" in obj else None
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -491,6 +543,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
         android=options.get("android"),
         apns=options.get("apns"),
         webpush=options.get("webpush"),
+        localized=localized,
         send_at=send_at,
     )
 
@@ -520,12 +573,12 @@ def parse_request(body: object, now: datetime | None = None) -> Job:
 
 
 def parse_v1(payload: object, default_id: str | None = None) -> Job:
-    """Validate a public job (decoded JSON): ``send``'s body plus ``"version"`` (1, or 2 for a job using a
-    field of ``V2_FIELDS``) and an optional ``"id"``.
+    """Validate a public job (decoded JSON): ``send``'s body plus ``"version"`` (1, or 2 for a job
+    using a ``V2_FIELDS`` field) and an optional ``"id"``.
 
     The id is the payload's ``id``, else ``default_id``, else a new one. Duplicate ``user_ids`` are
-    removed, keeping order. Raises JobError for anything else, including another version. A ``send_at``
-    on the bus may be in the past (it is due now): only ``send`` bounds it.
+    removed, keeping order. Raises JobError for anything else, including another version and a
+    version-1 job carrying a version-2 field.
     """
     obj = _object(payload, "the job")
     if "version" not in obj:
@@ -533,13 +586,18 @@ def parse_v1(payload: object, default_id: str | None = None) -> Job:
     version = obj["version"]
     if isinstance(version, bool) or version not in VERSIONS or not isinstance(version, int | float):
         shown = json.dumps(version) if isinstance(version, str) and len(version) <= 100 else _shown(version)
-        raise JobError(f"unsupported job version {shown}; this service reads versions 1 and 2")
-    allowed = V1_FIELDS if version == 2 else tuple(f for f in V1_FIELDS if f not in V2_FIELDS)
-    unknown = [k for k in obj if k not in allowed]
+        readable = " and ".join(str(v) for v in VERSIONS)
+        raise JobError(f"unsupported job version {shown}; this service reads versions {readable}")
+    unknown = [k for k in obj if k not in JOB_FIELDS]
     if unknown:
         noun = "field" if len(unknown) == 1 else "fields"
-        hint = ' (version 2 fields: a job using one says "version": 2)' if set(unknown) & set(V2_FIELDS) else ""
-        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(allowed)}{hint}")
+        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(JOB_FIELDS)}")
+    newer = [k for k in V2_FIELDS if k in obj]
+    if newer and version < LATEST_VERSION:
+        raise JobError(
+            f'{newer[0]} needs "version": {LATEST_VERSION}; a version-{int(version)} job cannot carry it '
+            "(a reader of that version would ignore it)"
+        )
     if "id" in obj:
         job_id = _id(obj["id"])
     elif default_id is not None:
@@ -552,13 +610,15 @@ def parse_v1(payload: object, default_id: str | None = None) -> Job:
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_copy(v) for v in value]
     return value
 
 
 def to_v1(job: Job) -> dict:
-    """Encode a Job as a public job (a JSON-ready dict; version 2 when it uses a version-2 field);
-    ``parse_v1(to_v1(job)) == job``."""
-    out: dict[str, Any] = {"version": job.version, "id": job.id, "user_ids": list(job.user_ids)}
+    """Encode a Job as a public job (a JSON-ready dict) of the version it needs (:func:`version_of`):
+    version 1 unless it uses a ``V2_FIELDS`` field; ``parse_v1(to_v1(job)) == job``."""
+    out: dict[str, Any] = {"version": version_of(job), "id": job.id, "user_ids": list(job.user_ids)}
     if job.notification is not None:
         out["notification"] = _copy(job.notification)
     if job.data is not None:
@@ -571,8 +631,10 @@ def to_v1(job: Job) -> dict:
         value = getattr(job, name)
         if value is not None:
             out[name] = _copy(value)
-    if job.send_at is not None:
-        out["send_at"] = format_time(job.send_at)
+    for name in V2_FIELDS:
+        value = getattr(job, name)
+        if value is not None:
+            out[name] = format_time(value) if isinstance(value, datetime) else _copy(value)
     return out
 
 

@@ -88,13 +88,15 @@ class Confirmed(NamedTuple):
     """What a confirmation leaves to the caller: the tokens to retry, as (retry time ms, token), timed
     from ``at`` (ms); the dead tokens removed from the stores; how many tokens it made ``expired``; and
     the tokens whose answers were not recorded because their lease is no longer this window's (taken
-    over, or lost with Redis's last writes): not final, so the part is not finished with them."""
+    over, or lost with Redis's last writes): not final, so the part is not finished with them; and how
+    many retry answers it made final ``cancelled`` (the notification is cancelled: nothing is retried)."""
 
     at: int
     retries: list[tuple[int, str]]
     removed: list[str]
     expired: int = 0
     unheld: tuple[str, ...] = ()
+    cancelled: int = 0
 
 
 class SendWindow:
@@ -263,7 +265,17 @@ class SendWindow:
             expired = set(confirmation.expired)
             self._log_expired(confirmation.expired, Counter(o.code for t, o, _ in answers if t in expired))
             retries = [(at, token) for at, token in retries if token not in expired]
-        return Confirmed(now, retries, confirmation.remove, len(confirmation.expired), tuple(confirmation.unheld))
+        if confirmation.cancelled:  # the notification was cancelled: a retry answer is final `cancelled`
+            cancelled = set(confirmation.cancelled)
+            retries = [(at, token) for at, token in retries if token not in cancelled]
+        return Confirmed(
+            now,
+            retries,
+            confirmation.remove,
+            len(confirmation.expired),
+            tuple(confirmation.unheld),
+            len(confirmation.cancelled),
+        )
 
     def _record(self, batch: list[Answered], project_quota: int) -> tuple[Confirmation, BudgetChange | None]:
         """The ledger step for a batch of answers, and the budget's slow-down when some were project-quota."""

@@ -174,7 +174,24 @@ def test_status_of_a_known_id(env: dict[str, str], capsys: pytest.CaptureFixture
     code, out, _ = run(capsys, "status", "n-42")
     assert code == 0
     assert out.startswith("n-42: accepted")
-    assert "failed 0, expired 0, retrying 0" in out  # every count, the delivery window's too
+    assert "failed 0, expired 0, cancelled 0, retrying 0" in out  # every count, the delivery window's too
+
+
+def test_cancel_answers_as_delete_does(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    claims = instance.claims()
+    claims.create_status("n-43", targeted=1, parts_total=1)
+    found = run_json(capsys, "cancel", "n-43")
+    assert found["id"] == "n-43" and found["state"] == "cancelled"
+    code, out, _ = run(capsys, "cancel", "n-43")  # again: the same
+    assert code == 0 and out.startswith("n-43: cancelled")
+    code, out, err = run(capsys, "cancel", "no-such-id")
+    assert (code, out) == (1, "") and "no-such-id" in err
+    code, out, err = run(capsys, "cancel", "not an id")
+    assert (code, out) == (2, "") and "id must match" in err
+    claims.create_status("n-44", targeted=1, parts_total=1)
+    claims.register_part("n-44", 0, [], 0, 0)  # a part without tokens: done
+    code, out, err = run(capsys, "cancel", "n-44")
+    assert (code, out) == (1, "") and "done" in err
 
 
 def test_stats_shows_every_counter(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

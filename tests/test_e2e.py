@@ -276,6 +276,7 @@ def test_local_bus_register_send_deliver(local_bus_stack):
             "config_error": 0,
             "failed": 0,
             "expired": 0,
+            "cancelled": 0,
             "retrying": 0,
         }
         assert dead not in client.store.db_tokens(users[0])

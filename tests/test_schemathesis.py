@@ -65,6 +65,7 @@ BUDGET = {
     ("/register", "OPTIONS"): 40,
     ("/send", "POST"): 250,
     ("/send/{id}", "GET"): 60,
+    ("/send/{id}", "DELETE"): 40,
 }
 
 
@@ -243,6 +244,21 @@ def fuzz_send_status(stack, http, mode: GenerationMode) -> None:
     fuzz("/send/{id}", "GET", mode, run)
 
 
+def fuzz_send_cancel(stack, http, mode: GenerationMode) -> None:
+    """DELETE /send/{id}: unknown ids (404), invalid ids (400), and some accepted ones (200, or 409 once done)."""
+
+    def run(case, data):
+        known = sorted(RECORD.accepted_ids)
+        if known and mode is GenerationMode.POSITIVE and data.draw(st.booleans(), label="known id"):
+            case.path_parameters = {"id": data.draw(st.sampled_from(known))}
+        response = call(stack, http, case)
+        check_answer(case, response)
+        if response.status_code == 200:
+            assert response.json()["state"] == "cancelled"
+
+    fuzz("/send/{id}", "DELETE", mode, run)
+
+
 # (function, method) pairs that no operation of the document serves: each must be a JSON 405.
 OTHER_METHODS = [
     (function, method)
@@ -268,6 +284,7 @@ RUNS: dict[str, Callable[..., None]] = {
     **{f"register OPTIONS {mode}": partial(fuzz_register_preflight, mode=mode) for mode in MODES},
     **{f"send POST {mode}": partial(fuzz_send, mode=mode) for mode in MODES},
     **{f"send GET {mode}": partial(fuzz_send_status, mode=mode) for mode in MODES},
+    **{f"send DELETE {mode}": partial(fuzz_send_cancel, mode=mode) for mode in MODES},
     **{
         f"{function} {method} is 405": partial(other_method, function=function, method=method)
         for function, method in OTHER_METHODS
@@ -301,7 +318,8 @@ def test_generated_requests(fuzzed, run):
 @slow
 def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     """After the fuzzing: no token of a rejected registration is stored, every accepted notification
-    is done, and FCM received only messages of accepted notifications (and the canary got them)."""
+    is done (or cancelled by a DELETE of the fuzzing), and FCM received only messages of accepted
+    notifications (and the canary got them)."""
     db = Database(stack.env["DATABASE_URL"])
     try:
         stored = {row[0] for row in db.run("SELECT token FROM device_tokens")}
@@ -327,7 +345,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         pending.clear()
         for nid in RECORD.accepted_ids:
             status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
-            if status.get("state") != "done":
+            if status.get("state") not in ("done", "cancelled"):
                 pending[nid] = status
         return not pending
 
