@@ -637,6 +637,13 @@ class Claims:
         """Whether the notification is cancelled: work not started yet (a fan-out, a deferred job) is not."""
         return bool(self.redis.hexists(status_key(nid), "cancelled_at"))
 
+    def cancelled_among(self, nids: list[str]) -> set[str]:
+        """Which of these notifications are cancelled (one round trip: tick asks for a batch of due jobs)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for nid in nids:
+            pipe.hexists(status_key(nid), "cancelled_at")
+        return {nid for nid, found in zip(nids, pipe.execute(), strict=True) if found}
+
     def count(self, name: str, by: int = 1) -> None:
         self.redis.hincrby(STATS_KEY, name, by)
 

@@ -140,13 +140,16 @@ def _due(job: jobs.Job, env: Envelope) -> bool:
 
 def _schedule(job: jobs.Job) -> str:
     """A job not due yet: recorded durably (PostgreSQL, once per notification), its status mirrored in
-    Redis, then acknowledged; tick publishes it when it is due."""
+    Redis, then acknowledged; tick publishes it when it is due (unless it is cancelled by then)."""
     send_at = jobs.epoch_ms(job.send_at) or 0
     if send_at > now_ms() + jobs.MAX_SCHEDULE_DAYS * 86_400_000:
         log.error("malformed message acknowledged without sending", extra={"reason": "send_at beyond 30 days"})
         _count("invalid_jobs")
         return "malformed"
     assert job.send_at is not None
+    if instance.claims().cancelled(job.id):  # cancelled before it was recorded: nothing to keep
+        log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
+        return "cancelled"
     recorded = instance.schedule().record(job.id, job.send_at, jobs.to_v1(job))
     parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
     instance.claims().create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)

@@ -15,7 +15,7 @@ import functions_framework
 import pytest
 
 from local.bus import plug_in as plug_in_local_bus
-from shared import accept, bus, delivery, instance, jobs, schedule, tick
+from shared import accept, bus, cancel, delivery, instance, jobs, schedule, tick
 from tests.conftest import ROOT
 from tests.test_fanout import RecordingBus
 
@@ -257,3 +257,47 @@ def test_finished_rows_are_forgotten_after_the_ledger_and_unfinished_never(recor
     assert [d.notification_id for d in sched.pending()] == [waiting]
     assert sched.prune(keep_seconds=0) == 1
     assert rows(done) == [] and len(rows(waiting)) == 1
+
+
+# --- cancel (DELETE /<id>, issue 22) -------------------------------------------------------------
+
+
+def test_a_scheduled_send_cancelled_is_never_published_nor_sent(recording_bus, store, fcm, clock):
+    clock.freeze()
+    nid, job, attributes = schedule_one(clock, recording_bus, store, 60)
+    assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+    assert instance.claims().status(nid)["state"] == "cancelled"
+    clock.advance(60)
+    assert tick.tick().published == 0  # honoured by tick: not published
+    assert recording_bus.take() == []
+    assert rows(nid) == [["", True, "cancelled"]]
+    # honoured by deliver: a late copy of the original job, due by now, sends nothing
+    clock.advance(1)
+    delivery.handle(pushed(job, attributes, "m-late"))
+    assert received(fcm) == Counter()
+    assert instance.claims().status(nid)["state"] == "cancelled"
+
+
+def test_a_send_cancelled_before_deliver_recorded_it_is_not_recorded(recording_bus, store, fcm, clock):
+    clock.freeze()
+    store.register("sam", "tok-sam", "android")
+    accepted = accept.accept({"user_ids": ["sam"], **NOTE, "send_at": at(clock, 60)})
+    assert isinstance(accepted, accept.Accepted)
+    assert instance.claims().status(accepted.id)["state"] == "scheduled"
+    assert isinstance(cancel.cancel(accepted.id), cancel.Cancelled)
+    [(job, attributes)] = recording_bus.take()
+    assert delivery.handle(pushed(job, attributes)) == "cancelled"
+    assert rows(accepted.id) == []
+
+
+def test_a_cancel_after_tick_published_it_is_honoured_by_deliver(recording_bus, store, fcm, clock):
+    clock.freeze()
+    nid, _, _ = schedule_one(clock, recording_bus, store, 5)
+    clock.advance(5)
+    assert tick.tick().published == 1
+    [(due_job, due_attributes)] = recording_bus.take()
+    assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+    delivery.handle(pushed(due_job, due_attributes, "m-due"))
+    assert received(fcm) == Counter()
+    status = instance.claims().status(nid)
+    assert status["state"] == "cancelled" and status["counts"]["delivered"] == 0

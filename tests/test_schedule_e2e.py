@@ -92,6 +92,22 @@ def test_two_ticks_at_once_deliver_it_once(client):
     assert client.received([token]) == Counter({token: 1})
 
 
+def test_a_cancelled_scheduled_send_is_never_delivered(client):
+    user, token = unique("u-"), unique("tok-")
+    client.register(user, token, "android")
+    send_at, instant = ahead(2)
+    nid = client.send({"user_ids": [user], **NOTE, "send_at": send_at})
+    recorded(client, nid)
+    r = client.http.delete(f"{client.stack.url('send')}/{nid}", timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    wait_past(instant)
+    assert client.tick() == 0  # not published: the tick found it cancelled
+    rows = client.db.run("SELECT outcome FROM scheduled_jobs WHERE notification_id = :nid", nid=nid)
+    assert rows == [["cancelled"]]
+    assert client.status(nid)["state"] == "cancelled"
+    assert client.received([token]) == Counter()
+
+
 def test_bad_send_at_is_a_400_naming_the_field(client):
     for value in ("2026-12-24T09:00:00", "yesterday", ahead(-5)[0], ahead(31 * 86_400)[0], 7):
         r = client.http.post(
