@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -39,6 +40,7 @@ from schemathesis.specs.openapi.checks import (
 
 from local.idtoken import emulator_id_token
 from local.servers import wait_until
+from shared import jobs
 from shared.db import Database
 from tests.conftest import ORIGIN, ROOT, clean, start_stack
 
@@ -78,6 +80,8 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+    scheduled_ids: set[str] = field(default_factory=set)  # of them, with a send_at an hour ahead (no tick runs here)
+    accepted_send_at: int = 0  # sends with a send_at answered 202
 
 
 RECORD = Record()
@@ -225,10 +229,21 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         # Make requests name a user who has a device, so a rejected one that leaked would show at FCM.
         if isinstance(body, dict) and isinstance(body.get("user_ids"), list) and data.draw(st.booleans()):
             body["user_ids"].append(CANARY_USER)
+        ahead = None
+        if isinstance(body, dict) and "send_at" in body and mode is GenerationMode.POSITIVE:
+            # A generated date-time is almost never within send_at's window (a second ago to 30 days
+            # ahead): make some of them now (due at once) or an hour ahead (scheduled).
+            ahead = data.draw(st.sampled_from([None, 0, 3600]), label="send_at ahead")
+            if ahead is not None:
+                body["send_at"] = jobs.format_time(datetime.now(UTC) + timedelta(seconds=ahead))
         response = call(stack, http, case)
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
+            if isinstance(body, dict) and "send_at" in body:
+                RECORD.accepted_send_at += 1
+                if ahead == 3600:
+                    RECORD.scheduled_ids.add(response.json()["id"])
 
     fuzz("/send", "POST", mode, run)
 
@@ -338,6 +353,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
     assert CANARY_TOKEN in stored
     assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
+    assert RECORD.accepted_send_at, "no send with a send_at was accepted: the field is not covered"
 
     pending: dict[str, Any] = {}
 
@@ -345,7 +361,8 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         pending.clear()
         for nid in RECORD.accepted_ids:
             status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
-            if status.get("state") not in ("done", "cancelled"):
+            settled = ("done", "cancelled", "scheduled") if nid in RECORD.scheduled_ids else ("done", "cancelled")
+            if status.get("state") not in settled:
                 pending[nid] = status
         return not pending
 
