@@ -301,3 +301,22 @@ def test_a_cancel_after_tick_published_it_is_honoured_by_deliver(recording_bus, 
     assert received(fcm) == Counter()
     status = instance.claims().status(nid)
     assert status["state"] == "cancelled" and status["counts"]["delivered"] == 0
+
+
+# --- PostgreSQL down ----------------------------------------------------------------------------
+
+
+def test_postgres_down_deliver_lets_the_bus_redeliver_and_tick_answers_503(recording_bus, store, clock, monkeypatch):
+    clock.freeze()
+    accepted = accept.accept({"user_ids": ["sam"], **NOTE, "send_at": at(clock, 60)})  # send needs no PostgreSQL
+    assert isinstance(accepted, accept.Accepted)
+    [(job, attributes)] = recording_bus.take()
+    from local.servers import free_port
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    instance.reset()
+    with pytest.raises(delivery.RetryLater, match="schedule"):
+        delivery.handle(pushed(job, attributes))
+    client = functions_framework.create_app(target="tick", source=str(ROOT / "functions" / "main.py")).test_client()
+    r = client.post("/")
+    assert r.status_code == 503 and "schedule" in r.get_json()["error"]

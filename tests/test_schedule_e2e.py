@@ -154,3 +154,28 @@ def test_everything_restarted_between_scheduling_and_the_due_time_loses_nothing(
         stack.stop()
         redis_server.cleanup()
         pg.cleanup()
+
+
+def test_the_local_stack_calls_tick_by_itself(servers):
+    """What ./emulator.sh runs calls tick every TICK_EVERY_SECONDS (Cloud Scheduler's stand-in): a
+    scheduled send is delivered without anyone calling tick."""
+    stack = start_stack(
+        use_emulator=False,
+        redis_url=servers.redis_url,
+        database_url=servers.database_url,
+        functions=("register", "send", "deliver", "tick"),
+        tick_every=0.5,
+    )
+    client = Client(stack)
+    try:
+        user, token = unique("u-"), unique("tok-")
+        client.register(user, token, "android")
+        send_at, _ = ahead(4)
+        nid = client.send({"user_ids": [user], **NOTE, "send_at": send_at})
+        assert client.wait_done(nid)["counts"]["delivered"] == 1
+        assert client.received([token]) == Counter({token: 1})
+        published = client.db.run("SELECT outcome FROM scheduled_jobs WHERE notification_id = :nid", nid=nid)
+        assert published == [["published"]]  # recorded by deliver, published by the stack's tick
+    finally:
+        client.close()
+        stack.stop()
