@@ -86,7 +86,14 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
     with _invalid_registration_is_400():
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
         result = registration.register(user_id, device)
-    return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
+    return 200, {
+        "registered": True,
+        "platform": result.platform,
+        "locale": result.locale,
+        "time_zone": result.time_zone,
+        "app_version": result.app_version,
+        "moved_from_other_user": bool(result.moved_from),
+    }
 
 
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:

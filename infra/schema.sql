@@ -45,3 +45,17 @@ CREATE INDEX IF NOT EXISTS scheduled_jobs_due_idx ON scheduled_jobs (due_at) WHE
 
 -- tick's clean-up: rows finished longer ago than LEDGER_TTL_SECONDS.
 CREATE INDEX IF NOT EXISTS scheduled_jobs_finished_idx ON scheduled_jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- Device attributes, given at register (NULL when never given; rows older than the columns keep
+-- NULL). locale: a canonical BCP 47 tag (de-AT, zh-Hans-CN); time_zone: an IANA name; app_version:
+-- as given (2.3.10), with app_version_key the number that sorts like it (shared/attributes.py
+-- version_key: six decimal digits per part, missing parts 0), so SQL compares versions numerically.
+-- Plain columns the store writes, not generated ones: adding them rewrites no table.
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS locale TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS time_zone TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS app_version TEXT NULL;
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS app_version_key NUMERIC(24, 0) NULL;
+
+-- When the token was first registered for its current user: a re-registration keeps it, a move to
+-- another user restarts it. Rows older than the column take the time of the migration that added it
+-- (now() is evaluated once: no table rewrite).
+ALTER TABLE device_tokens ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now();

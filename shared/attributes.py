@@ -33,6 +33,7 @@ __all__ = [
     "check_app_version",
     "check_time_zone",
     "locale_chain",
+    "locale_matches",
     "select_variant",
     "version_key",
 ]
@@ -91,6 +92,13 @@ def select_variant(locale: str | None, variants: Container[str]) -> str | None:
         if tag in variants:
             return tag
     return None
+
+
+def locale_matches(tag: str, locale: str | None) -> bool:
+    """Whether a device of ``locale`` matches the filter ``tag`` (both canonical): it equals the tag
+    or extends it by subtags (``de`` matches ``de-AT``; ``de-AT`` does not match ``de``). In SQL:
+    ``locale = :tag OR locale LIKE :tag || '-%'`` (a canonical tag holds no ``%`` or ``_``)."""
+    return locale is not None and (locale == tag or locale.startswith(tag + "-"))
 
 
 @functools.cache

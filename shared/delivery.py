@@ -6,7 +6,7 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
   topic; the job is acknowledged only after every part is published;
-- a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
+- a part reads its users' tokens and their locales (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
 - it acknowledges only when every token is final (``expired`` too: a token whose delivery window
   closed, ``shared.expiry``); tokens leased by another live copy, retries not due within this
@@ -189,7 +189,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     _not_while_paused(job)
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
-    devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
+    devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     unresolved = [u for u in job.user_ids if u not in devices]
     holders: dict[str, str] = {}
     per_user: dict[str, list[str]] = {}
@@ -218,7 +218,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         return await dispatch(
             job.id,
             tokens,
-            message_for=template.for_token,
+            message_for=template.message_for(locales),
             send=client.send,
             claims=claims,
             remove_dead=remove_dead,

@@ -58,6 +58,7 @@ CHECKS = [
     negative_data_rejection,
 ]
 CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
+CANARY_LOCALE = "de-AT"  # takes the "de" variant of the send example's localized text
 MIN_REQUESTS = 1000
 
 # (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
@@ -81,7 +82,7 @@ class Record:
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
     scheduled_ids: set[str] = field(default_factory=set)  # of them, with a send_at an hour ahead (no tick runs here)
-    accepted_send_at: int = 0  # sends with a send_at answered 202
+    accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
 
 
 RECORD = Record()
@@ -100,7 +101,7 @@ def stack(servers):
     project = stack.config.project
     r = requests.post(
         stack.url("register") + "/",
-        json={"token": CANARY_TOKEN, "platform": "android"},
+        json={"token": CANARY_TOKEN, "platform": "android", "locale": CANARY_LOCALE},
         headers={"Authorization": f"Bearer {emulator_id_token(CANARY_USER, project)}"},
         timeout=30,
     )
@@ -202,6 +203,7 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if method == "POST" and token is not None:
             if response.status_code == 200:
                 RECORD.accepted_tokens.add(token)
+                RECORD.accepted_fields.update(("register", k) for k, v in case.body.items() if v is not None)
             else:
                 RECORD.rejected_tokens.add(token)
 
@@ -240,10 +242,9 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
-            if isinstance(body, dict) and "send_at" in body:
-                RECORD.accepted_send_at += 1
-                if ahead == 3600:
-                    RECORD.scheduled_ids.add(response.json()["id"])
+            if ahead == 3600:
+                RECORD.scheduled_ids.add(response.json()["id"])
+            RECORD.accepted_fields.update(("send", k) for k in body or ())
 
     fuzz("/send", "POST", mode, run)
 
@@ -353,7 +354,6 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
     assert CANARY_TOKEN in stored
     assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
-    assert RECORD.accepted_send_at, "no send with a send_at was accepted: the field is not covered"
 
     pending: dict[str, Any] = {}
 
@@ -373,6 +373,12 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         f"FCM got messages of requests that were not accepted: {ids - RECORD.accepted_ids}"
     )
     assert any(m["message"]["token"] == CANARY_TOKEN for m in messages), "the canary got nothing"
+    # the new fields were generated, accepted and used: the canary (de-AT) got a "de" variant
+    assert {f for op, f in RECORD.accepted_fields if op == "register"} >= {"locale", "time_zone", "app_version"}
+    assert ("send", "localized") in RECORD.accepted_fields
+    assert ("send", "send_at") in RECORD.accepted_fields
+    hallo = {"title": "Hallo", "body": "Es gibt Neues"}
+    assert any(m["message"]["token"] == CANARY_TOKEN and m["message"].get("notification") == hallo for m in messages)
 
 
 @slow
@@ -443,7 +449,8 @@ def test_document_agrees_with_the_validators():
         assert send["properties"][name].get("type") == job_schema["properties"][name].get("type", "string"), name
 
     register = components["RegisterRequest"]
-    assert set(register["properties"]) == {"token", "platform"} and register["additionalProperties"] is False
+    assert set(register["properties"]) == {"token", *registration.ATTRIBUTE_CHECKS}
+    assert register["additionalProperties"] is False
     assert register["properties"]["platform"]["enum"] == list(PLATFORMS) == list(jobs.PLATFORMS)
     assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
     removal = components["RemoveRequest"]["oneOf"]
