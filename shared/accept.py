@@ -129,7 +129,9 @@ def _publish(job: jobs.Job) -> Accepted:
     claims = instance.claims()
     parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
     try:
-        claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=jobs.epoch_ms(job.send_at))
+        claims.create_status(
+            job.id, targeted=len(job.user_ids), parts_total=parts, send_at=jobs.epoch_ms(jobs.last_due(job))
+        )
     except REDIS_OUTAGE as exc:
         raise _outage(exc) from None
     try:

@@ -35,9 +35,11 @@ import base64
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
-from shared import bus, expiry, instance, jobs, logs
+from shared import bus, expiry, instance, jobs, logs, slots
 from shared.claims import Claims, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
@@ -97,13 +99,30 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
     raise Malformed(f"unknown message kind {kind!r}")
 
 
-def part_messages(job: jobs.Job, per_part: int) -> list[dict[str, Any]]:
+def part_messages(job: jobs.Job, per_part: int, first: int = 0, total: int | None = None) -> list[dict[str, Any]]:
+    """The job's fan-out parts, numbered from ``first`` of ``total`` (a slot's parts among all its slots')."""
     users = job.user_ids
     chunks = [users[i : i + per_part] for i in range(0, len(users), per_part)]
     return [
-        {"kind": "part", "part": i, "parts": len(chunks), "job": jobs.to_v1(jobs.with_users(job, chunk))}
+        {
+            "kind": "part",
+            "part": first + i,
+            "parts": total or len(chunks),
+            "job": jobs.to_v1(jobs.with_users(job, chunk)),
+        }
         for i, chunk in enumerate(chunks)
     ]
+
+
+def slot_of_job(job: jobs.Job) -> tuple[int, int]:
+    """(index, count) of a slot job (``send_at_local`` with ``send_at``: one instant of it); (0, 1) for
+    any other. ``Malformed`` when its send_at is none of its local time's slots."""
+    if job.send_at_local is None or job.send_at is None:
+        return 0, 1
+    instants = list(slots.slots(job.send_at_local))
+    if job.send_at not in instants:
+        raise Malformed(f"send_at {jobs.format_time(job.send_at)} is no slot of send_at_local")
+    return instants.index(job.send_at), len(instants)
 
 
 def handle(event_data: Any) -> str:
@@ -123,6 +142,8 @@ def handle(event_data: Any) -> str:
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
+        if parts == 0 and job.send_at_local is not None and job.send_at is None:
+            return _schedule_local(job)
         if parts == 0 and job.send_at is not None and not _due(job, env):
             return _schedule(job)
         if parts == 0:  # a whole job
@@ -150,9 +171,12 @@ def _schedule(job: jobs.Job) -> str:
     if instance.claims().cancelled(job.id):  # cancelled before it was recorded: nothing to keep
         log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
         return "cancelled"
-    recorded = instance.schedule().record(job.id, job.send_at, jobs.to_v1(job))
-    parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
-    instance.claims().create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)
+    slot = jobs.format_time(job.send_at) if job.send_at_local is not None else ""
+    recorded = instance.schedule().record(job.id, job.send_at, jobs.to_v1(job), slot=slot)
+    _, count = slot_of_job(job)
+    parts = count * jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
+    until = jobs.epoch_ms(_all_due(job))
+    instance.claims().create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=until)
     log.info(
         "scheduled job recorded" if recorded else "scheduled job was recorded before",
         extra={"notification_id": job.id, "send_at": jobs.format_time(job.send_at)},
@@ -160,26 +184,63 @@ def _schedule(job: jobs.Job) -> str:
     return "scheduled"
 
 
+def _all_due(job: jobs.Job) -> datetime | None:
+    """When the whole notification is due (its status lives LEDGER_TTL_SECONDS beyond): send_at, or the
+    latest slot of a local-time job (of which a slot job is one)."""
+    return max(slots.slots(job.send_at_local)) if job.send_at_local is not None else job.send_at
+
+
+def _schedule_local(job: jobs.Job) -> str:
+    """A local-time job: one slot per distinct instant its wall-clock time maps to (shared/slots.py);
+    each slot still ahead recorded like a scheduled job, each already past published at once."""
+    assert job.send_at_local is not None
+    claims, now = instance.claims(), now_ms()
+    instants = list(slots.slots(job.send_at_local))
+    if (jobs.epoch_ms(instants[-1]) or 0) > now + jobs.MAX_SCHEDULE_DAYS * 86_400_000:
+        log.error("malformed message acknowledged without sending", extra={"reason": "send_at_local beyond 30 days"})
+        _count("invalid_jobs")
+        return "malformed"
+    if claims.cancelled(job.id):
+        log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
+        return "cancelled"
+    parts = len(instants) * jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
+    claims.create_status(job.id, len(job.user_ids), parts, send_at=jobs.epoch_ms(instants[-1]))
+    claims.set_parts_total(job.id, parts)  # every slot's parts (send counted one slot's)
+    schedule, past = instance.schedule(), []
+    for at in instants:
+        slot_job = jobs.to_v1(replace(job, send_at=at))
+        if (jobs.epoch_ms(at) or 0) > now:
+            schedule.record(job.id, at, slot_job, slot=jobs.format_time(at))
+        else:
+            past.append(slot_job)
+    for slot_job in past:  # already due where it is that time: at once
+        bus.publish(slot_job, {"notification_id": job.id, DUE_ATTRIBUTE: "1"})
+    log.info("local-time job recorded", extra={"notification_id": job.id, "slots": len(instants), "now": len(past)})
+    return "scheduled"
+
+
 def _whole_job(job: jobs.Job) -> str:
     s = settings()
     claims = instance.claims()
     per_part = s.fanout_users_per_part
-    parts = jobs.part_count(len(job.user_ids), per_part)
-    send_at = jobs.epoch_ms(job.send_at)
-    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)
+    index, count = slot_of_job(job)  # a local-time job's slot numbers its parts after the earlier slots'
+    own = jobs.part_count(len(job.user_ids), per_part)
+    parts = count * own
+    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=jobs.epoch_ms(_all_due(job)))
     claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
-    if send_at is not None:
+    if job.send_at is not None:
         claims.mark_due(job.id, now_ms())
-    if parts <= 1:
-        return _part(job, 0, 1)
-    if claims.fanout_done(job.id):
+    if own <= 1:
+        return _part(job, index, parts)
+    fanout = job.id if count == 1 else f"{job.id}/{index}"
+    if claims.fanout_done(fanout):
         return "fanned-out-before"
     if claims.cancelled(job.id):
         log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
         return "cancelled"
-    for message in part_messages(job, per_part):
+    for message in part_messages(job, per_part, first=index * own, total=parts):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
-    claims.mark_fanout(job.id)
+    claims.mark_fanout(fanout)
     log.info("job fanned out", extra={"notification_id": job.id, "parts": parts, "users": len(job.user_ids)})
     return "fanned-out"
 
@@ -191,6 +252,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     unresolved = [u for u in job.user_ids if u not in devices]
+    devices = _in_slot(job, devices)
     holders: dict[str, str] = {}
     per_user: dict[str, list[str]] = {}
     for user_id, user_devices in devices.items():
@@ -263,6 +325,23 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
+
+
+def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[str, dict[str, str | None]]:
+    """A local-time job's slot reaches the devices whose zone (or default_time_zone) maps its wall-clock
+    time to this slot's instant: the others wait for their own slot. A user without any device is
+    counted (``without_tokens``) in the first slot only; one whose devices are all elsewhere, in none."""
+    if job.send_at_local is None or job.send_at is None:
+        return devices
+    local, default, at = job.send_at_local, job.default_time_zone or "UTC", job.send_at
+    zones = instance.token_store().time_zones([u for u, d in devices.items() if d])
+    first = slot_of_job(job)[0] == 0
+    kept: dict[str, dict[str, str | None]] = {}
+    for user, user_devices in devices.items():
+        mine = {t: p for t, p in user_devices.items() if slots.slot_of(local, zones.get(t), default) == at}
+        if mine or (not user_devices and first):
+            kept[user] = mine
+    return kept
 
 
 def _deadlines(

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from shared.attributes import AttributeRuleError, canonical_locale
+from shared.attributes import AttributeRuleError, canonical_locale, check_time_zone
 
 __all__ = [
     "ID_PATTERN",
@@ -53,7 +53,9 @@ __all__ = [
     "check_send_at_window",
     "check_user_ids",
     "epoch_ms",
+    "format_local",
     "format_time",
+    "last_due",
     "new_id",
     "parse_request",
     "parse_v1",
@@ -88,7 +90,7 @@ RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
 # The fields that make a job version 2 (see the module docstring: one line here per new field).
-V2_FIELDS: tuple[str, ...] = ("localized", "send_at")
+V2_FIELDS: tuple[str, ...] = ("localized", "send_at", "send_at_local", "default_time_zone")
 V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
 REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
 V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
@@ -98,11 +100,14 @@ SEND_AT_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
 )
 MAX_SCHEDULE_DAYS = 30  # send_at at most this long after acceptance
+# send_at_local: a wall-clock time without offset, seconds optional (each device's own time zone).
+SEND_AT_LOCAL_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?$"
 SEND_AT_PAST_SECONDS = 1  # and at most this far in the past (a clock a little behind the caller's)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
 _SEND_AT_RE = re.compile(SEND_AT_PATTERN)
+_SEND_AT_LOCAL_RE = re.compile(SEND_AT_LOCAL_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -135,6 +140,10 @@ class Job:
     # version 2 (V2_FIELDS): None when absent
     localized: dict[str, dict] | None = None  # canonical locale -> notification text, in the given order
     send_at: datetime | None = None  # (UTC) not sent before: deliver records it until tick finds it due
+    # each device at this wall-clock time in its own zone (naive), default_time_zone for devices without
+    # one; with send_at too, the job is one slot (send_at: its instant) of such a send (shared/slots.py)
+    send_at_local: datetime | None = None
+    default_time_zone: str | None = None
 
 
 def version_of(job: Job) -> int:
@@ -473,12 +482,68 @@ def _send_at(value: object) -> datetime:
     return (whole + timedelta(microseconds=micros)).astimezone(UTC)
 
 
+def _send_at_local(value: object) -> datetime:
+    if not isinstance(value, str) or not _SEND_AT_LOCAL_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f'send_at_local must be a wall-clock time without offset like "2026-12-24T09:00", got {shown}')
+    try:
+        return datetime.strptime(value if len(value) > 16 else value + ":00", "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise JobError(f"send_at_local is not a valid date and time, got {_shown_text(value)}") from None
+
+
+def _local_time(obj: Mapping) -> tuple[datetime | None, str | None]:
+    """``send_at_local`` and its required ``default_time_zone`` (both or neither)."""
+    if "send_at_local" not in obj and "default_time_zone" not in obj:
+        return None, None
+    if "send_at_local" not in obj:
+        raise JobError("default_time_zone belongs to send_at_local, which is missing")
+    if "default_time_zone" not in obj:
+        raise JobError("default_time_zone is required with send_at_local (for devices registered without one)")
+    local = _send_at_local(obj["send_at_local"])
+    try:
+        zone = check_time_zone(obj["default_time_zone"])
+    except AttributeRuleError as exc:
+        raise JobError(f"default_time_zone {exc}") from None
+    return local, zone
+
+
 def check_send_at_window(send_at: datetime, now: datetime) -> None:
     """``send``'s rule for send_at: not more than a second before ``now``, at most 30 days after it."""
     if send_at < now - timedelta(seconds=SEND_AT_PAST_SECONDS):
         raise JobError(f"send_at is in the past ({format_time(send_at)} is before now, {format_time(now)})")
     if send_at > now + timedelta(days=MAX_SCHEDULE_DAYS):
         raise JobError(f"send_at is more than {MAX_SCHEDULE_DAYS} days after now ({format_time(send_at)})")
+
+
+def check_local_window(local: datetime, now: datetime) -> None:
+    """``send``'s rule for send_at_local: its latest slot (the last zone to reach that wall-clock time)
+    at most 30 days after ``now``, and not more than a second before it (earlier slots are sent at once)."""
+    from shared.slots import slots  # (the zone database: loaded only for a local-time send)
+
+    latest = max(slots(local))
+    if latest < now - timedelta(seconds=SEND_AT_PAST_SECONDS):
+        raise JobError(
+            f"send_at_local is in the past in every time zone (the last reached it at {format_time(latest)})"
+        )
+    if latest > now + timedelta(days=MAX_SCHEDULE_DAYS):
+        raise JobError(
+            f"send_at_local is more than {MAX_SCHEDULE_DAYS} days after now in some time zone ({format_time(latest)})"
+        )
+
+
+def last_due(job: Job) -> datetime | None:
+    """When the whole job is due: its send_at, or its latest slot for send_at_local; None when not scheduled."""
+    if job.send_at_local is not None and job.send_at is None:
+        from shared.slots import slots
+
+        return max(slots(job.send_at_local))
+    return job.send_at
+
+
+def format_local(local: datetime) -> str:
+    """A naive wall-clock time as ``send_at_local`` writes it (``2026-12-24T09:00``, seconds when any)."""
+    return local.strftime("%Y-%m-%dT%H:%M" if not local.second else "%Y-%m-%dT%H:%M:%S")
 
 
 def format_time(moment: datetime) -> str:
@@ -533,6 +598,7 @@ def _build(obj: Mapping, job_id: str) -> Job:
         )
     localized = _localized(obj["localized"], notification, data) if "localized" in obj else None
     send_at = _send_at(obj["send_at"]) if "send_at" in obj else None
+    send_at_local, default_time_zone = _local_time(obj)
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -545,6 +611,8 @@ def _build(obj: Mapping, job_id: str) -> Job:
         webpush=options.get("webpush"),
         localized=localized,
         send_at=send_at,
+        send_at_local=send_at_local,
+        default_time_zone=default_time_zone,
     )
 
 
@@ -567,8 +635,12 @@ def parse_request(body: object, now: datetime | None = None) -> Job:
         noun = "field" if len(unknown) == 1 else "fields"
         raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
     job = _build(obj, new_id())
+    if job.send_at is not None and job.send_at_local is not None:
+        raise JobError("send_at and send_at_local: give one (an instant, or a wall-clock time in each device's zone)")
     if job.send_at is not None:
         check_send_at_window(job.send_at, now or datetime.now(UTC))
+    if job.send_at_local is not None:
+        check_local_window(job.send_at_local, now or datetime.now(UTC))
     return job
 
 
@@ -607,6 +679,12 @@ def parse_v1(payload: object, default_id: str | None = None) -> Job:
     return _build(obj, job_id)
 
 
+def _encoded(name: str, value: Any) -> Any:
+    if name == "send_at_local":
+        return format_local(value)
+    return format_time(value) if isinstance(value, datetime) else _copy(value)
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
@@ -634,7 +712,7 @@ def to_v1(job: Job) -> dict:
     for name in V2_FIELDS:
         value = getattr(job, name)
         if value is not None:
-            out[name] = format_time(value) if isinstance(value, datetime) else _copy(value)
+            out[name] = _encoded(name, value)
     return out
 
 

@@ -81,7 +81,7 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
-    scheduled_ids: set[str] = field(default_factory=set)  # of them, with a send_at an hour ahead (no tick runs here)
+    scheduled_ids: set[str] = field(default_factory=set)  # of them, waiting for a tick (none runs here)
     accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
 
 
@@ -225,24 +225,39 @@ def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
     fuzz("/register", "OPTIONS", mode, run)
 
 
+def _scheduled(body: dict) -> bool:
+    """Whether an accepted body waits for a tick (none runs here): a send_at_local, or a send_at ahead."""
+    if "send_at_local" in body:
+        return True
+    send_at = body.get("send_at")
+    return isinstance(send_at, str) and jobs.parse_v1({"version": 2, **body}).send_at > datetime.now(UTC)
+
+
 def fuzz_send(stack, http, mode: GenerationMode) -> None:
     def run(case, data):
         body = getattr(case, "body", None)
         # Make requests name a user who has a device, so a rejected one that leaked would show at FCM.
         if isinstance(body, dict) and isinstance(body.get("user_ids"), list) and data.draw(st.booleans()):
             body["user_ids"].append(CANARY_USER)
-        ahead = None
-        if isinstance(body, dict) and "send_at" in body and mode is GenerationMode.POSITIVE:
-            # A generated date-time is almost never within send_at's window (a second ago to 30 days
-            # ahead): make some of them now (due at once) or an hour ahead (scheduled).
-            ahead = data.draw(st.sampled_from([None, 0, 3600]), label="send_at ahead")
-            if ahead is not None:
-                body["send_at"] = jobs.format_time(datetime.now(UTC) + timedelta(seconds=ahead))
+        if isinstance(body, dict) and mode is GenerationMode.POSITIVE and "localized" not in body:
+            # A generated date-time is almost never within the scheduling window (a second ago to 30 days
+            # ahead): give some bodies a send_at now (due at once) or an hour ahead (scheduled), or a
+            # send_at_local tomorrow (every slot ahead: scheduled), the other field left out (not on the
+            # localized examples: those must be delivered now).
+            when = data.draw(st.sampled_from([None, "now", "hour", "local"]), label="scheduling")
+            if when is not None:
+                for name in ("send_at", "send_at_local", "default_time_zone"):
+                    body.pop(name, None)
+            if when in ("now", "hour"):
+                body["send_at"] = jobs.format_time(datetime.now(UTC) + timedelta(seconds=3600 if when == "hour" else 0))
+            elif when == "local":
+                body["send_at_local"] = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+                body["default_time_zone"] = "Europe/Berlin"
         response = call(stack, http, case)
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
-            if ahead == 3600:
+            if isinstance(body, dict) and _scheduled(body):
                 RECORD.scheduled_ids.add(response.json()["id"])
             RECORD.accepted_fields.update(("send", k) for k in body or ())
 
@@ -366,7 +381,10 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
                 pending[nid] = status
         return not pending
 
-    wait_until(all_done, timeout=90, interval=0.5, what=f"accepted notifications to be done ({len(pending)} left)")
+    try:
+        wait_until(all_done, timeout=90, interval=0.5, what="accepted notifications to be done")
+    except TimeoutError:
+        raise AssertionError(f"not settled: {dict(list(pending.items())[:3])}") from None
     messages = http.get(stack.url("fcm") + "/_fake/messages", timeout=30).json()["messages"]
     ids = {m["message"].get("apns", {}).get("headers", {}).get("apns-collapse-id") for m in messages}
     assert ids <= RECORD.accepted_ids, (
@@ -377,6 +395,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     assert {f for op, f in RECORD.accepted_fields if op == "register"} >= {"locale", "time_zone", "app_version"}
     assert ("send", "localized") in RECORD.accepted_fields
     assert ("send", "send_at") in RECORD.accepted_fields
+    assert ("send", "send_at_local") in RECORD.accepted_fields
     hallo = {"title": "Hallo", "body": "Es gibt Neues"}
     assert any(m["message"]["token"] == CANARY_TOKEN and m["message"].get("notification") == hallo for m in messages)
 
