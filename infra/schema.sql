@@ -45,6 +45,21 @@ CREATE INDEX IF NOT EXISTS scheduled_jobs_due_idx ON scheduled_jobs (due_at) WHE
 
 -- tick's clean-up: rows finished longer ago than LEDGER_TTL_SECONDS.
 CREATE INDEX IF NOT EXISTS scheduled_jobs_finished_idx ON scheduled_jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- Each user's notification preferences (GET / PUT /preferences on register): the document as the
+-- user last replaced it, and a version bumped by every write. Redis's notif:prefs:{user_id} caches it.
+CREATE TABLE IF NOT EXISTS user_preferences (
+    user_id    TEXT        PRIMARY KEY,
+    document   JSONB       NOT NULL,
+    version    BIGINT      NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Users whose cached preferences may be stale: every write marks its user in the same statement and
+-- clears the mark once Redis holds the new document; a read finding the mark rebuilds from PostgreSQL.
+CREATE TABLE IF NOT EXISTS preferences_cache_dirty (
+    user_id   TEXT        PRIMARY KEY,
+    marked_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
 -- Device attributes, given at register (NULL when never given; rows older than the columns keep
 -- NULL). locale: a canonical BCP 47 tag (de-AT, zh-Hans-CN); time_zone: an IANA name; app_version:
 -- as given (2.3.10), with app_version_key the number that sorts like it (shared/attributes.py

@@ -101,9 +101,14 @@ def locale_matches(tag: str, locale: str | None) -> bool:
     return locale is not None and (locale == tag or locale.startswith(tag + "-"))
 
 
+# Names a system's zone directory may hold that are no IANA zone of their own (the machine's own zone,
+# the "no zone" placeholder, a rules template): refused.
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
 @functools.cache
 def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
 
 
 def check_time_zone(value: object) -> str:

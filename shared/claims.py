@@ -8,11 +8,14 @@
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
                                                    config_error, failed, expired or cancelled
-  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
+  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, muted, skipped_once, capped,
                            tokens, final, the per-outcome counts, retrying, parts_total, answers,
                            mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
-                           read, so that a cancel touches no ledger entry); send_at and due_at (ms) of
-                           a scheduled send (kept until LEDGER_TTL_SECONDS after send_at)
+                           read, so that a cancel touches no ledger entry), and the open receipts
+                           counted: opened, dismissed; send_at and due_at (ms) of a scheduled send
+                           (kept until LEDGER_TTL_SECONDS after send_at)
+  notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
+                           expires with the status
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
@@ -26,6 +29,7 @@
                            prober); expires 15 minutes after it was set or last probed (shared/breaker.py)
   notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
+  notif:ratelimit:receipts:{user}:{minute}  open receipts of a user this minute (REGISTER_RATE_PER_MINUTE)
 
 Every state change is one Lua script over one notification, so copies of an event running in
 parallel on many instances never lease the same token twice, and each token is counted once.
@@ -49,9 +53,10 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 
 from shared.expiry import NO_DEADLINES, Deadlines
-from shared.store import DEAD_TOKENS_KEY, text
+from shared.store import DEAD_TOKENS_KEY, RateLimited, text
 
 T = TypeVar("T")
+RECEIPT_EVENTS = ("opened", "dismissed")  # open receipts (shared/receipts.py): status fields of these names
 OUTCOME_COUNTS = (
     "delivered",
     "dead_removed",
@@ -93,6 +98,14 @@ def fanout_key(nid: str) -> str:
     return f"notif:fanout:{nid}"
 
 
+def receipts_key(nid: str) -> str:
+    return f"notif:receipts:{nid}"
+
+
+def receipt_rate_key(user_id: str, minute: int) -> str:
+    return f"notif:ratelimit:receipts:{user_id}:{minute}"
+
+
 def valve_window_key(bucket: int) -> str:
     return f"notif:valve:{bucket}"
 
@@ -121,23 +134,26 @@ def now_ms() -> int:
     return int(wall_clock() * 1000)
 
 
-# KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
-# without_tokens, skipped_once, tokens...
+# The users a part leaves out, each counted under one rule (shared/recipients.py), in the status.
+USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
+
+# KEYS: ledger, status, parts, receipts. ARGV: part ("" while some of its users are unreadable), ttl, now,
+# n, then n pairs (user count name, users), then tokens...
 _REGISTER_PART = """
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
+local tokens_at = 5 + 2 * tonumber(ARGV[4])
 local added = 0
-for i = 6, #ARGV do
+for i = tokens_at, #ARGV do
   if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then
-  redis.call('HINCRBY', KEYS[2], 'without_tokens', ARGV[4])
-  redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
+  for i = 5, tokens_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end  -- (the receipts expire with the status)
 return first
 """
 
@@ -220,7 +236,7 @@ for i = first, #ARGV do
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', KEYS[1], t, 'F:failed'); failed = failed + 1
-    out[#out + 1] = 2; out[#out + 1] = 0
+    out[#out + 1] = 9; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
     redis.call('HSET', KEYS[1], t, 'F:expired'); expired = expired + 1
@@ -256,12 +272,12 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens).
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status).
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
-# cancelled}, tokens to remove...}. Once the notification is cancelled, an answer that would wait for a
-# retry makes its token final `cancelled` instead.
+# cancelled}, {outcome, tokens it made final, ...}, tokens to remove...}. Once the notification is
+# cancelled, an answer that would wait for a retry makes its token final `cancelled` instead.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -290,9 +306,9 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
 local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
-local expired, unheld, cancels = {}, {}, {}
-local out = {tripped, 0, expired, unheld, cancels}
-local finals, waiting = 0, 0
+local expired, unheld, cancels, made = {}, {}, {}, {}
+local out = {tripped, 0, expired, unheld, cancels, made}
+local finals, waiting, by_outcome = 0, 0, {}
 -- The token waits to be sent again at `at` as attempt `attempts` + 1, unless the notification is
 -- cancelled (then it is final `cancelled`: issue 22) or its delivery window closes first (then it is final
 -- `expired` at once: issue 20). Returns the final outcome, or nil when it waits.
@@ -329,6 +345,7 @@ for i = first, #ARGV, 4 do
       redis.call('HSET', KEYS[1], t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
+      by_outcome[final] = (by_outcome[final] or 0) + 1
     end
   elseif not s or string.sub(s, 1, 1) ~= 'F' then
     -- not this attempt's lease, and not final: taken over by another copy, or the lease itself was
@@ -338,12 +355,25 @@ for i = first, #ARGV, 4 do
   end
 end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
+for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
 return out
 """
 )
+
+# KEYS: status, receipts. ARGV: event, "{event}:{token}". An open receipt, counted once per device and
+# event: -1 when the notification's status is gone, 0 when counted before, 1 when counted now. The
+# receipts key gets the status's remaining life (and the scripts that extend the status extend it too).
+_RECEIPT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
 
 # KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
 # every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
@@ -405,6 +435,7 @@ class LeaseCode(enum.IntEnum):
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
     PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
     CANCELLED = 8  # the notification is cancelled: made final `cancelled` by this lease
+    FAILED = 9  # its sender died after the last allowed attempt (the answer is unknown): made final `failed`
 
 
 class CancelResult(enum.IntEnum):
@@ -495,7 +526,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
-_PAUSED, _CANCELLED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED)
+_PAUSED, _CANCELLED, _FAILED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED), int(LeaseCode.FAILED)
 
 
 @dataclass(frozen=True)
@@ -508,6 +539,7 @@ class Lease:
     expired: list[str]  # made final `expired` by this lease: their window closed
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
     cancelled: tuple[str, ...] = ()  # made final `cancelled` by this lease: the notification is cancelled
+    failed: tuple[str, ...] = ()  # made final `failed` by this lease: its sender died after the last attempt
 
 
 class BudgetChange(NamedTuple):
@@ -523,6 +555,7 @@ class Confirmation:
     expired: list[str]  # retries that would have come after their window closed: final `expired`
     unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
     cancelled: list[str] = field(default_factory=list)  # retry answers made final `cancelled`: not retried
+    finals: dict[str, int] = field(default_factory=dict)  # outcome -> tokens this step made final with it
 
 
 class Claims:
@@ -551,6 +584,7 @@ class Claims:
         self._cancel = client.register_script(_CANCEL)
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
+        self._receipt = client.register_script(_RECEIPT)
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -616,12 +650,9 @@ class Claims:
             "id": nid,
             "state": state,
             "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
-            "users": {
-                "targeted": fields.get("targeted", 0),
-                "without_tokens": fields.get("without_tokens", 0),
-                "skipped_once": fields.get("skipped_once", 0),
-            },
+            "users": {"targeted": fields.get("targeted", 0), **{name: fields.get(name, 0) for name in USER_COUNTS}},
             "tokens": tokens,
+            "receipts": {name: fields.get(name, 0) for name in RECEIPT_EVENTS},
             "created_at": _iso(fields.get("created_at", 0)),
             "updated_at": _iso(fields.get("updated_at", 0)),
             **({"send_at": _iso(fields["send_at"])} if "send_at" in fields else {}),
@@ -661,12 +692,24 @@ class Claims:
     # --- ledger ----------------------------------------------------------------------------------
 
     def register_part(
-        self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
+        self,
+        nid: str,
+        part: int,
+        tokens: list[str],
+        without_tokens: int,
+        skipped_once: int,
+        *,
+        complete: bool = True,
+        muted: int = 0,
+        capped: int = 0,
     ) -> bool:
-        """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
-        (``complete`` is False while some of the part's users could not be read)."""
-        keys = [ledger_key(nid), status_key(nid), parts_key(nid)]
-        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
+        """Put a part's tokens in the ledger; its user counts (``USER_COUNTS``) are added by the first
+        complete copy only (``complete`` is False while some of the part's users could not be read)."""
+        keys = [ledger_key(nid), status_key(nid), parts_key(nid), receipts_key(nid)]
+        users = {"without_tokens": without_tokens, "muted": muted, "skipped_once": skipped_once, "capped": capped}
+        counted = [(name, users[name]) for name in USER_COUNTS if users[name]]
+        args = [part if complete else "", self.ledger_ttl, now_ms(), len(counted), *(x for c in counted for x in c)]
+        args += tokens
         return bool(self._register_part(keys=keys, args=args))
 
     def lease(
@@ -688,6 +731,7 @@ class Claims:
         expired: list[str] = []
         paused: list[str] = []
         cancelled: list[str] = []
+        failed: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -704,9 +748,11 @@ class Claims:
                 paused.append(token)
             elif code == _CANCELLED:
                 cancelled.append(token)
+            elif code == _FAILED:
+                failed.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled))
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled), tuple(failed))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that
@@ -732,15 +778,18 @@ class Claims:
             valve_window_key(bucket - 1),
             VALVE_KEY,
             DEAD_TOKENS_KEY,
+            receipts_key(nid),
         ]
         reply = self._confirm(keys=keys, args=args)
+        made = reply[5]
         return Confirmation(
-            remove=[t.decode() for t in reply[5:]],
+            remove=[t.decode() for t in reply[6:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
             unheld=[t.decode() for t in reply[3]],
             cancelled=[t.decode() for t in reply[4]],
+            finals={made[i].decode(): int(made[i + 1]) for i in range(0, len(made), 2)},
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------
@@ -758,6 +807,30 @@ class Claims:
         """The tokens' ledger entries, read (ABSENT for a token the ledger does not hold)."""
         values = self.redis.hmget(ledger_key(nid), tokens) if tokens else []
         return {t: _ledger_entry(v) for t, v in zip(tokens, values, strict=True)}
+
+    def targeted(self, nid: str, token: str) -> bool:
+        """Was the notification sent to this token (whatever FCM answered)? Its ledger holds it. The one
+        place open receipts ask this (a ledger kept in other keys changes only here)."""
+        return self.ledger(nid, [token])[token].state is not LedgerState.ABSENT
+
+    # --- open receipts ---------------------------------------------------------------------------
+
+    def receipt_rate(self, user_id: str, per_minute: int) -> None:
+        """Count one open receipt of the user this minute; ``RateLimited`` beyond ``per_minute`` (0: no limit)."""
+        if not per_minute:
+            return
+        minute = int(time.time() // 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(receipt_rate_key(user_id, minute))
+        pipe.expire(receipt_rate_key(user_id, minute), 120)
+        if pipe.execute()[0] > per_minute:
+            raise RateLimited(retry_after=60 - int(time.time()) % 60 or 1, what="open receipts")
+
+    def record_receipt(self, nid: str, token: str, event: str) -> bool | None:
+        """Count the device's ``event`` (one of RECEIPT_EVENTS) once: True the first time, False after,
+        None when the notification's status is gone (nothing stored)."""
+        found = int(self._receipt(keys=[status_key(nid), receipts_key(nid)], args=[event, f"{event}:{token}"]))
+        return None if found < 0 else bool(found)
 
     # --- one-time claims -------------------------------------------------------------------------
 

@@ -39,10 +39,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from shared import bus, expiry, instance, jobs, logs, slots
-from shared.claims import Claims, now_ms
+from shared import bus, expiry, instance, jobs, logs, recipients, slots
+from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
-from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
+from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
 from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
@@ -251,24 +251,25 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
-    unresolved = [u for u in job.user_ids if u not in devices]
-    devices = _in_slot(job, devices)
+    in_slot = _in_slot(job, devices)
+    chosen = recipients.choose(job, in_slot)
+    elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
+    unresolved = [u for u in chosen.unresolved if u not in elsewhere]
     holders: dict[str, str] = {}
-    per_user: dict[str, list[str]] = {}
-    for user_id, user_devices in devices.items():
-        tokens = [t for t, p in user_devices.items() if not job.platforms or p in job.platforms]
-        if tokens:
-            per_user[user_id] = tokens
-    without_tokens = len(devices) - len(per_user)
-    skipped: list[str] = []
-    if job.once:
-        allowed, skipped = claims.claim_once(job.id, job.once, sorted(per_user))
-        per_user = {u: per_user[u] for u in allowed}
-    for user_id, tokens in per_user.items():
+    for user_id, tokens in chosen.per_user.items():
         for token in tokens:
             holders.setdefault(token, user_id)
     tokens = list(holders)
-    claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
+    claims.register_part(
+        job.id,
+        part,
+        tokens,
+        chosen.without_tokens,
+        chosen.skipped_once,
+        complete=not unresolved,
+        muted=chosen.muted,
+        capped=chosen.capped,
+    )
     deadlines = _deadlines(job, part, devices, claims, s)
     template = MessageTemplate(job)
 
@@ -294,26 +295,10 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
 
     outcome = instance.run(run())
     if job.once:
-        _release_undelivered_once(job, per_user)
-    log.info(
-        "part processed",
-        extra={
-            "notification_id": job.id,
-            "part": part,
-            "parts": parts,
-            "tokens": len(tokens),
-            "sent": outcome.sent,
-            "dead_removed": len(outcome.removed),
-            "busy": len(outcome.busy),
-            "later": len(outcome.later),
-            "expired": outcome.expired,
-            "paused": outcome.paused,
-            "cancelled": outcome.cancelled,
-            "unresolved_users": len(unresolved),
-        },
-    )
+        _release_undelivered_once(job, chosen.per_user)
+    _log_part(job, part, parts, tokens, outcome, unresolved)
     if unresolved:
-        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
+        raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
@@ -342,6 +327,29 @@ def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[s
         if mine or (not user_devices and first):
             kept[user] = mine
     return kept
+
+
+def _log_part(
+    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+) -> None:
+    """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
+    log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
+    log.info(
+        "part processed",
+        extra={
+            "event": "part_processed",
+            "notification_id": job.id,
+            "part": part,
+            "parts": parts,
+            "tokens": len(tokens),
+            "sent": outcome.sent,
+            **{final.value: outcome.finals[final.value] for final in FinalOutcome},
+            "busy": len(outcome.busy),
+            "later": len(outcome.later),
+            "paused": outcome.paused,
+            "unresolved_users": len(unresolved),
+        },
+    )
 
 
 def _deadlines(

@@ -143,8 +143,8 @@ def check_user_id(user_id: object) -> str:
 
 
 class RateLimited(RuntimeError):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many registrations; retry in {retry_after} s")
+    def __init__(self, retry_after: int, what: str = "registrations") -> None:
+        super().__init__(f"too many {what}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -891,14 +891,21 @@ class TokenStore:
         return self.unregister_all(user_id)
 
     def _sql(self, sql: str, **params: object) -> list[list]:
-        """Run one statement. A list is bound as JSON text (see the note at the top of the SQL)."""
-        bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
-        try:
-            return self.db.run(sql, **bound)
-        except DatabaseUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        except pg8000.native.DatabaseError as exc:
-            code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
-            if code[:2] in ("08", "57", "53"):  # connection, shutdown, resources
-                raise StoreUnavailable(f"PostgreSQL unavailable ({code})") from exc
-            raise
+        return run_sql(self.db, sql, params)
+
+
+def run_sql(
+    database: Database, sql: str, params: Mapping[str, object], unavailable: type[StoreUnavailable] = StoreUnavailable
+) -> list[list]:
+    """Run one statement. A list is bound as JSON text (see the note at the top of the SQL); PostgreSQL
+    out of reach (or shutting down, or out of resources) is ``unavailable``."""
+    bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
+    try:
+        return database.run(sql, **bound)
+    except DatabaseUnavailable as exc:
+        raise unavailable(str(exc)) from exc
+    except pg8000.native.DatabaseError as exc:
+        code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
+        if code[:2] in ("08", "57", "53"):  # connection, shutdown, resources
+            raise unavailable(f"PostgreSQL unavailable ({code})") from exc
+        raise

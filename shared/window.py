@@ -89,7 +89,9 @@ class Confirmed(NamedTuple):
     from ``at`` (ms); the dead tokens removed from the stores; how many tokens it made ``expired``; and
     the tokens whose answers were not recorded because their lease is no longer this window's (taken
     over, or lost with Redis's last writes): not final, so the part is not finished with them; and how
-    many retry answers it made final ``cancelled`` (the notification is cancelled: nothing is retried)."""
+    many retry answers it made final ``cancelled`` (the notification is cancelled: nothing is retried); and
+    how many tokens it made final, per outcome (``expired`` and ``cancelled`` included), as the ledger
+    counted them."""
 
     at: int
     retries: list[tuple[int, str]]
@@ -97,6 +99,7 @@ class Confirmed(NamedTuple):
     expired: int = 0
     unheld: tuple[str, ...] = ()
     cancelled: int = 0
+    finals: tuple[tuple[str, int], ...] = ()
 
 
 class SendWindow:
@@ -275,6 +278,7 @@ class SendWindow:
             len(confirmation.expired),
             tuple(confirmation.unheld),
             len(confirmation.cancelled),
+            tuple(confirmation.finals.items()),
         )
 
     def _record(self, batch: list[Answered], project_quota: int) -> tuple[Confirmation, BudgetChange | None]:
@@ -314,13 +318,13 @@ class SendWindow:
             log.critical(
                 "safety valve: at least 20% of FCM answers are SENDER_ID_MISMATCH; dead-token removal stopped "
                 "for this notification (is the FCM service account from the right project?)",
-                extra={"notification_id": self.nid},
+                extra={"event": "valve_tripped", "notification_id": self.nid},
             )
         if confirmation.config_error_first:
             log.critical(
                 "FCM configuration error: the APNs or web push credentials in the Firebase console "
                 "(THIRD_PARTY_AUTH_ERROR); those devices are counted config_error",
-                extra={"notification_id": self.nid},
+                extra={"event": "config_error", "config": "apns_webpush", "notification_id": self.nid},
             )
         if budget is not None and budget.halved:
             log.warning(

@@ -93,6 +93,61 @@ def test_a_job_cancelled_before_deliver_takes_it_sends_nothing(fcm, store):
     assert not instance.claims().redis.keys("notif:onetime:*")  # no one-time claim taken for it
 
 
+def test_a_part_redelivered_while_sending_is_paused_finishes_a_cancelled_notification(fcm, store):
+    """While the breaker's pause holds a redelivered part costs a Redis read and goes back to the bus,
+    but not once its notification is cancelled: then it cancels what is left and is acknowledged."""
+    from shared.claims import now_ms
+    from tests.test_pause import set_pause
+
+    store.register("carol", "tok-c1")
+    store.register("carol", "tok-c2")
+    payload = job(id="c10", user_ids=["carol"])
+    instance.claims().create_status("c10", targeted=1)
+    set_pause(now_ms() + 60_000)
+    with pytest.raises(delivery.RetryLater):
+        delivery.handle(event(payload))
+    assert isinstance(cancel.cancel("c10"), cancel.Cancelled)
+    assert delivery.handle(event(payload, "m-2")) == "delivered"  # acknowledged, the pause still holding
+    assert fcm.messages() == []
+    status = instance.claims().status("c10")
+    assert status["counts"]["cancelled"] == 2 == status["tokens"] and adds_up(status)
+
+
+def test_retries_waiting_in_the_part_are_not_sent_after_a_cancel(fcm, store, monkeypatch, clock):
+    """A part waiting in-process for a retry (Retry-After) does not sleep through the wait: it sees the
+    cancel, and the retry is never sent. The ledger's clock stands still here, so the retry never comes
+    due: only the cancel can end the part."""
+    import threading
+
+    from shared import dispatch
+
+    store.register("dave", "tok-d1")
+    store.register("dave", "tok-d2")
+    fcm.script("tok-d1", ["UNAVAILABLE:8"])  # waited for in this instance (within IN_PROCESS_WAIT_MS)
+    instance.claims().create_status("c11", targeted=1)
+    clock.freeze()
+    outcome: dict[str, object] = {}
+    confirmed = threading.Event()
+    original = dispatch._Schedule.confirmed
+
+    def spy(self, result):  # the first confirmation: tok-d1 now waits for its retry
+        original(self, result)
+        confirmed.set()
+
+    monkeypatch.setattr(dispatch._Schedule, "confirmed", spy)
+    worker = threading.Thread(
+        target=lambda: outcome.update(result=delivery.handle(event(job(id="c11", user_ids=["dave"]))))
+    )
+    worker.start()
+    assert confirmed.wait(30)
+    assert isinstance(cancel.cancel("c11"), cancel.Cancelled)
+    worker.join(30)
+    assert outcome["result"] == "delivered"  # acknowledged once its tokens are final
+    assert Counter(m["message"]["token"] for m in fcm.messages()) == Counter({"tok-d1": 1, "tok-d2": 1})
+    status = instance.claims().status("c11")
+    assert status["counts"]["delivered"] == 1 and status["counts"]["cancelled"] == 1 and adds_up(status)
+
+
 @pytest.fixture
 def parts_bus(fcm, monkeypatch):
     from local.bus import plug_in as plug_in_local_bus
