@@ -8,6 +8,7 @@
   deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
   on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
   prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
+  tick      (HTTP)        Cloud Scheduler, every minute: publishes the scheduled sends that are due (private)
 
 Use cases are imported inside the entry point that runs them (``from shared import delivery``), so a
 function instance loads only what it serves: register never loads the bus or the FCM client, deliver
@@ -250,3 +251,16 @@ def prune(request: flask.Request) -> flask.Response:
     """Deletes tokens past the TTL window, then reconciles a page of the token cache with
     PostgreSQL for at most RECONCILE_SECONDS (Cloud Scheduler calls it hourly; deployed private)."""
     return web.serve(request, {"POST": _prune})
+
+
+def _tick(request: flask.Request) -> tuple[int, dict]:
+    from shared import tick as due_work
+
+    return 200, {"published": due_work.tick().published}
+
+
+@functions_framework.http
+def tick(request: flask.Request) -> flask.Response:
+    """Publishes the scheduled sends that are due (POST / with any or no body; Cloud Scheduler calls it
+    every minute; deployed private)."""
+    return web.serve(request, {"POST": _tick})

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stand pushline up in a Google Cloud project: APIs, Pub/Sub topics and dead letters, one service
-# account per function with least privilege, secrets, the schema, the five functions, their
-# subscriptions' retry / dead-letter policy, the scheduled prune (with the cache reconciliation), and the
-# monitoring: log-based metrics, one dashboard and the alert policies (infra/monitoring/).
+# account per function with least privilege, secrets, the schema, the six functions, their
+# subscriptions' retry / dead-letter policy, the scheduled prune (with the cache reconciliation), tick
+# every minute (it publishes the scheduled sends that are due), and the monitoring: log-based
+# metrics, one dashboard and the alert policies (infra/monitoring/).
 #
 #   bash infra/deploy.sh --project P --region R [--dry-run] [--fcm-key-file PATH]
 #        [--rules-file PATH] [--redis-secret NAME] [--database-secret NAME] [--max-instances N]
@@ -32,6 +33,10 @@ PRUNE_JOB="pushline-prune"
 # Every 15 minutes: each run prunes expired tokens, then reconciles up to RECONCILE_SECONDS (400 s)
 # of the token cache with PostgreSQL, so a full sweep at 10 million devices takes hours, not days.
 PRUNE_SCHEDULE="*/15 * * * *"
+TICK_JOB="pushline-tick"
+# Every minute (Cloud Scheduler's finest): the precision of a scheduled send (send_at) is one minute.
+TICK_SCHEDULE="* * * * *"
+TICK_TIMEOUT="120s"  # under a minute's work normally; a slow tick overlaps the next harmlessly (leases)
 # Deploy timeout of the event functions: under the subscriptions' ack deadline (540 s < 600 s), so
 # Pub/Sub never redelivers a job that is still being worked on.
 EVENT_TIMEOUT="540s"
@@ -47,6 +52,8 @@ MESSAGE_RETENTION="7d"
 DB_POOL_SIZE=8
 SQL_RESERVED=10
 PRUNE_MAX_INSTANCES=1     # one nightly call
+TICK_MAX_INSTANCES=1      # one call a minute; concurrency 1, one statement at a time
+TICK_CONNECTIONS=1        # so tick holds one PostgreSQL connection, not a pool's worth
 SEND_MAX_INSTANCES=20     # ~600 req/s each with p99 < 50 ms (see Performance): ~12,000 req/s
 ON_EVENT_MAX_INSTANCES=10
 
@@ -175,10 +182,11 @@ done
     die_usage "--register-max-instances must be a positive whole number, got: $REGISTER_MAX_INSTANCES"
 [[ "$SQL_MAX_CONNECTIONS" =~ ^[1-9][0-9]*$ ]] ||
     die_usage "--sql-max-connections must be a positive whole number, got: $SQL_MAX_CONNECTIONS"
-SQL_CONNECTIONS=$(( (REGISTER_MAX_INSTANCES + MAX_INSTANCES + PRUNE_MAX_INSTANCES) * DB_POOL_SIZE ))
+SQL_CONNECTIONS=$(( (REGISTER_MAX_INSTANCES + MAX_INSTANCES + PRUNE_MAX_INSTANCES) * DB_POOL_SIZE \
+    + TICK_MAX_INSTANCES * TICK_CONNECTIONS ))
 if (( SQL_CONNECTIONS > SQL_MAX_CONNECTIONS - SQL_RESERVED )); then
     die_usage "up to $SQL_CONNECTIONS PostgreSQL connections ((register $REGISTER_MAX_INSTANCES + deliver \
-$MAX_INSTANCES + prune $PRUNE_MAX_INSTANCES instances) x pool $DB_POOL_SIZE) exceed --sql-max-connections \
+$MAX_INSTANCES + prune $PRUNE_MAX_INSTANCES instances) x pool $DB_POOL_SIZE + tick $TICK_CONNECTIONS) exceed --sql-max-connections \
 $SQL_MAX_CONNECTIONS less $SQL_RESERVED reserved: lower --max-instances / --register-max-instances, or raise \
 --sql-max-connections to the Cloud SQL instance's max_connections"
 fi
@@ -295,10 +303,11 @@ SA_SEND="$(sa_email pushline-send)"
 SA_DELIVER="$(sa_email pushline-deliver)"
 SA_ON_EVENT="$(sa_email pushline-on-event)"
 SA_PRUNE="$(sa_email pushline-prune)"
+SA_TICK="$(sa_email pushline-tick)"
 SA_TRIGGER="$(sa_email pushline-trigger)"      # Eventarc -> deliver / on_event
-SA_SCHEDULER="$(sa_email pushline-scheduler)"  # Cloud Scheduler -> prune
-FUNCTION_SAS=("$SA_REGISTER" "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT" "$SA_PRUNE")
-POSTGRES_SAS=("$SA_REGISTER" "$SA_DELIVER" "$SA_PRUNE")  # the others use Redis and the bus only
+SA_SCHEDULER="$(sa_email pushline-scheduler)"  # Cloud Scheduler -> prune, tick
+FUNCTION_SAS=("$SA_REGISTER" "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT" "$SA_PRUNE" "$SA_TICK")
+POSTGRES_SAS=("$SA_REGISTER" "$SA_DELIVER" "$SA_PRUNE" "$SA_TICK")  # the others use Redis and the bus only
 NO_POSTGRES_SAS=("$SA_SEND" "$SA_ON_EVENT")
 
 # --- 0. validate the rules file first ---------------------------------------------------------
@@ -417,14 +426,14 @@ fi
 run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$SA_DELIVER" \
     --role="projects/$PROJECT/roles/$FCM_ROLE_ID" --condition=None
 
-step "Cloud SQL client for the functions that use PostgreSQL: register, deliver, prune"
+step "Cloud SQL client for the functions that use PostgreSQL: register, deliver, prune, tick"
 for email in "${POSTGRES_SAS[@]}"; do
     run gcloud projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$email" \
         --role=roles/cloudsql.client --condition=None
 done
 
-step "publishers of $JOBS_TOPIC: send, deliver (fan-out parts), on_event"
-for email in "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT"; do
+step "publishers of $JOBS_TOPIC: send, deliver (fan-out parts), on_event, tick (due scheduled jobs)"
+for email in "$SA_SEND" "$SA_DELIVER" "$SA_ON_EVENT" "$SA_TICK"; do
     run gcloud pubsub topics add-iam-policy-binding "$JOBS_TOPIC" "${P[@]}" \
         --member="serviceAccount:$email" --role=roles/pubsub.publisher
 done
@@ -435,7 +444,7 @@ run gcloud iam service-accounts add-iam-policy-binding "$SA_TRIGGER" "${P[@]}" \
 
 # --- 6. secrets: values never on a command line ---------------------------------------------------
 
-step "secrets: REDIS_URL for every function, DATABASE_URL for register, deliver and prune only"
+step "secrets: REDIS_URL for every function, DATABASE_URL for register, deliver, prune and tick only"
 for email in "${FUNCTION_SAS[@]}"; do
     run gcloud secrets add-iam-policy-binding "$REDIS_SECRET" "${P[@]}" \
         --member="serviceAccount:$email" --role=roles/secretmanager.secretAccessor
@@ -500,8 +509,8 @@ attach_cloud_sql() {  # attach Cloud SQL's unix socket (/cloudsql/...) to a Post
     fi
 }
 
-printf '\n# PostgreSQL connections at most: (register %s + deliver %s + prune %s instances) x pool %s = %s of %s (%s kept for the migration, the CLI and PostgreSQL)\n' \
-    "$REGISTER_MAX_INSTANCES" "$MAX_INSTANCES" "$PRUNE_MAX_INSTANCES" "$DB_POOL_SIZE" "$SQL_CONNECTIONS" \
+printf '\n# PostgreSQL connections at most: (register %s + deliver %s + prune %s instances) x pool %s + tick %s = %s of %s (%s kept for the migration, the CLI and PostgreSQL)\n' \
+    "$REGISTER_MAX_INSTANCES" "$MAX_INSTANCES" "$PRUNE_MAX_INSTANCES" "$DB_POOL_SIZE" "$TICK_CONNECTIONS" "$SQL_CONNECTIONS" \
     "$SQL_MAX_CONNECTIONS" "$SQL_RESERVED"
 
 # deliver first: send and on_event publish its jobs, so it reads every shape they may write.
@@ -548,6 +557,14 @@ run gcloud functions deploy prune "${COMMON[@]}" --entry-point=prune \
     --set-secrets="$SECRETS_POSTGRES" --set-env-vars="$ENV_COMMON"
 attach_cloud_sql prune
 
+step "deploy tick (HTTP, private, internal traffic only: called by Cloud Scheduler every minute)"
+run gcloud functions deploy tick "${COMMON[@]}" --entry-point=tick \
+    --trigger-http --no-allow-unauthenticated --ingress-settings=internal-only \
+    --service-account="$SA_TICK" --cpu=1 --memory=512Mi --timeout="$TICK_TIMEOUT" \
+    --concurrency=1 --max-instances="$TICK_MAX_INSTANCES" \
+    --set-secrets="$SECRETS_POSTGRES" --set-env-vars="$ENV_COMMON"
+attach_cloud_sql tick
+
 # --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters, retention -------
 
 configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC VAR (VAR = its subscription's id)
@@ -574,21 +591,26 @@ configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC VAR (VA
 configure_subscription deliver "$JOBS_DEAD" JOBS_SUBSCRIPTION
 configure_subscription on-event "$EVENTS_DEAD" EVENTS_SUBSCRIPTION
 
-# --- 10. prune (and reconcile the token cache) every 15 minutes ---------------------------------
+# --- 10. prune (and reconcile the token cache) every 15 minutes; tick every minute ---------------
 
-step "schedule prune"
-run gcloud functions add-invoker-policy-binding prune --region="$REGION" "${P[@]}" \
-    --member="serviceAccount:$SA_SCHEDULER"
-capture PRUNE_URL "https://prune-PLACEHOLDER.$REGION.run.app" \
-    gcloud functions describe prune --gen2 --region="$REGION" "${P[@]}" --format='value(serviceConfig.uri)'
-SCHEDULE_ARGS=(--location="$REGION" "${P[@]}" --schedule="$PRUNE_SCHEDULE" --time-zone=Etc/UTC
-    --uri="$PRUNE_URL" --http-method=POST --attempt-deadline="$EVENT_TIMEOUT"
-    --oidc-service-account-email="$SA_SCHEDULER" --oidc-token-audience="$PRUNE_URL")
-if exists gcloud scheduler jobs describe "$PRUNE_JOB" --location="$REGION" "${P[@]}"; then
-    run gcloud scheduler jobs update http "$PRUNE_JOB" "${SCHEDULE_ARGS[@]}"
-else
-    run gcloud scheduler jobs create http "$PRUNE_JOB" "${SCHEDULE_ARGS[@]}"
-fi
+schedule_http() {  # schedule_http FUNCTION JOB SCHEDULE DEADLINE: Cloud Scheduler POSTs to a private function
+    local function="$1" job="$2" schedule="$3" deadline="$4" url args
+    step "schedule $function ($schedule)"
+    run gcloud functions add-invoker-policy-binding "$function" --region="$REGION" "${P[@]}" \
+        --member="serviceAccount:$SA_SCHEDULER"
+    capture url "https://$function-PLACEHOLDER.$REGION.run.app" \
+        gcloud functions describe "$function" --gen2 --region="$REGION" "${P[@]}" --format='value(serviceConfig.uri)'
+    args=(--location="$REGION" "${P[@]}" --schedule="$schedule" --time-zone=Etc/UTC
+        --uri="$url" --http-method=POST --attempt-deadline="$deadline"
+        --oidc-service-account-email="$SA_SCHEDULER" --oidc-token-audience="$url")
+    if exists gcloud scheduler jobs describe "$job" --location="$REGION" "${P[@]}"; then
+        run gcloud scheduler jobs update http "$job" "${args[@]}"
+    else
+        run gcloud scheduler jobs create http "$job" "${args[@]}"
+    fi
+}
+schedule_http prune "$PRUNE_JOB" "$PRUNE_SCHEDULE" "$EVENT_TIMEOUT"
+schedule_http tick "$TICK_JOB" "$TICK_SCHEDULE" "$TICK_TIMEOUT"
 
 # --- 11. monitoring: log-based metrics, the dashboard, the alert policies (infra/monitoring/) -------
 

@@ -23,6 +23,28 @@ CREATE TABLE IF NOT EXISTS token_cache_dirty (
     marked_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Scheduled work (send_at): deliver records a job that is not due yet, once per notification and
+-- slot (a redelivered copy changes nothing); tick claims what is due (a short lease, so two ticks
+-- never publish the same row at once, and a tick that died is taken over), publishes it and marks
+-- it finished. Finished rows stay LEDGER_TTL_SECONDS (a late copy of the job is then not recorded
+-- again), then tick deletes them. shared/schedule.py owns this SQL.
+CREATE TABLE IF NOT EXISTS scheduled_jobs (
+    notification_id TEXT        NOT NULL,
+    slot            TEXT        NOT NULL DEFAULT '',
+    due_at          TIMESTAMPTZ NOT NULL,
+    job             JSONB       NOT NULL,
+    recorded_at     TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    claimed_until   TIMESTAMPTZ NULL,
+    finished_at     TIMESTAMPTZ NULL,
+    outcome         TEXT        NULL,
+    PRIMARY KEY (notification_id, slot)
+);
+
+-- tick's scan: the unfinished rows by due time.
+CREATE INDEX IF NOT EXISTS scheduled_jobs_due_idx ON scheduled_jobs (due_at) WHERE finished_at IS NULL;
+
+-- tick's clean-up: rows finished longer ago than LEDGER_TTL_SECONDS.
+CREATE INDEX IF NOT EXISTS scheduled_jobs_finished_idx ON scheduled_jobs (finished_at) WHERE finished_at IS NOT NULL;
 -- Each user's notification preferences (GET / PUT /preferences on register): the document as the
 -- user last replaced it, and a version bumped by every write. Redis's notif:prefs:{user_id} caches it.
 CREATE TABLE IF NOT EXISTS user_preferences (

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +35,8 @@ BIN = Path(sys.executable).parent
 JOBS_TOPIC = "pushline-jobs"
 EVENTS_TOPIC = "pushline-events"
 
-FUNCTIONS = ("register", "send", "deliver", "on_event")
+FUNCTIONS = ("register", "send", "deliver", "on_event", "tick")
+TICK_EVERY_SECONDS = float(os.environ.get("TICK_EVERY_SECONDS", 5))  # ./emulator.sh: Cloud Scheduler's stand-in
 
 
 @dataclass
@@ -46,6 +48,7 @@ class StackConfig:
             "send": int(os.environ.get("SEND_PORT", 8082)),
             "deliver": int(os.environ.get("DELIVER_PORT", 8083)),
             "on_event": int(os.environ.get("ON_EVENT_PORT", 8084)),
+            "tick": int(os.environ.get("TICK_PORT", 8086)),
             "fcm": int(os.environ.get("FCM_PORT", 9090)),
             "pubsub": int(os.environ.get("PUBSUB_PORT", 8085)),
             "console": int(os.environ.get("CONSOLE_PORT", 8090)),
@@ -59,6 +62,9 @@ class StackConfig:
     database_url: str | None = None  # a PostgreSQL database to use as it is
     functions: tuple[str, ...] = FUNCTIONS
     console: bool = True
+    # Seconds between calls of tick (what Cloud Scheduler does every minute in the cloud); 0: never
+    # (tests call tick themselves).
+    tick_every: float = 0
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the functions
     state_file: Path | None = STATE_FILE
     quiet: bool = False
@@ -66,7 +72,7 @@ class StackConfig:
     @classmethod
     def free_ports(cls, **kwargs: Any) -> StackConfig:
         """A configuration on free ports (tests run beside anything else)."""
-        names = ("register", "send", "deliver", "on_event", "fcm", "pubsub", "console")
+        names = ("register", "send", "deliver", "on_event", "tick", "fcm", "pubsub", "console")
         return cls(ports={n: free_port() for n in names}, **kwargs)
 
 
@@ -78,6 +84,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.env: dict[str, str] = {}
+        self._ticker_stop = threading.Event()
 
     # --- urls ------------------------------------------------------------------------------------
 
@@ -146,6 +153,16 @@ class Stack:
         self._record()
         for name in self.processes:
             self._wait_ready(name)
+        if cfg.tick_every > 0 and "tick" in self.processes:
+            threading.Thread(target=self._tick_forever, name="ticker", daemon=True).start()
+            self._say(f"tick        called every {cfg.tick_every:g} s (Cloud Scheduler: every minute)")
+
+    def _tick_forever(self) -> None:
+        """Call tick every ``tick_every`` seconds until the stack stops (Cloud Scheduler's stand-in)."""
+        while not self._ticker_stop.wait(self.config.tick_every):
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                request = urllib.request.Request(self.url("tick") + "/", data=b"", method="POST")
+                urllib.request.urlopen(request, timeout=60).close()
 
     def _migrate(self) -> None:
         from shared.db import Database, migrate
@@ -273,6 +290,7 @@ class Stack:
         self.config.state_file.write_text(json.dumps(state))
 
     def stop(self) -> None:
+        self._ticker_stop.set()
         for process in self.processes.values():
             _signal_group(process.pid, signal.SIGTERM)
         for process in self.processes.values():
@@ -364,6 +382,8 @@ def walkthrough(stack: Stack) -> str:
         f"  send       {snd}/            (GET {snd}/<id> for a notification's status)",
         f"  deliver    {stack.url('deliver')}/   (pushed by {pusher})",
         f"  on_event   {stack.url('on_event')}/",
+        f"  tick       {stack.url('tick')}/   (POST: publishes the scheduled sends that are due; "
+        f"called every {stack.config.tick_every:g} s here)",
         f"  fake FCM   {stack.url('fcm')}/_fake/messages",
     ]
     if "console" in stack.processes:
@@ -464,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo" and _running():
         return 0 if demo(_attach()) else 1
-    stack = Stack()
+    stack = Stack(StackConfig(tick_every=TICK_EVERY_SECONDS))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()

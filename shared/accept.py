@@ -15,9 +15,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from shared import bus, instance, jobs, logs
+from shared import claims as ledger
 from shared.config import settings
 from shared.errors import REDIS_OUTAGE, RedisUnavailable
 
@@ -81,7 +83,7 @@ def keyed_id(idempotency_key: str, body_fingerprint: str) -> str:
 
 def accept(body: Any, *, idempotency_key: str | None = None) -> Result:
     """Validate and publish; raises JobError (the request is invalid), Unavailable (the bus, or any Redis error)."""
-    job = jobs.parse_request(body)
+    job = jobs.parse_request(body, now=datetime.fromtimestamp(ledger.wall_clock(), UTC))
     if idempotency_key is None and job.audience is not None:
         raise jobs.JobError(
             "Idempotency-Key header is required with audience: a retried broadcast must never reach its devices twice"
@@ -131,10 +133,11 @@ def _publish(job: jobs.Job) -> Accepted:
     claims = instance.claims()
     parts = jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
     try:
+        send_at = jobs.epoch_ms(jobs.last_due(job))
         if job.audience is not None:  # its parts are known once deliver has expanded it
-            claims.create_status(job.id, targeted=0, audience=True)
+            claims.create_status(job.id, targeted=0, audience=True, send_at=send_at)
         else:
-            claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+            claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at)
     except REDIS_OUTAGE as exc:
         raise _outage(exc) from None
     try:

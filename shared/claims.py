@@ -19,7 +19,8 @@
                            read, so that a cancel touches no ledger entry), and the open receipts
                            counted: opened, dismissed; parts_done; an audience send: audience,
                            expanding (when deliver first took it), devices_matched (parts_total once
-                           expanded)
+                           expanded); send_at and due_at (ms) of a scheduled send (kept until
+                           LEDGER_TTL_SECONDS after send_at)
   notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
                            expires with the status
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
@@ -661,7 +662,18 @@ class Claims:
 
     # --- status ----------------------------------------------------------------------------------
 
-    def create_status(self, nid: str, targeted: int, parts_total: int | None = None, *, audience: bool = False) -> None:
+    def create_status(
+        self,
+        nid: str,
+        targeted: int,
+        parts_total: int | None = None,
+        *,
+        audience: bool = False,
+        send_at: int | None = None,
+    ) -> None:
+        """The notification's status, unless it exists; ``audience`` marks an audience send (its parts
+        are known once expanded); ``send_at`` (ms) marks a scheduled send, whose status then lives until
+        LEDGER_TTL_SECONDS after it."""
         now = now_ms()
         pipe = self.redis.pipeline()
         fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
@@ -671,9 +683,18 @@ class Claims:
             pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
-        pipe.expire(status_key(nid), self.ledger_ttl)
-        pipe.expire(receipts_key(nid), self.ledger_ttl)  # the receipts expire with the status (a job's copy)
+        if send_at is not None:
+            pipe.hsetnx(status_key(nid), "send_at", send_at)
+        until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
+        pipe.expire(status_key(nid), until_due + self.ledger_ttl)
+        pipe.expire(
+            receipts_key(nid), until_due + self.ledger_ttl
+        )  # the receipts expire with the status (a job's copy)
         pipe.execute()
+
+    def mark_due(self, nid: str, now: int) -> None:
+        """A scheduled send is due and being delivered: its status leaves ``scheduled``."""
+        self.redis.hsetnx(status_key(nid), "due_at", now)
 
     def delete_status(self, nid: str) -> None:
         self.redis.delete(status_key(nid))
@@ -707,6 +728,8 @@ class Claims:
         parts_total = fields.get("parts_total", None if audience else 1)
         if "cancelled_at" in fields:
             state = "cancelled"
+        elif parts_seen == 0 and "send_at" in fields and "due_at" not in fields:
+            state = "scheduled"
         elif parts_seen == 0 and not (audience and "expanding" in fields):
             state = "accepted"
         elif parts_total is None:
@@ -726,6 +749,8 @@ class Claims:
         found["receipts"] = {name: fields.get(name, 0) for name in RECEIPT_EVENTS}
         found["created_at"] = _iso(fields.get("created_at", 0))
         found["updated_at"] = _iso(fields.get("updated_at", 0))
+        if "send_at" in fields:
+            found["send_at"] = _iso(fields["send_at"])
         return found
 
     def part_done(self, nid: str, part: int | None) -> bool:
@@ -754,6 +779,13 @@ class Claims:
     def cancelled(self, nid: str) -> bool:
         """Whether the notification is cancelled: work not started yet (a fan-out, a deferred job) is not."""
         return bool(self.redis.hexists(status_key(nid), "cancelled_at"))
+
+    def cancelled_among(self, nids: list[str]) -> set[str]:
+        """Which of these notifications are cancelled (one round trip: tick asks for a batch of due jobs)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for nid in nids:
+            pipe.hexists(status_key(nid), "cancelled_at")
+        return {nid for nid, found in zip(nids, pipe.execute(), strict=True) if found}
 
     def count(self, name: str, by: int = 1) -> None:
         self.redis.hincrby(STATS_KEY, name, by)

@@ -38,9 +38,11 @@ import base64
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
 from typing import Any, NamedTuple
 
-from shared import bus, expansion, expiry, instance, jobs, logs, recipients
+from shared import bus, expansion, expiry, instance, jobs, logs, recipients, slots
 from shared.audience_store import Device
 from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
@@ -129,13 +131,30 @@ def _audience_part(job: jobs.Job, part: object, rows: object) -> Decoded:
     return Decoded(job, part, 0, tuple(devices))
 
 
-def part_messages(job: jobs.Job, per_part: int) -> list[dict[str, Any]]:
+def part_messages(job: jobs.Job, per_part: int, first: int = 0, total: int | None = None) -> list[dict[str, Any]]:
+    """The job's fan-out parts, numbered from ``first`` of ``total`` (a slot's parts among all its slots')."""
     users = job.user_ids
     chunks = [users[i : i + per_part] for i in range(0, len(users), per_part)]
     return [
-        {"kind": "part", "part": i, "parts": len(chunks), "job": jobs.to_v1(jobs.with_users(job, chunk))}
+        {
+            "kind": "part",
+            "part": first + i,
+            "parts": total or len(chunks),
+            "job": jobs.to_v1(jobs.with_users(job, chunk)),
+        }
         for i, chunk in enumerate(chunks)
     ]
+
+
+def slot_of_job(job: jobs.Job) -> tuple[int, int]:
+    """(index, count) of a slot job (``send_at_local`` with ``send_at``: one instant of it); (0, 1) for
+    any other. ``Malformed`` when its send_at is none of its local time's slots."""
+    if job.send_at_local is None or job.send_at is None:
+        return 0, 1
+    instants = list(slots.slots(job.send_at_local))
+    if job.send_at not in instants:
+        raise Malformed(f"send_at {jobs.format_time(job.send_at)} is no slot of send_at_local")
+    return instants.index(job.send_at), len(instants)
 
 
 def handle(event_data: Any) -> str:
@@ -157,30 +176,117 @@ def handle(event_data: Any) -> str:
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
         if devices is not None:
             return _audience_part_delivery(job, part, devices)
+        if parts == 0 and job.send_at_local is not None and job.send_at is None:
+            return _schedule_local(job)
+        if parts == 0 and job.send_at is not None and not _due(job, env):
+            return _schedule(job)
         if job.audience is not None:
-            return expansion.expand(job)
+            return _expand(job)
         if parts == 0:  # a whole job
             return _whole_job(job)
         return _part(job, part, parts)
+
+
+DUE_ATTRIBUTE = "due"  # tick publishes a due job with {"due": "1"}: sent, whatever deliver's clock says
+
+
+def _due(job: jobs.Job, env: Envelope) -> bool:
+    """A scheduled job is due when tick published it, or when its send_at has passed by this clock."""
+    return env.attributes.get(DUE_ATTRIBUTE) == "1" or (jobs.epoch_ms(job.send_at) or 0) <= now_ms()
+
+
+def _schedule(job: jobs.Job) -> str:
+    """A job not due yet: recorded durably (PostgreSQL, once per notification), its status mirrored in
+    Redis, then acknowledged; tick publishes it when it is due (unless it is cancelled by then)."""
+    send_at = jobs.epoch_ms(job.send_at) or 0
+    if send_at > now_ms() + jobs.MAX_SCHEDULE_DAYS * 86_400_000:
+        log.error("malformed message acknowledged without sending", extra={"reason": "send_at beyond 30 days"})
+        _count("invalid_jobs")
+        return "malformed"
+    assert job.send_at is not None
+    if instance.claims().cancelled(job.id):  # cancelled before it was recorded: nothing to keep
+        log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
+        return "cancelled"
+    slot = jobs.format_time(job.send_at) if job.send_at_local is not None else ""
+    recorded = instance.schedule().record(job.id, job.send_at, jobs.to_v1(job), slot=slot)
+    until = jobs.epoch_ms(_all_due(job))
+    if job.audience is not None:  # its parts are known once expanded, when due
+        instance.claims().create_status(job.id, targeted=0, audience=True, send_at=until)
+    else:
+        _, count = slot_of_job(job)
+        parts = count * jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
+        instance.claims().create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=until)
+    log.info(
+        "scheduled job recorded" if recorded else "scheduled job was recorded before",
+        extra={"notification_id": job.id, "send_at": jobs.format_time(job.send_at)},
+    )
+    return "scheduled"
+
+
+def _all_due(job: jobs.Job) -> datetime | None:
+    """When the whole notification is due (its status lives LEDGER_TTL_SECONDS beyond): send_at, or the
+    latest slot of a local-time job (of which a slot job is one)."""
+    return max(slots.slots(job.send_at_local)) if job.send_at_local is not None else job.send_at
+
+
+def _schedule_local(job: jobs.Job) -> str:
+    """A local-time job: one slot per distinct instant its wall-clock time maps to (shared/slots.py);
+    each slot still ahead recorded like a scheduled job, each already past published at once."""
+    assert job.send_at_local is not None
+    claims, now = instance.claims(), now_ms()
+    instants = list(slots.slots(job.send_at_local))
+    if (jobs.epoch_ms(instants[-1]) or 0) > now + jobs.MAX_SCHEDULE_DAYS * 86_400_000:
+        log.error("malformed message acknowledged without sending", extra={"reason": "send_at_local beyond 30 days"})
+        _count("invalid_jobs")
+        return "malformed"
+    if claims.cancelled(job.id):
+        log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
+        return "cancelled"
+    parts = len(instants) * jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
+    claims.create_status(job.id, len(job.user_ids), parts, send_at=jobs.epoch_ms(instants[-1]))
+    claims.set_parts_total(job.id, parts)  # every slot's parts (send counted one slot's)
+    schedule, past = instance.schedule(), []
+    for at in instants:
+        slot_job = jobs.to_v1(replace(job, send_at=at))
+        if (jobs.epoch_ms(at) or 0) > now:
+            schedule.record(job.id, at, slot_job, slot=jobs.format_time(at))
+        else:
+            past.append(slot_job)
+    for slot_job in past:  # already due where it is that time: at once
+        bus.publish(slot_job, {"notification_id": job.id, DUE_ATTRIBUTE: "1"})
+    log.info("local-time job recorded", extra={"notification_id": job.id, "slots": len(instants), "now": len(past)})
+    return "scheduled"
+
+
+def _expand(job: jobs.Job) -> str:
+    """An audience job (due): expanded into parts (shared/expansion.py)."""
+    if job.send_at is not None:  # a scheduled one leaves "scheduled"
+        instance.claims().mark_due(job.id, now_ms())
+    return expansion.expand(job)
 
 
 def _whole_job(job: jobs.Job) -> str:
     s = settings()
     claims = instance.claims()
     per_part = s.fanout_users_per_part
-    parts = jobs.part_count(len(job.user_ids), per_part)
-    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts)
+    index, count = slot_of_job(job)  # a local-time job's slot numbers its parts after the earlier slots'
+    own = jobs.part_count(len(job.user_ids), per_part)
+    parts = count * own
+    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=jobs.epoch_ms(_all_due(job)))
     claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
-    if parts <= 1:
-        return _part(job, 0, 1)
-    if claims.fanout_done(job.id):
+    if job.send_at is not None:
+        claims.mark_due(job.id, now_ms())
+    if own <= 1:
+        return _part(job, index, parts)
+    fanout = job.id if count == 1 else f"{job.id}/{index}"
+    if claims.fanout_done(fanout):
         return "fanned-out-before"
     if claims.cancelled(job.id):
         log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
         return "cancelled"
-    for message in part_messages(job, per_part):
+    for message in part_messages(job, per_part, first=index * own, total=parts):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
-    claims.mark_fanout(job.id)
+    claims.mark_fanout(fanout)
     log.info("job fanned out", extra={"notification_id": job.id, "parts": parts, "users": len(job.user_ids)})
     return "fanned-out"
 
@@ -190,7 +296,9 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     store = instance.token_store()
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
-    return _deliver_to(job, part, parts, devices, locales, instance.claims())
+    in_slot = _in_slot(job, devices)
+    elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
+    return _deliver_to(job, part, parts, in_slot, locales, instance.claims(), elsewhere=elsewhere)
 
 
 def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:
@@ -216,11 +324,13 @@ def _deliver_to(
     devices: Mapping[str, Mapping[str, str | None]],
     locales: Mapping[str, str],
     claims: Claims,
+    *,
+    elsewhere: set[str] | frozenset[str] = frozenset(),
 ) -> str:
     """The part's users' rules (``recipients``), its tokens into the ledger, sent; acknowledged once
     every token is final."""
     chosen = recipients.choose(job, devices)
-    unresolved = chosen.unresolved
+    unresolved = [u for u in chosen.unresolved if u not in elsewhere]
     holders: dict[str, str] = {}
     for user_id, tokens in chosen.per_user.items():
         for token in tokens:
@@ -300,6 +410,23 @@ def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> s
     return "delivered"
 
 
+def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[str, dict[str, str | None]]:
+    """A local-time job's slot reaches the devices whose zone (or default_time_zone) maps its wall-clock
+    time to this slot's instant: the others wait for their own slot. A user without any device is
+    counted (``without_tokens``) in the first slot only; one whose devices are all elsewhere, in none."""
+    if job.send_at_local is None or job.send_at is None:
+        return devices
+    local, default, at = job.send_at_local, job.default_time_zone or "UTC", job.send_at
+    zones = instance.token_store().time_zones([u for u, d in devices.items() if d])
+    first = slot_of_job(job)[0] == 0
+    kept: dict[str, dict[str, str | None]] = {}
+    for user, user_devices in devices.items():
+        mine = {t: p for t, p in user_devices.items() if slots.slot_of(local, zones.get(t), default) == at}
+        if mine or (not user_devices and first):
+            kept[user] = mine
+    return kept
+
+
 def _log_part(
     job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
 ) -> None:
@@ -326,7 +453,8 @@ def _log_part(
 def _deadlines(
     job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
 ) -> expiry.Deadlines:
-    """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
+    """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance (a scheduled
+    one's due time), and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
     redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
     now = now_ms()
@@ -334,7 +462,7 @@ def _deadlines(
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=claims.accepted_at(job.id) or now,
+        accepted_at=expiry.window_opens(job, claims.accepted_at(job.id) or now),
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
@@ -350,7 +478,9 @@ def _not_while_paused(job: jobs.Job) -> None:
         if instance.claims().cancelled(job.id):
             return
         accepted = instance.claims().accepted_at(job.id)
-        if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
+        if accepted is not None and now_ms() >= expiry.window_end(
+            expiry.window_opens(job, accepted), settings().delivery_window_seconds
+        ):
             return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")

@@ -1,7 +1,8 @@
 """The delivery window: until when each token of a notification may still be sent.
 
 A notification's tokens may be sent until ``DELIVERY_WINDOW_SECONDS`` after ``send`` accepted it (its
-status's ``created_at``); a token not delivered by then becomes final ``expired``. A job's own expiry
+status's ``created_at``), or after its due time for a scheduled send (``send_at``: the window opens
+then, ``window_opens``); a token not delivered by then becomes final ``expired``. A job's own expiry
 shortens that for the tokens of the platform it speaks to:
 
 - ``android.ttl`` (a duration) for android tokens: accepted + ttl;
@@ -20,6 +21,7 @@ per token, and a job without its own expiry costs one group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -82,6 +84,14 @@ def own_expiry(job: Job, accepted_at: int) -> dict[str, tuple[int, str]]:
     if expiration is not None:  # epoch seconds, digits (validated by shared.jobs)
         found["ios"] = (int(expiration) * 1000, f"the job's apns-expiration ({expiration})")
     return found
+
+
+def window_opens(job: Job, accepted_at: int) -> int:
+    """When the notification's delivery window opens (ms): at its acceptance, or at a scheduled send's
+    due time (``send_at``, rounded up to the millisecond) when that is later."""
+    if job.send_at is None:
+        return accepted_at
+    return max(accepted_at, math.ceil(job.send_at.timestamp() * 1000))
 
 
 def window_end(accepted_at: int, window_seconds: int) -> int:

@@ -25,6 +25,7 @@ from shared.config import settings
 from shared.daily_cap import DailyCap
 from shared.db import Database
 from shared.preference_store import PreferenceStore
+from shared.schedule import ScheduleStore
 from shared.store import TokenStore
 
 
@@ -59,6 +60,12 @@ def token_store() -> TokenStore:
         max_tokens_per_user=s.max_tokens_per_user,
         register_rate_per_minute=s.register_rate_per_minute,
     )
+
+
+@functools.cache
+def schedule() -> ScheduleStore:
+    """Scheduled work (PostgreSQL): deliver records it, tick publishes it when due."""
+    return ScheduleStore(database())
 
 
 @functools.cache
@@ -182,6 +189,7 @@ def reset() -> None:
         redis_client,
         database,
         token_store,
+        schedule,
         preference_store,
         daily_cap,
         claims,

@@ -28,15 +28,17 @@ Every rule failure is a :class:`JobError` whose message names the field path and
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 from shared import audience as audience_rules
-from shared.attributes import AttributeRuleError, canonical_locale
+from shared.attributes import AttributeRuleError, canonical_locale, check_time_zone
 from shared.preferences import CATEGORY_PATTERN
 
 __all__ = [
@@ -52,7 +54,12 @@ __all__ = [
     "check_analytics_label",
     "check_data_key",
     "check_platforms",
+    "check_send_at_window",
     "check_user_ids",
+    "epoch_ms",
+    "format_local",
+    "format_time",
+    "last_due",
     "new_id",
     "parse_request",
     "parse_v1",
@@ -89,16 +96,35 @@ RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
 # The fields that make a job version 2 (see the module docstring: one line here per new field).
-V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label", "category", "urgent", "audience")
+V2_FIELDS: tuple[str, ...] = (
+    "localized",
+    "analytics_label",
+    "category",
+    "urgent",
+    "audience",
+    "send_at",
+    "send_at_local",
+    "default_time_zone",
+)
 V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
 REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
 V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
 JOB_FIELDS = ("version", "id", *REQUEST_FIELDS)
+# send_at: RFC 3339 with an offset (Z or +hh:mm), seconds required, at most 9 fractional digits.
+SEND_AT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+MAX_SCHEDULE_DAYS = 30  # send_at at most this long after acceptance
+# send_at_local: a wall-clock time without offset, seconds optional (each device's own time zone).
+SEND_AT_LOCAL_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?$"
+SEND_AT_PAST_SECONDS = 1  # and at most this far in the past (a clock a little behind the caller's)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
 _CATEGORY_RE = re.compile(CATEGORY_PATTERN)
 _ANALYTICS_LABEL_RE = re.compile(ANALYTICS_LABEL_PATTERN)
+_SEND_AT_RE = re.compile(SEND_AT_PATTERN)
+_SEND_AT_LOCAL_RE = re.compile(SEND_AT_LOCAL_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -134,6 +160,11 @@ class Job:
     urgent: bool | None = None  # True: past quiet hours and the daily cap (never a mute); false is None
     analytics_label: str | None = None  # FCM's fcm_options.analytics_label of every message
     audience: dict[str, Any] | None = None  # the devices to reach instead of user_ids (shared.audience)
+    send_at: datetime | None = None  # (UTC) not sent before: deliver records it until tick finds it due
+    # each device at this wall-clock time in its own zone (naive), default_time_zone for devices without
+    # one; with send_at too, the job is one slot (send_at: its instant) of such a send (shared/slots.py)
+    send_at_local: datetime | None = None
+    default_time_zone: str | None = None
 
 
 def version_of(job: Job) -> int:
@@ -471,6 +502,107 @@ def _id(value: object) -> str:
     return value
 
 
+def _send_at(value: object) -> datetime:
+    """An RFC 3339 date-time with an offset, as an aware UTC datetime (fractions beyond microseconds
+    round up: never due before the instant asked for)."""
+    match = _SEND_AT_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        shown = _shown_text(value)
+        example = '"2026-12-24T09:00:00Z"'
+        raise JobError(f"send_at must be an RFC 3339 date-time with an offset (e.g. {example}), got {shown}")
+    text = value.upper() if isinstance(value, str) else ""
+    fraction, offset = match.group(1) or "", match.group(2).upper()
+    try:
+        hours, minutes = (0, 0) if offset == "Z" else (int(offset[1:3]), int(offset[4:6]))
+        if hours > 23 or minutes > 59:
+            raise ValueError("offset")
+        sign = -1 if offset.startswith("-") else 1
+        zone = timezone(sign * timedelta(hours=hours, minutes=minutes))
+        whole = datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=zone)
+    except ValueError:
+        raise JobError(f"send_at is not a valid date-time, got {_shown_text(value)}") from None
+    micros = math.ceil(Decimal(fraction or "0") * 1_000_000) if fraction else 0
+    return (whole + timedelta(microseconds=micros)).astimezone(UTC)
+
+
+def _send_at_local(value: object) -> datetime:
+    if not isinstance(value, str) or not _SEND_AT_LOCAL_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f'send_at_local must be a wall-clock time without offset like "2026-12-24T09:00", got {shown}')
+    try:
+        return datetime.strptime(value if len(value) > 16 else value + ":00", "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise JobError(f"send_at_local is not a valid date and time, got {_shown_text(value)}") from None
+
+
+def _local_time(obj: Mapping) -> tuple[datetime | None, str | None]:
+    """``send_at_local`` and its required ``default_time_zone`` (both or neither)."""
+    if "send_at_local" not in obj and "default_time_zone" not in obj:
+        return None, None
+    if "send_at_local" not in obj:
+        raise JobError("default_time_zone belongs to send_at_local, which is missing")
+    if "default_time_zone" not in obj:
+        raise JobError("default_time_zone is required with send_at_local (for devices registered without one)")
+    local = _send_at_local(obj["send_at_local"])
+    try:
+        zone = check_time_zone(obj["default_time_zone"])
+    except AttributeRuleError as exc:
+        raise JobError(f"default_time_zone {exc}") from None
+    return local, zone
+
+
+def check_send_at_window(send_at: datetime, now: datetime) -> None:
+    """``send``'s rule for send_at: not more than a second before ``now``, at most 30 days after it."""
+    if send_at < now - timedelta(seconds=SEND_AT_PAST_SECONDS):
+        raise JobError(f"send_at is in the past ({format_time(send_at)} is before now, {format_time(now)})")
+    if send_at > now + timedelta(days=MAX_SCHEDULE_DAYS):
+        raise JobError(f"send_at is more than {MAX_SCHEDULE_DAYS} days after now ({format_time(send_at)})")
+
+
+def check_local_window(local: datetime, now: datetime) -> None:
+    """``send``'s rule for send_at_local: its latest slot (the last zone to reach that wall-clock time)
+    at most 30 days after ``now``, and not more than a second before it (earlier slots are sent at once)."""
+    from shared.slots import slots  # (the zone database: loaded only for a local-time send)
+
+    latest = max(slots(local))
+    if latest < now - timedelta(seconds=SEND_AT_PAST_SECONDS):
+        raise JobError(
+            f"send_at_local is in the past in every time zone (the last reached it at {format_time(latest)})"
+        )
+    if latest > now + timedelta(days=MAX_SCHEDULE_DAYS):
+        raise JobError(
+            f"send_at_local is more than {MAX_SCHEDULE_DAYS} days after now in some time zone ({format_time(latest)})"
+        )
+
+
+def last_due(job: Job) -> datetime | None:
+    """When the whole job is due: its send_at, or its latest slot for send_at_local; None when not scheduled."""
+    if job.send_at_local is not None and job.send_at is None:
+        from shared.slots import slots
+
+        return max(slots(job.send_at_local))
+    return job.send_at
+
+
+def format_local(local: datetime) -> str:
+    """A naive wall-clock time as ``send_at_local`` writes it (``2026-12-24T09:00``, seconds when any)."""
+    return local.strftime("%Y-%m-%dT%H:%M" if not local.second else "%Y-%m-%dT%H:%M:%S")
+
+
+def format_time(moment: datetime) -> str:
+    """An aware datetime as RFC 3339 in UTC (``2026-12-24T08:00:00Z``, microseconds when it has any)."""
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S") + (f".{utc.microsecond:06d}" if utc.microsecond else "") + "Z"
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    """An aware datetime as epoch milliseconds, rounded up (never before the moment); None stays None."""
+    if moment is None:
+        return None
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta // timedelta(microseconds=1) + 999) // 1000
+
+
 def payload_size(notification: dict | None, data: dict | None) -> int:
     """Bytes of the compact UTF-8 JSON of ``{"notification": ..., "data": ...}`` (present ones only)."""
     payload = {}
@@ -527,6 +659,10 @@ def _build(obj: Mapping, job_id: str) -> Job:
     category = _category(obj["category"]) if "category" in obj else None
     urgent = _urgent(obj["urgent"]) if "urgent" in obj else None
     label = check_analytics_label(obj["analytics_label"]) if "analytics_label" in obj else None
+    send_at = _send_at(obj["send_at"]) if "send_at" in obj else None
+    send_at_local, default_time_zone = _local_time(obj)
+    if audience is not None and send_at_local is not None:  # slots expand user lists only, so far
+        raise JobError("send_at_local cannot be combined with audience (yet): give send_at, or user_ids")
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -542,17 +678,21 @@ def _build(obj: Mapping, job_id: str) -> Job:
         urgent=urgent,
         analytics_label=label,
         audience=audience,
+        send_at=send_at,
+        send_at_local=send_at_local,
+        default_time_zone=default_time_zone,
     )
 
 
 # --- public API --------------------------------------------------------------------------------
 
 
-def parse_request(body: object) -> Job:
+def parse_request(body: object, now: datetime | None = None) -> Job:
     """Validate ``send``'s request body (decoded JSON) and return a Job with a new id.
 
-    ``version`` and ``id`` are not accepted here (they are fields of the published v1 job).
-    Duplicate ``user_ids`` are removed, keeping the first occurrence's order.
+    ``version`` and ``id`` are not accepted here (they are fields of the published job).
+    Duplicate ``user_ids`` are removed, keeping the first occurrence's order. ``send_at`` must lie
+    between a second before ``now`` (the acceptance; default: the clock) and 30 days after it.
     """
     obj = _object(body, "the request body")
     unknown = [k for k in obj if k not in REQUEST_FIELDS]
@@ -562,7 +702,14 @@ def parse_request(body: object) -> Job:
             hint = " (version and id belong to a job published on the topic, not to send's body)"
         noun = "field" if len(unknown) == 1 else "fields"
         raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
-    return _build(obj, new_id())
+    job = _build(obj, new_id())
+    if job.send_at is not None and job.send_at_local is not None:
+        raise JobError("send_at and send_at_local: give one (an instant, or a wall-clock time in each device's zone)")
+    if job.send_at is not None:
+        check_send_at_window(job.send_at, now or datetime.now(UTC))
+    if job.send_at_local is not None:
+        check_local_window(job.send_at_local, now or datetime.now(UTC))
+    return job
 
 
 def parse_v1(payload: object, default_id: str | None = None) -> Job:
@@ -600,6 +747,12 @@ def parse_v1(payload: object, default_id: str | None = None) -> Job:
     return _build(obj, job_id)
 
 
+def _encoded(name: str, value: Any) -> Any:
+    if name == "send_at_local":
+        return format_local(value)
+    return format_time(value) if isinstance(value, datetime) else _copy(value)
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
@@ -629,7 +782,7 @@ def to_v1(job: Job) -> dict:
     for name in V2_FIELDS:
         value = getattr(job, name)
         if value is not None:
-            out[name] = _copy(value)
+            out[name] = _encoded(name, value)
     return out
 
 

@@ -307,6 +307,11 @@ RETURNING user_id, token
 
 # Rows to rebuild (absent sets and dirty users), in one statement with the dirty marks. One array of
 # users, so the rows are found through the primary key (an OR of two lists scanned the whole table).
+_SQL_TIME_ZONES = """
+SELECT token, time_zone FROM device_tokens
+WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
+"""
+
 _SQL_READ = """
 WITH dirty AS (
     SELECT user_id, marked_at FROM token_cache_dirty
@@ -874,6 +879,12 @@ class TokenStore:
             last = users[-1]
             if callable(progress):
                 progress(done)
+
+    def time_zones(self, users: list[str]) -> dict[str, str | None]:
+        """token -> time_zone (None: registered without one) of these users' devices, from PostgreSQL:
+        a local-time send (``send_at_local``) reads it when one of its slots is due."""
+        rows = self._sql(_SQL_TIME_ZONES, users=users)
+        return {token: zone for token, zone in rows}
 
     def forget(self, user_id: str) -> int:
         """Account deletion: every device of the user, from both stores."""

@@ -127,6 +127,12 @@ class Client:
         assert r.status_code == 202, r.text
         return r.json()["id"]
 
+    def tick(self) -> int:
+        """Call tick as Cloud Scheduler does (POST, no body); how many due jobs it published."""
+        r = self.http.post(self.stack.url("tick") + "/", timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["published"]
+
     def status(self, nid: str) -> dict:
         r = self.http.get(f"{self.stack.url('send')}/{nid}", timeout=30)
         assert r.status_code == 200, r.text

@@ -30,11 +30,13 @@ FUNCTIONS = {  # deployed name -> entry point
     "deliver": "deliver",
     "on-event": "on_event",
     "prune": "prune",
+    "tick": "tick",
 }
 # Which functions use PostgreSQL (read from the code: shared/instance.token_store() or database()).
-USES_POSTGRES = {"register", "deliver", "prune"}
+USES_POSTGRES = {"register", "deliver", "prune", "tick"}
 NO_POSTGRES = set(FUNCTIONS) - USES_POSTGRES  # send and on_event: Redis and the bus only
-INTERNAL = {"deliver", "on-event", "prune"}  # called only by Eventarc / Cloud Scheduler
+INTERNAL = {"deliver", "on-event", "prune", "tick"}  # called only by Eventarc / Cloud Scheduler
+TICK_CONNECTIONS = 1  # tick: concurrency 1, one statement at a time, so one connection (not a pool)
 POOL_SIZE = inspect.signature(Database).parameters["size"].default  # connections one instance keeps
 
 
@@ -129,7 +131,7 @@ def test_every_function_deployed_with_its_entry_point_and_trigger(dry_run: Resul
         assert flag(command, "source") == str(dry_run.build_dir)
         assert flag(command, "service-account").endswith("@demo-p.iam.gserviceaccount.com")
         assert flag(command, "vpc-connector").endswith("/connectors/pushline-connector")
-    for name in ("register", "send", "prune"):
+    for name in ("register", "send", "prune", "tick"):
         assert "--trigger-http" in dry_run.deploy(name)
     assert flag(dry_run.deploy("deliver"), "trigger-topic") == "pushline-jobs"
     assert flag(dry_run.deploy("on-event"), "trigger-topic") == "pushline-events"
@@ -146,7 +148,7 @@ def test_event_functions_retry_and_time_out_under_the_ack_deadline(dry_run: Resu
         assert "--retry" in command
         assert flag(command, "timeout") == "540s"
         assert flag(command, "trigger-service-account").startswith("pushline-trigger@")
-    for name in ("register", "send", "prune"):
+    for name in ("register", "send", "prune", "tick"):
         assert "--retry" not in dry_run.deploy(name)
 
 
@@ -182,7 +184,11 @@ def test_postgres_connections_stay_under_cloud_sql_max_connections(dry_run: Resu
     together, with room for the migration, the CLI and PostgreSQL's reserved ones, under the default
     max_connections the script assumes (100)."""
     assert POOL_SIZE == 8
-    total = sum(int(flag(dry_run.deploy(name), "max-instances")) * POOL_SIZE for name in USES_POSTGRES)
+    total = sum(
+        int(flag(dry_run.deploy(name), "max-instances")) * (TICK_CONNECTIONS if name == "tick" else POOL_SIZE)
+        for name in USES_POSTGRES
+    )
+    assert flag(dry_run.deploy("tick"), "concurrency") == "1"
     assert total <= 100 - 10, total
     assert f"{total} of 100" in dry_run.stdout  # the script says what it budgeted
 
@@ -219,7 +225,7 @@ def test_register_is_public_and_the_rest_are_not(dry_run: Result) -> None:
     register = dry_run.deploy("register")
     assert "--allow-unauthenticated" in register
     assert "--no-allow-unauthenticated" not in register
-    for name in ("send", "prune"):
+    for name in ("send", "prune", "tick"):
         command = dry_run.deploy(name)
         assert "--no-allow-unauthenticated" in command
         assert "--allow-unauthenticated" not in command
@@ -336,7 +342,7 @@ def test_least_privilege(dry_run: Result) -> None:
         for c in commands
         if c[:5] == ["gcloud", "pubsub", "topics", "add-iam-policy-binding", "pushline-jobs"]
     }
-    assert publishers == {"pushline-send", "pushline-deliver", "pushline-on-event"}
+    assert publishers == {"pushline-send", "pushline-deliver", "pushline-on-event", "pushline-tick"}
     fcm_role = [c for c in commands if c[:3] == ["gcloud", "iam", "roles"] and c[3] == "create"]
     assert flag(fcm_role[0], "permissions") == "cloudmessaging.messages.create"
     project_roles = [
@@ -356,6 +362,7 @@ def test_least_privilege(dry_run: Result) -> None:
         ("deliver", "pushline-trigger"),
         ("on-event", "pushline-trigger"),
         ("prune", "pushline-scheduler"),
+        ("tick", "pushline-scheduler"),
     }
 
 
@@ -454,14 +461,28 @@ def test_migration_reads_the_url_from_secret_manager_unexpanded(dry_run: Result)
     assert position("shared.cli migrate") < position("gcloud functions deploy")
 
 
-def test_prune_runs_every_15_minutes(dry_run: Result) -> None:
+def scheduler_jobs(dry_run: Result) -> dict[str, list[str]]:
     jobs = [c for c in dry_run.commands() if c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"]]
-    assert len(jobs) == 1
-    job = jobs[0]
-    assert job[5] == "pushline-prune"
+    assert len(jobs) == 2
+    return {job[5]: job for job in jobs}
+
+
+def test_prune_runs_every_15_minutes(dry_run: Result) -> None:
+    job = scheduler_jobs(dry_run)["pushline-prune"]
     assert flag(job, "schedule") == "*/15 * * * *"  # prune, then a page of cache reconciliation
     assert flag(job, "oidc-service-account-email") == "pushline-scheduler@demo-p.iam.gserviceaccount.com"
     assert flag(job, "uri").startswith("https://")
+
+
+def test_tick_runs_every_minute_private_with_an_oidc_token(dry_run: Result) -> None:
+    job = scheduler_jobs(dry_run)["pushline-tick"]
+    assert flag(job, "schedule") == "* * * * *"  # the precision of a scheduled send: one minute
+    assert flag(job, "http-method") == "POST"
+    assert flag(job, "oidc-service-account-email") == "pushline-scheduler@demo-p.iam.gserviceaccount.com"
+    assert flag(job, "uri").startswith("https://tick-") and flag(job, "oidc-token-audience") == flag(job, "uri")
+    tick = dry_run.deploy("tick")
+    assert flag(tick, "ingress-settings") == "internal-only" and "--no-allow-unauthenticated" in tick
+    assert flag(tick, "max-instances") == "1"
 
 
 def test_apis_enabled(dry_run: Result) -> None:

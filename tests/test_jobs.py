@@ -168,6 +168,8 @@ INVALID = {
     "missing version": (v1(version=...), "version is required", True),
     "version 3": (v1(version=3), "unsupported job version 3; this service reads versions 1 and 2", True),
     "version 2.5": (v1(version=2.5), "unsupported job version 2.5", True),
+    "send_at in a version 1 job": (v1(id="j", send_at="2026-12-24T09:00:00Z"), 'send_at needs "version": 2', True),
+    "send_at without offset": (v1(version=2, send_at="2026-12-24T09:00:00"), "send_at must be an RFC 3339", True),
     "version as string": (v1(version="1"), 'unsupported job version "1"', True),
     "version true": (v1(version=True), "unsupported job version true", True),
     "id with space": (v1(id="a b"), "id must be 1 to 32 characters", True),

@@ -117,7 +117,7 @@ def test_main_docstring_lists_every_entry_point() -> None:
             for d in node.decorator_list
         )
     ]
-    assert sorted(entry_points) == ["deliver", "on_event", "prune", "register", "send"]
+    assert sorted(entry_points) == ["deliver", "on_event", "prune", "register", "send", "tick"]
     doc = ast.get_docstring(tree) or ""
     listed = re.findall(r"^\s+(\w+)\s+\((?:HTTP|CloudEvent)\)", doc, flags=re.MULTILINE)
     assert sorted(listed) == sorted(entry_points)
