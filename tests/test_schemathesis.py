@@ -534,7 +534,8 @@ def test_document_agrees_with_the_validators():
     job_schema = json.loads((ROOT / "infra" / "job.schema.json").read_text())
     send = components["SendRequest"]
     assert set(send["properties"]) == set(jobs.REQUEST_FIELDS) == set(job_schema["properties"]) - {"version", "id"}
-    assert send["additionalProperties"] is False and send["required"] == ["user_ids"]
+    assert send["additionalProperties"] is False and "required" not in send
+    assert [branch["required"] for branch in send["oneOf"]] == [["user_ids"], ["audience"]]  # exactly one
     assert send["properties"]["user_ids"]["maxItems"] == jobs.MAX_USER_IDS
     assert send["properties"]["user_ids"]["items"]["maxLength"] == jobs.MAX_USER_ID_CHARS
     assert send["properties"]["once"]["pattern"] == jobs.ONCE_PATTERN
@@ -579,12 +580,13 @@ def test_document_agrees_with_the_validators():
         "id",
         "state",
         "counts",
-        "users",
+        "progress",
         "tokens",
         "receipts",
         "created_at",
         "updated_at",
     }
+    assert [branch["required"] for branch in status["oneOf"]] == [["users"], ["devices_matched"]]
     assert status["properties"]["receipts"]["required"] == list(RECEIPT_EVENTS)
 
     receipt = components["ReceiptRequest"]
