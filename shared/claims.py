@@ -672,6 +672,7 @@ class Claims:
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
         pipe.expire(status_key(nid), self.ledger_ttl)
+        pipe.expire(receipts_key(nid), self.ledger_ttl)  # the receipts expire with the status (a job's copy)
         pipe.execute()
 
     def delete_status(self, nid: str) -> None:
