@@ -157,6 +157,7 @@ def commit_only(store: TokenStore, user_id: str, token: str) -> None:
         platform=None,
         keep=store.max_tokens - 1,
         ttl=store.ttl,
+        live=False,
     )
 
 
