@@ -105,12 +105,14 @@ def now_ms() -> int:
 
 
 # KEYS: ledger, status, parts. ARGV: part ("" while some of its users are unreadable), ttl, now,
-# without_tokens, skipped_once, tokens...
+# without_tokens, skipped_once, the status field of the part's first processing ("" = not asked),
+# tokens... Returns {first complete copy (1/0), created_at, the part's first processing or nil}: the
+# delivery window's clock in the same round trip.
 _REGISTER_PART = """
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
 local added = 0
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if redis.call('HSETNX', KEYS[1], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
@@ -120,8 +122,13 @@ if first == 1 then
   redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
+local started = false
+if ARGV[6] ~= '' then
+  redis.call('HSETNX', KEYS[2], ARGV[6], ARGV[3])
+  started = redis.call('HGET', KEYS[2], ARGV[6])
+end
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
-return first
+return {first, redis.call('HGET', KEYS[2], 'created_at'), started}
 """
 
 # The delivery window (issue 20; shared.expiry), for the lease and confirm scripts. From ARGV[at]: n,
@@ -453,6 +460,15 @@ class Lease:
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
 
 
+class PartClock(NamedTuple):
+    """What putting a part in the ledger read back for its delivery window (all ms)."""
+
+    first: bool  # the first complete copy of this part (its user counts were added)
+    at: int  # when it was put in the ledger
+    accepted_at: int  # when the notification was accepted (``at`` if nothing recorded it before)
+    started: int | None  # when the part was first processed (None unless asked)
+
+
 class BudgetChange(NamedTuple):
     scale: float  # the FCM budget now, as a share of FCM_RATE_PER_MINUTE
     halved: bool  # this answer halved it
@@ -513,14 +529,6 @@ class Claims:
         found = self.redis.hget(status_key(nid), "created_at")
         return int(found) if found is not None else None
 
-    def part_started(self, nid: str, part: int, now: int) -> int:
-        """When this part was first processed (ms; ``now`` if never before): a job's own expiry never
-        cuts into the in-process wait of that first processing, and only of that one."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hsetnx(status_key(nid), f"started:{part}", now)
-        pipe.hget(status_key(nid), f"started:{part}")
-        return int(pipe.execute()[1] or now)
-
     def set_parts_total(self, nid: str, parts_total: int) -> None:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
 
@@ -571,13 +579,28 @@ class Claims:
     # --- ledger ----------------------------------------------------------------------------------
 
     def register_part(
-        self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
-    ) -> bool:
+        self,
+        nid: str,
+        part: int,
+        tokens: list[str],
+        without_tokens: int,
+        skipped_once: int,
+        *,
+        complete: bool = True,
+        started: bool = False,
+    ) -> PartClock:
         """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
-        (``complete`` is False while some of the part's users could not be read)."""
+        (``complete`` is False while some of the part's users could not be read). With ``started``, also
+        when this part was first processed (now, if never before): a job's own expiry never cuts into
+        the in-process wait of that first processing, and only of that one."""
+        now = now_ms()
         keys = [ledger_key(nid), status_key(nid), parts_key(nid)]
-        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *tokens]
-        return bool(self._register_part(keys=keys, args=args))
+        field = f"started:{part}" if started else ""
+        args = [part if complete else "", self.ledger_ttl, now, without_tokens, skipped_once, field, *tokens]
+        first, accepted, first_processed = self._register_part(keys=keys, args=args)
+        return PartClock(
+            bool(first), now, int(accepted or now), int(first_processed) if first_processed is not None else None
+        )
 
     def lease(
         self, nid: str, tokens: list[str], lease_ms: int, deadlines: Deadlines = NO_DEADLINES, *, probe: bool = False

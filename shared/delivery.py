@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import bus, expiry, instance, jobs, logs
-from shared.claims import Claims, now_ms
+from shared.claims import PartClock, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
 from shared.errors import REDIS_OUTAGE
@@ -163,8 +163,16 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         for token in tokens:
             holders.setdefault(token, user_id)
     tokens = list(holders)
-    claims.register_part(job.id, part, tokens, without_tokens, len(skipped), complete=not unresolved)
-    deadlines = _deadlines(job, part, devices, claims, s)
+    clock = claims.register_part(
+        job.id,
+        part,
+        tokens,
+        without_tokens,
+        len(skipped),
+        complete=not unresolved,
+        started=bool(expiry.own_expiry(job, now_ms())),
+    )
+    deadlines = _deadlines(job, devices, clock, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -222,17 +230,17 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
 
 
 def _deadlines(
-    job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
+    job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], clock: PartClock, s: Settings
 ) -> expiry.Deadlines:
     """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
-    redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
-    now = now_ms()
-    started = claims.part_started(job.id, part, now) if expiry.own_expiry(job, now) else now
+    redelivery, after a pause or a retry beyond that wait, gets no grace of its own). ``clock``: what
+    putting the part in the ledger read back (one round trip for both)."""
+    started = clock.started if clock.started is not None else clock.at
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=claims.accepted_at(job.id) or now,
+        accepted_at=clock.accepted_at,
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
