@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared import bus, expiry, instance, jobs, logs
-from shared.claims import PartClock, now_ms
+from shared.claims import Claims, PartClock, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
 from shared.errors import REDIS_OUTAGE
@@ -163,15 +163,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         for token in tokens:
             holders.setdefault(token, user_id)
     tokens = list(holders)
-    clock = claims.register_part(
-        job.id,
-        part,
-        tokens,
-        without_tokens,
-        len(skipped),
-        complete=not unresolved,
-        started=bool(expiry.own_expiry(job, now_ms())),
-    )
+    clock = _into_ledger(claims, job, part, tokens, without_tokens, len(skipped), complete=not unresolved)
     deadlines = _deadlines(job, devices, clock, s)
     template = MessageTemplate(job)
 
@@ -227,6 +219,15 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
+
+
+def _into_ledger(
+    claims: Claims, job: jobs.Job, part: int, tokens: list[str], without_tokens: int, skipped: int, *, complete: bool
+) -> PartClock:
+    """Put the part's tokens in the ledger; read back its window's clock in the same round trip (the part's
+    first processing only when the job has its own expiry: only that may not cut into its wait)."""
+    started = bool(expiry.own_expiry(job, now_ms()))
+    return claims.register_part(job.id, part, tokens, without_tokens, skipped, complete=complete, started=started)
 
 
 def _deadlines(
