@@ -1,18 +1,23 @@
 """The deliver use case: a Pub/Sub message in, notifications out.
 
-A message is either a public v1 job (``send``'s body plus ``"version": 1``; any service may
-publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
+A message is either a public job (``send``'s body plus ``"version"``, 1 or 2: ``shared/jobs.py``;
+any service may publish one) or an internal part (``{"kind": "part", ...}``, published by ``deliver`` itself when a
 job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus redeliver":
 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
   topic; the job is acknowledged only after every part is published;
-- a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
+- a part reads its users' tokens and their locales (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
 - it acknowledges only when every token is final (``expired`` too: a token whose delivery window
   closed, ``shared.expiry``); tokens leased by another live copy, retries not due within this
   instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
+- a cancelled notification (``shared/cancel.py``) sends nothing more: a job not yet fanned out publishes
+  no part; a part (a whole job of one part too) puts its tokens in the ledger, where each one not held
+  by a live lease becomes final ``cancelled`` (counted once, however many copies arrive; a one-time
+  claim it takes is given back, as for any user none of whose devices got it), and is acknowledged
+  as soon as its tokens are final;
 - a malformed message (undecodable, or an invalid job of a version we know) is logged and
   acknowledged: it would never become valid;
 - a message of a job version or kind this deliver does not know is not acknowledged (``Unknown``
@@ -32,10 +37,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from shared import bus, expiry, instance, jobs, logs
-from shared.claims import Claims, PartClock, now_ms
+from shared import bus, expiry, instance, jobs, logs, recipients
+from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
-from shared.dispatch import IN_PROCESS_WAIT_MS, dispatch
+from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
 from shared.inbound import Envelope, Malformed, RetryLater, Unknown, envelope, json_object, redelivered_on_outage
@@ -57,7 +62,7 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
 
 
 def unknown_shape(payload: dict[str, Any]) -> str | None:
-    """What in a message this deliver does not know yet (``"job version 2"``), or None."""
+    """What in a message this deliver does not know yet (``"job version 3"``), or None."""
     kind = payload.get("kind")
     if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
         return f"message kind {kind!r}"
@@ -65,7 +70,7 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     version = job.get("version") if isinstance(job, dict) else None
     if isinstance(version, float) and version.is_integer():
         version = int(version)
-    if isinstance(version, int) and not isinstance(version, bool) and jobs.VERSION < version <= _MAX_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and jobs.LATEST_VERSION < version <= _MAX_VERSION:
         return f"job version {version}"
     return None
 
@@ -134,6 +139,9 @@ def _whole_job(job: jobs.Job) -> str:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
         return "fanned-out-before"
+    if claims.cancelled(job.id):
+        log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
+        return "cancelled"
     for message in part_messages(job, per_part):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
     claims.mark_fanout(job.id)
@@ -146,25 +154,25 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     _not_while_paused(job)
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
-    devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
-    unresolved = [u for u in job.user_ids if u not in devices]
+    devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
+    chosen = recipients.choose(job, devices)
+    unresolved = chosen.unresolved
     holders: dict[str, str] = {}
-    per_user: dict[str, list[str]] = {}
-    for user_id, user_devices in devices.items():
-        tokens = [t for t, p in user_devices.items() if not job.platforms or p in job.platforms]
-        if tokens:
-            per_user[user_id] = tokens
-    without_tokens = len(devices) - len(per_user)
-    skipped: list[str] = []
-    if job.once:
-        allowed, skipped = claims.claim_once(job.id, job.once, sorted(per_user))
-        per_user = {u: per_user[u] for u in allowed}
-    for user_id, tokens in per_user.items():
+    for user_id, tokens in chosen.per_user.items():
         for token in tokens:
             holders.setdefault(token, user_id)
     tokens = list(holders)
-    clock = _into_ledger(claims, job, part, tokens, without_tokens, len(skipped), complete=not unresolved)
-    deadlines = _deadlines(job, devices, clock, s)
+    claims.register_part(
+        job.id,
+        part,
+        tokens,
+        chosen.without_tokens,
+        chosen.skipped_once,
+        complete=not unresolved,
+        muted=chosen.muted,
+        capped=chosen.capped,
+    )
+    deadlines = _deadlines(job, part, devices, claims, s)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -175,7 +183,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         return await dispatch(
             job.id,
             tokens,
-            message_for=template.for_token,
+            message_for=template.message_for(locales),
             send=client.send,
             claims=claims,
             remove_dead=remove_dead,
@@ -188,26 +196,10 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         )
 
     outcome = instance.run(run())
-    if job.once:
-        _release_undelivered_once(job, per_user)
-    log.info(
-        "part processed",
-        extra={
-            "notification_id": job.id,
-            "part": part,
-            "parts": parts,
-            "tokens": len(tokens),
-            "sent": outcome.sent,
-            "dead_removed": len(outcome.removed),
-            "busy": len(outcome.busy),
-            "later": len(outcome.later),
-            "expired": outcome.expired,
-            "paused": outcome.paused,
-            "unresolved_users": len(unresolved),
-        },
-    )
+    _give_back(job, chosen.per_user)
+    _log_part(job, part, parts, tokens, outcome, unresolved)
     if unresolved:
-        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
+        raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
         if not all(entry.final for entry in entries.values()):
@@ -221,27 +213,41 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     return "delivered"
 
 
-def _into_ledger(
-    claims: Claims, job: jobs.Job, part: int, tokens: list[str], without_tokens: int, skipped: int, *, complete: bool
-) -> PartClock:
-    """Put the part's tokens in the ledger; read back its window's clock in the same round trip (the part's
-    first processing only when the job has its own expiry: only that may not cut into its wait)."""
-    started = bool(expiry.own_expiry(job, now_ms()))
-    return claims.register_part(job.id, part, tokens, without_tokens, skipped, complete=complete, started=started)
+def _log_part(
+    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+) -> None:
+    """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
+    log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
+    log.info(
+        "part processed",
+        extra={
+            "event": "part_processed",
+            "notification_id": job.id,
+            "part": part,
+            "parts": parts,
+            "tokens": len(tokens),
+            "sent": outcome.sent,
+            **{final.value: outcome.finals[final.value] for final in FinalOutcome},
+            "busy": len(outcome.busy),
+            "later": len(outcome.later),
+            "paused": outcome.paused,
+            "unresolved_users": len(unresolved),
+        },
+    )
 
 
 def _deadlines(
-    job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], clock: PartClock, s: Settings
+    job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
 ) -> expiry.Deadlines:
     """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance, and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
-    redelivery, after a pause or a retry beyond that wait, gets no grace of its own). ``clock``: what
-    putting the part in the ledger read back (one round trip for both)."""
-    started = clock.started if clock.started is not None else clock.at
+    redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
+    now = now_ms()
+    started = claims.part_started(job.id, part, now) if expiry.own_expiry(job, now) else now
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=clock.accepted_at,
+        accepted_at=claims.accepted_at(job.id) or now,
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
@@ -250,9 +256,12 @@ def _deadlines(
 def _not_while_paused(job: jobs.Job) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
-    or its delivery window has closed (then it expires what is left, and is acknowledged)."""
+    or its delivery window has closed (then it expires what is left, and is acknowledged), or the
+    notification is cancelled (then it cancels what is left, sending nothing, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
+        if instance.claims().cancelled(job.id):
+            return
         accepted = instance.claims().accepted_at(job.id)
         if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
             return
@@ -260,18 +269,27 @@ def _not_while_paused(job: jobs.Job) -> None:
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")
 
 
-def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> None:
-    """Give back the one-time claim of users none of whose devices got the notification."""
-    claims = instance.claims()
+def _give_back(job: jobs.Job, per_user: dict[str, list[str]]) -> None:
+    """What the notification took from users it did not reach goes back: the one-time claim of a user
+    none of whose devices got it (all final, none delivered), and the daily cap's slot of a user all of
+    whose devices were cancelled (the notification was cancelled before it was sent to any of them)."""
+    claims, cap = instance.claims(), instance.daily_cap()
+    cancelled = bool(cap.limit) and not job.urgent and claims.cancelled(job.id)
+    if not job.once and not cancelled:
+        return
     tokens = [t for ts in per_user.values() for t in ts]
     entries = claims.ledger(job.id, tokens)
-    release = []
+    once, slots = [], []
     for user_id, user_tokens in per_user.items():
         finished = all(entries[t].final for t in user_tokens)
         if finished and not any(entries[t].delivered for t in user_tokens):
-            release.append(user_id)
-    if release:
-        claims.release_once(job.id, job.once or "", release)
+            once.append(user_id)
+        if all(entries[t].outcome is FinalOutcome.CANCELLED for t in user_tokens):
+            slots.append(user_id)
+    if job.once and once:
+        claims.release_once(job.id, job.once, once)
+    if cancelled:
+        cap.release(job.id, slots)
 
 
 def _count(name: str) -> None:

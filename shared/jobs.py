@@ -3,13 +3,24 @@
 A job asks for one notification to be sent to many users. It reaches the pipeline two ways:
 
 * ``send``'s HTTP request body, read by :func:`parse_request` (the id is generated here);
-* the public **v1 job** on the Pub/Sub topic: the same body plus ``"version": 1`` and an
-  optional ``"id"``, read by :func:`parse_v1` and written by :func:`to_v1`. Any service may
-  publish one, so it is validated exactly as ``send`` validates (the same code).
+* the public **job** on the Pub/Sub topic: the same body plus ``"version"`` and an optional
+  ``"id"``, read by :func:`parse_v1` and written by :func:`to_v1`. Any service may publish one, so
+  it is validated exactly as ``send`` validates (the same code).
 
-``infra/job.schema.json`` describes the v1 job as a JSON Schema; ``tests/test_jobs.py`` keeps the
+**Versions.** A job that uses any field of ``V2_FIELDS`` is ``"version": 2``; one that uses none is
+written ``"version": 1`` exactly as before, so a reader that knows only version 1 keeps reading every
+job it can deliver correctly (and does not acknowledge a version-2 job: ``shared/delivery.py``).
+The parser reads both; a version-1 job that carries a ``V2_FIELDS`` field is refused, naming it.
+**Adding a field that older readers must not ignore** (an extension point): append its name to
+``V2_FIELDS``, give ``Job`` an attribute of that name that is None when the field is absent, parse
+it in ``_build``, and describe it in ``infra/job.schema.json`` (a property, plus a line in
+``dependentSchemas`` requiring version 2; ``tests/test_jobs.py`` checks both). :func:`to_v1` writes it
+(dicts and tuples as JSON objects and lists) and picks the version by itself.
+
+``infra/job.schema.json`` describes the job as a JSON Schema; ``tests/test_jobs.py`` keeps the
 two in agreement. What the schema cannot say: duplicate user ids are removed, strings must be
-valid Unicode (no lone surrogates), and notification + data must fit FCM's 4,096 bytes.
+valid Unicode (no lone surrogates), two ``localized`` locales may not be equal once canonical, and
+notification (or any localized variant) + data must fit FCM's 4,096 bytes.
 
 Every rule failure is a :class:`JobError` whose message names the field path and the problem.
 """
@@ -24,13 +35,20 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
+from shared.attributes import AttributeRuleError, canonical_locale
+from shared.preferences import CATEGORY_PATTERN
+
 __all__ = [
+    "ANALYTICS_LABEL_PATTERN",
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
+    "MAX_VARIANTS",
     "PLATFORMS",
+    "V2_FIELDS",
     "Job",
     "JobError",
+    "check_analytics_label",
     "check_data_key",
     "check_platforms",
     "check_user_ids",
@@ -41,14 +59,19 @@ __all__ = [
     "to_v1",
     "type_name",
     "valid_unicode",
+    "version_of",
     "with_users",
 ]
 
-VERSION = 1
+VERSION = 1  # a job using no V2_FIELDS field is written as this version: every reader knows it
+LATEST_VERSION = 2  # the newest version this service reads and writes
+VERSIONS = (1, 2)
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
 MAX_ONCE_CHARS = 64
 ONCE_PATTERN = rf"^[A-Za-z0-9_.-]{{1,{MAX_ONCE_CHARS}}}$"
+# FCM's rule for fcm_options.analytics_label (it groups delivery reports and the BigQuery export by it)
+ANALYTICS_LABEL_PATTERN = r"^[A-Za-z0-9_.~%-]{1,50}$"
 MAX_USER_IDS = 10_000
 MAX_USER_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 4096
@@ -57,17 +80,24 @@ MAX_URL_CHARS = 2048
 MAX_BADGE = 2**31 - 1
 MAX_TTL_SECONDS = 28 * 86_400  # FCM keeps a message at most 4 weeks
 PLATFORMS = ("android", "ios", "web")
+MAX_VARIANTS = 100  # localized: variants per job
 
 # FCM's documented reserved data keys: "from", "notification", "message_type", and any key starting
 # with "google." or "gcm.". ("collapse_key" is not reserved in HTTP v1: it lives in android.collapse_key.)
 RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
-REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
-V1_FIELDS = ("version", "id", *REQUEST_FIELDS)
+# The fields that make a job version 2 (see the module docstring: one line here per new field).
+V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label", "category", "urgent")
+V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
+REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
+V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
+JOB_FIELDS = ("version", "id", *REQUEST_FIELDS)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
+_CATEGORY_RE = re.compile(CATEGORY_PATTERN)
+_ANALYTICS_LABEL_RE = re.compile(ANALYTICS_LABEL_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -97,6 +127,16 @@ class Job:
     android: dict | None = None
     apns: dict | None = None
     webpush: dict | None = None
+    # version 2 (V2_FIELDS): None when absent
+    localized: dict[str, dict] | None = None  # canonical locale -> notification text, in the given order
+    category: str | None = None  # what a user may mute (shared/preferences.py); None: never muted
+    urgent: bool | None = None  # True: past quiet hours and the daily cap (never a mute); false is None
+    analytics_label: str | None = None  # FCM's fcm_options.analytics_label of every message
+
+
+def version_of(job: Job) -> int:
+    """The version ``job`` is written as: 2 when it uses a ``V2_FIELDS`` field, else 1."""
+    return LATEST_VERSION if any(getattr(job, name) is not None for name in V2_FIELDS) else VERSION
 
 
 def new_id() -> str:
@@ -311,17 +351,48 @@ def check_user_ids(value: object, path: str = "user_ids") -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _notification(value: object) -> dict:
-    obj = _object(value, "notification")
-    _no_unknown(obj, ("title", "body", "image"), "notification")
+def _notification(value: object, path: str = "notification") -> dict:
+    obj = _object(value, path)
+    _no_unknown(obj, ("title", "body", "image"), path)
     out: dict = {}
     for key in ("title", "body"):
         if key in obj:
-            out[key] = _string(obj[key], f"notification.{key}", max_chars=None)  # the payload limit applies
+            out[key] = _string(obj[key], f"{path}.{key}", max_chars=None)  # the payload limit applies
     if not out.get("title") and not out.get("body"):
-        raise JobError("notification must have a non-empty title or body")
+        raise JobError(f"{path} must have a non-empty title or body")
     if "image" in obj:
-        out["image"] = _http_url(obj["image"], "notification.image")
+        out["image"] = _http_url(obj["image"], f"{path}.image")
+    return out
+
+
+def _localized(value: object, notification: dict | None, data: dict | None) -> dict[str, dict]:
+    """``localized``: locale -> a whole notification text (title, body, image) for the devices it
+    selects; keys made canonical (two equal once canonical are refused); each variant with ``data``
+    within FCM's payload limit."""
+    obj = _object(value, "localized")
+    if notification is None:
+        raise JobError("localized needs a notification (for devices no variant selects): not on a data-only job")
+    if not obj:
+        raise JobError("localized must have at least one variant (leave localized out to send none)")
+    if len(obj) > MAX_VARIANTS:
+        raise JobError(f"localized has {len(obj)} variants; at most {MAX_VARIANTS} are allowed")
+    out: dict[str, dict] = {}
+    given: dict[str, str] = {}
+    for key, item in obj.items():
+        try:
+            tag = canonical_locale(key)
+        except AttributeRuleError as exc:
+            raise JobError(f"localized keys {exc}") from None
+        if tag in out:
+            raise JobError(f"localized has the locale {tag!r} twice ({given[tag]!r} and {key!r})")
+        variant = _notification(item, f"localized.{key}")
+        size = payload_size(variant, data)
+        if size > MAX_PAYLOAD_BYTES:
+            raise JobError(
+                f"payload is {size} bytes with localized.{key}; FCM allows at most {MAX_PAYLOAD_BYTES} "
+                "(compact JSON of the variant and data)"
+            )
+        out[tag], given[tag] = variant, key
     return out
 
 
@@ -360,6 +431,28 @@ def check_platforms(value: object) -> tuple[str, ...]:
         if item in value[:i]:
             raise JobError(f"platforms[{i}] repeats {item!r}")
     return tuple(p for p in PLATFORMS if p in value)
+
+
+def _category(value: object) -> str:
+    if not isinstance(value, str) or not _CATEGORY_RE.fullmatch(value):
+        raise JobError(f"category must be 1 to 64 characters of a-z 0-9 _ . -, got {_shown_text(value)}")
+    return value
+
+
+def _urgent(value: object) -> bool | None:
+    """``urgent``: true, or false (the default, kept as None: a job with ``"urgent": false`` is the same
+    job as one without it)."""
+    if not isinstance(value, bool):
+        raise JobError(f"urgent must be true or false, got {type_name(value)}")
+    return True if value else None
+
+
+def check_analytics_label(value: object, path: str = "analytics_label") -> str:
+    """FCM's analytics label: 1 to 50 of A-Z a-z 0-9 - _ . ~ %. Raises JobError naming ``path``."""
+    if not isinstance(value, str) or not _ANALYTICS_LABEL_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f"{path} must be 1 to 50 characters of A-Z a-z 0-9 - _ . ~ % (FCM's rule), got {shown}")
+    return value
 
 
 def _once(value: object) -> str:
@@ -412,6 +505,10 @@ def _build(obj: Mapping, job_id: str) -> Job:
         raise JobError(
             f"payload is {size} bytes; FCM allows at most {MAX_PAYLOAD_BYTES} (compact JSON of notification and data)"
         )
+    localized = _localized(obj["localized"], notification, data) if "localized" in obj else None
+    category = _category(obj["category"]) if "category" in obj else None
+    urgent = _urgent(obj["urgent"]) if "urgent" in obj else None
+    label = check_analytics_label(obj["analytics_label"]) if "analytics_label" in obj else None
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -422,6 +519,10 @@ def _build(obj: Mapping, job_id: str) -> Job:
         android=options.get("android"),
         apns=options.get("apns"),
         webpush=options.get("webpush"),
+        localized=localized,
+        category=category,
+        urgent=urgent,
+        analytics_label=label,
     )
 
 
@@ -446,22 +547,31 @@ def parse_request(body: object) -> Job:
 
 
 def parse_v1(payload: object, default_id: str | None = None) -> Job:
-    """Validate a public v1 job (decoded JSON): ``send``'s body plus ``"version": 1`` and an optional ``"id"``.
+    """Validate a public job (decoded JSON): ``send``'s body plus ``"version"`` (1, or 2 for a job
+    using a ``V2_FIELDS`` field) and an optional ``"id"``.
 
     The id is the payload's ``id``, else ``default_id``, else a new one. Duplicate ``user_ids`` are
-    removed, keeping order. Raises JobError for anything else, including another version.
+    removed, keeping order. Raises JobError for anything else, including another version and a
+    version-1 job carrying a version-2 field.
     """
     obj = _object(payload, "the job")
     if "version" not in obj:
-        raise JobError('version is required: a job must say "version": 1')
+        raise JobError('version is required: a job must say "version": 1 (or 2)')
     version = obj["version"]
-    if isinstance(version, bool) or version != VERSION or not isinstance(version, int | float):
+    if isinstance(version, bool) or version not in VERSIONS or not isinstance(version, int | float):
         shown = json.dumps(version) if isinstance(version, str) and len(version) <= 100 else _shown(version)
-        raise JobError(f"unsupported job version {shown}; this service reads version {VERSION}")
-    unknown = [k for k in obj if k not in V1_FIELDS]
+        readable = " and ".join(str(v) for v in VERSIONS)
+        raise JobError(f"unsupported job version {shown}; this service reads versions {readable}")
+    unknown = [k for k in obj if k not in JOB_FIELDS]
     if unknown:
         noun = "field" if len(unknown) == 1 else "fields"
-        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(V1_FIELDS)}")
+        raise JobError(f"unknown {noun}: {_key_list(unknown)}; allowed: {', '.join(JOB_FIELDS)}")
+    newer = [k for k in V2_FIELDS if k in obj]
+    if newer and version < LATEST_VERSION:
+        raise JobError(
+            f'{newer[0]} needs "version": {LATEST_VERSION}; a version-{int(version)} job cannot carry it '
+            "(a reader of that version would ignore it)"
+        )
     if "id" in obj:
         job_id = _id(obj["id"])
     elif default_id is not None:
@@ -474,12 +584,15 @@ def parse_v1(payload: object, default_id: str | None = None) -> Job:
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_copy(v) for v in value]
     return value
 
 
 def to_v1(job: Job) -> dict:
-    """Encode a Job as a public v1 job (a JSON-ready dict); ``parse_v1(to_v1(job)) == job``."""
-    out: dict[str, Any] = {"version": VERSION, "id": job.id, "user_ids": list(job.user_ids)}
+    """Encode a Job as a public job (a JSON-ready dict) of the version it needs (:func:`version_of`):
+    version 1 unless it uses a ``V2_FIELDS`` field; ``parse_v1(to_v1(job)) == job``."""
+    out: dict[str, Any] = {"version": version_of(job), "id": job.id, "user_ids": list(job.user_ids)}
     if job.notification is not None:
         out["notification"] = _copy(job.notification)
     if job.data is not None:
@@ -489,6 +602,10 @@ def to_v1(job: Job) -> dict:
     if job.once is not None:
         out["once"] = job.once
     for name in ("android", "apns", "webpush"):
+        value = getattr(job, name)
+        if value is not None:
+            out[name] = _copy(value)
+    for name in V2_FIELDS:
         value = getattr(job, name)
         if value is not None:
             out[name] = _copy(value)

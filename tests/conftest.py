@@ -69,7 +69,7 @@ def base_env(servers: Servers) -> dict[str, str]:
 
 def clean(servers: Servers) -> None:
     database = Database(servers.database_url)
-    database.run("TRUNCATE device_tokens, token_cache_dirty")
+    database.run("TRUNCATE device_tokens, token_cache_dirty, user_preferences, preferences_cache_dirty")
     database.close()
     import redis
 
@@ -165,6 +165,25 @@ def e2e_stack(servers: Servers):
     stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url)
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def e2e_sdk_stack(servers: Servers):
+    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
+    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["http", "sdk"])
+def both_clients(request):
+    """A client of the system on each FCM client path in turn (our HTTP client, firebase-admin's)."""
+    from tests.e2e_client import Client
+
+    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
+    c = Client(stack)
+    yield c
+    c.close()
 
 
 class Clock:

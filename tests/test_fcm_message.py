@@ -168,3 +168,67 @@ def test_property_every_message_is_consistent(payload: dict) -> None:
     else:
         assert message["android"]["notification"]["tag"] == job.id
     assert set(message) <= {"token", "notification", "data", "android", "apns", "webpush"}
+
+
+# --- localized text -----------------------------------------------------------------------------
+
+LOCALIZED = {
+    **NOTIFY,
+    "version": 2,
+    "data": {"k": "v"},
+    "android": {"priority": "high"},
+    "localized": {
+        "de": {"title": "Hallo", "body": "du"},
+        "de-AT": {"title": "Servus"},
+        "zh-Hans": {"body": "你好", "image": "https://cdn.example.com/zh.png"},
+        "fr-CA": {"title": "Allo"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("locale", "expected"),
+    [
+        ("de-AT", {"title": "Servus"}),  # its own locale; what the variant leaves out is absent
+        ("de", {"title": "Hallo", "body": "du"}),
+        ("de-CH", {"title": "Hallo", "body": "du"}),  # shortened: de-CH -> de
+        ("zh-Hans-CN", {"body": "你好", "image": "https://cdn.example.com/zh.png"}),  # zh-Hans-CN -> zh-Hans
+        ("zh-Hant-TW", {"title": "Hi", "body": "there"}),  # zh-Hant-TW -> zh-Hant -> zh: none, the job's
+        ("fr-FR", {"title": "Hi", "body": "there"}),  # never a sibling region (fr-CA)
+        ("fr", {"title": "Hi", "body": "there"}),  # nor a longer tag
+        ("en-US", {"title": "Hi", "body": "there"}),
+        (None, {"title": "Hi", "body": "there"}),  # a device without a locale
+    ],
+)
+def test_a_device_gets_the_variant_its_locale_selects(locale: str | None, expected: dict) -> None:
+    job = job_of(LOCALIZED)
+    template = MessageTemplate(job)
+    message = template.message_for({"tok": locale} if locale else {})("tok")
+    assert message["notification"] == expected
+    assert message == {**build_message(job, "tok"), "notification": expected}  # everything else is the job's
+    assert build_message(job, "tok", locale)["notification"] == expected
+
+
+def test_localized_bases_are_built_once_per_locale_and_shared() -> None:
+    template = MessageTemplate(job_of(LOCALIZED))
+    message_for = template.message_for({"a": "de-CH", "b": "de-CH", "c": "de", "d": "en"})
+    a, b, c, d, e = (message_for(t) for t in "abcde")
+    assert a["notification"] is b["notification"]  # de-CH chose once
+    assert (
+        a["notification"] == c["notification"]
+        and d["notification"] is e["notification"] is template.base["notification"]
+    )
+    assert a["android"] is template.base["android"]
+
+
+def test_without_localized_text_the_plain_path_is_used() -> None:
+    template = MessageTemplate(job_of(NOTIFY))
+    assert template.message_for({"tok": "de"}) == template.for_token
+
+
+def test_localized_variants_are_not_aliased_to_the_job() -> None:
+    job = job_of(LOCALIZED)
+    before = to_v1(job)
+    message = MessageTemplate(job).for_token("tok", "de")
+    message["notification"]["title"] = "changed"
+    assert to_v1(job) == before

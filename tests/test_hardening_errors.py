@@ -285,7 +285,8 @@ def test_a_refused_command_is_an_outage_logged_as_a_possible_bug(env, receiver, 
 
 # --- 8. jobs from a newer deploy go back to the bus -------------------------------------------------
 
-NEWER = {"version": 2, "user_ids": ["alice"], "notification": {"title": "Hi"}, "audience": {"segment": "new"}}
+NEWER = {"version": 3, "user_ids": ["alice"], "notification": {"title": "Hi"}, "audience": {"segment": "new"}}
+V2 = {"version": 2, "user_ids": ["alice"], "notification": {"title": "Hi"}, "localized": {"de": {"title": "Hallo"}}}
 
 
 def pubsub(payload: dict) -> dict:
@@ -296,9 +297,9 @@ def pubsub(payload: dict) -> dict:
 @pytest.mark.parametrize(
     ("payload", "named"),
     [
-        (NEWER, "job version 2"),
+        (NEWER, "job version 3"),
         ({**NEWER, "version": 7.0}, "job version 7"),
-        ({"kind": "part", "part": 0, "parts": 1, "job": NEWER}, "job version 2"),
+        ({"kind": "part", "part": 0, "parts": 1, "job": NEWER}, "job version 3"),
         ({"kind": "batch", "jobs": [NEWER]}, "message kind 'batch'"),
     ],
 )
@@ -318,6 +319,21 @@ def test_a_message_of_an_unknown_version_or_kind_is_not_acknowledged(fcm, store,
     assert len(warnings) == 1
 
 
+@pytest.mark.parametrize("payload", [V2, {"kind": "part", "part": 0, "parts": 1, "job": V2}])
+def test_a_deliver_that_knows_only_version_1_does_not_acknowledge_a_version_2_job(
+    fcm, store, log_lines, monkeypatch, payload
+):
+    """The rule older deploys follow, shown on this one by making it read only version 1."""
+    from shared import delivery, jobs
+
+    monkeypatch.setattr(jobs, "LATEST_VERSION", 1)
+    store.register("alice", "tok-a")
+    with pytest.raises(delivery.RetryLater, match="job version 2"):
+        delivery.handle(pubsub(payload))
+    assert fcm.messages() == []
+    assert instance.claims().stats() == {}
+
+
 def test_deliver_answers_503_to_a_job_of_a_newer_version(fcm, monkeypatch):
     deliver = app("deliver", monkeypatch)
     redeliver(cloud_event(deliver, NEWER))
@@ -330,6 +346,8 @@ def test_deliver_answers_503_to_a_job_of_a_newer_version(fcm, monkeypatch):
         {**NEWER, "version": 1},  # a known version with an unknown field: invalid, never deliverable
         {**NEWER, "version": 0},
         {**NEWER, "version": "2"},
+        {**NEWER, "version": 2},  # a known version with an unknown field
+        {**V2, "version": 1},  # a version-2 field in a version-1 job
         {**NEWER, "version": 2.5},
         {**NEWER, "version": True},
         {**NEWER, "version": None},

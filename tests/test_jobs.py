@@ -1,4 +1,4 @@
-"""The job model (shared/jobs.py) and the public v1 JSON Schema (infra/job.schema.json)."""
+"""The job model (shared/jobs.py) and the public job's JSON Schema (infra/job.schema.json), versions 1 and 2."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def v1(**fields: object) -> dict:
     job = {"version": 1, "user_ids": ["u1", "u2"], "notification": {"title": "Hi", "body": "there"}}
     job.update(fields)
     return {k: v for k, v in job.items() if v is not ...}
+
+
+def v2(**fields: object) -> dict:
+    """A valid version-2 job (it has localized text) with ``fields`` replaced."""
+    return v1(**{"version": 2, "localized": {"de": {"title": "Hallo", "body": "da"}}, **fields})
 
 
 def data_only(**fields: object) -> dict:
@@ -97,6 +102,26 @@ VALID = {
         apns={"headers": {"apns-expiration": "0"}},
         webpush={"headers": {"Urgency": "high"}},
     ),
+    "localized": v2(),
+    "localized with image, script and numeric region": v2(
+        localized={
+            "de-AT": {"title": "Servus", "image": "https://cdn.example.com/at.png"},
+            "zh-Hans-CN": {"body": "你好"},
+            "es-419": {"title": "Hola"},
+            "pt_br": {"title": "", "body": "Olá"},
+        }
+    ),
+    "localized with data": v2(data={"a": "b"}, platforms=["ios"], once="k"),
+    "localized, 100 variants": v2(
+        localized={
+            f"{a}{b}": {"title": f"t{i}"} for i, (a, b) in enumerate((a, b) for a in "abcdefghij" for b in "klmnopqrst")
+        }
+    ),
+    "version 2 without a version-2 field": v1(version=2),
+    "category": v1(version=2, category="marketing"),
+    "category with every allowed character": v1(version=2, category="a-z_0.9" + "x" * 57),
+    "urgent": v1(version=2, urgent=True),
+    "category, urgent and localized": v2(category="news.daily", urgent=True),
 }
 
 
@@ -141,7 +166,8 @@ INVALID = {
     "unknown top-level fields": (v1(foo=1, bar=2), "unknown fields: 'foo', 'bar'", True),
     # version / id
     "missing version": (v1(version=...), "version is required", True),
-    "version 2": (v1(version=2), "unsupported job version 2", True),
+    "version 3": (v1(version=3), "unsupported job version 3; this service reads versions 1 and 2", True),
+    "version 2.5": (v1(version=2.5), "unsupported job version 2.5", True),
     "version as string": (v1(version="1"), 'unsupported job version "1"', True),
     "version true": (v1(version=True), "unsupported job version true", True),
     "id with space": (v1(id="a b"), "id must be 1 to 32 characters", True),
@@ -328,6 +354,68 @@ INVALID = {
     # payload size
     "payload too big": (v1(notification={"title": BIG}, data={"k": "y" * 200}), "payload is ", False),
     "payload too big in UTF-8": (data_only(data={"k": "é" * 2100}), "payload is 4217 bytes", False),
+    # localized (version 2)
+    "localized in a version-1 job": (
+        v2(version=1),
+        'localized needs "version": 2; a version-1 job cannot carry it',
+        True,
+    ),
+    "localized on a data-only job": (
+        data_only(version=2, localized={"de": {"title": "t"}}),
+        "localized needs a notification",
+        True,
+    ),
+    "localized not an object": (v2(localized=["de"]), "localized must be an object, got a list", True),
+    "localized empty": (v2(localized={}), "localized must have at least one variant", True),
+    "localized over 100 variants": (
+        v2(localized={f"{a}{b}{c}": {"title": "t"} for a in "abcde" for b in "fghij" for c in "klmn" + "o"}),
+        "localized has 125 variants; at most 100",
+        True,
+    ),
+    "localized key not a locale": (v2(localized={"german": {"title": "t"}}), "localized keys must be a BCP 47", True),
+    "localized key with a variant subtag": (
+        v2(localized={"de-DE-1996": {"title": "t"}}),
+        "localized keys must be a BCP 47 locale",
+        True,
+    ),
+    "localized key with a trailing dash": (v2(localized={"de-": {"title": "t"}}), "localized keys must be", True),
+    "localized keys equal once canonical": (
+        v2(localized={"de-at": {"title": "a"}, "de_AT": {"title": "b"}}),
+        "localized has the locale 'de-AT' twice ('de-at' and 'de_AT')",
+        False,
+    ),
+    "localized variant empty": (v2(localized={"fr": {}}), "localized.fr must have a non-empty title or body", True),
+    "localized variant not an object": (v2(localized={"fr": "Salut"}), "localized.fr must be an object", True),
+    "localized variant unknown key": (
+        v2(localized={"fr": {"title": "t", "data": {}}}),
+        "unknown field localized.fr.data",
+        True,
+    ),
+    "localized variant title not a string": (
+        v2(localized={"fr": {"title": 1}}),
+        "localized.fr.title must be a string, got a number",
+        True,
+    ),
+    "localized variant bad image": (
+        v2(localized={"fr": {"title": "t", "image": "cat.png"}}),
+        "localized.fr.image must be an absolute http",
+        True,
+    ),
+    "category in a version-1 job": (v1(category="news"), 'category needs "version": 2', True),
+    "urgent in a version-1 job": (v1(urgent=True), 'urgent needs "version": 2', True),
+    "urgent false in a version-1 job": (v1(urgent=False), 'urgent needs "version": 2', True),
+    "category upper case": (v2(category="News"), "category must be 1 to 64 characters of a-z 0-9 _ . -", True),
+    "category empty": (v2(category=""), "category must be 1 to 64 characters", True),
+    "category too long": (v2(category="c" * 65), "category must be 1 to 64 characters", True),
+    "category with a colon": (v2(category="a:b"), "category must be 1 to 64 characters", True),
+    "category not a string": (v2(category=3), "category must be 1 to 64 characters", True),
+    "urgent not a boolean": (v2(urgent="yes"), "urgent must be true or false, got a string", True),
+    "urgent a number": (v2(urgent=1), "urgent must be true or false, got a number", True),
+    "localized variant too big with data": (
+        v2(data={"k": "x" * 2000}, localized={"fr": {"title": "é" * 1100}}),
+        "payload is 4245 bytes with localized.fr; FCM allows at most 4096",
+        False,
+    ),
 }
 
 
@@ -344,8 +432,9 @@ def about_the_body(payload: object) -> bool:
     return (
         isinstance(payload, dict)
         and type(payload.get("version")) is int
-        and payload["version"] == 1
+        and payload["version"] in (1, 2)
         and ("id" not in payload)
+        and not (payload["version"] == 1 and any(f in payload for f in jobs.V2_FIELDS))
     )
 
 
@@ -439,6 +528,59 @@ def test_v1_version_may_be_written_1_0() -> None:
     # JSON has one number type: 1.0 is 1 (as the schema's const says too).
     assert parse_v1(v1(version=1.0, id="a")) == parse_v1(v1(version=1, id="a"))
     assert schema_ok(v1(version=1.0))
+
+
+# --- job version 2 -------------------------------------------------------------------------------
+
+
+def test_a_job_without_a_version_2_field_is_written_as_version_1() -> None:
+    """Older readers keep reading every job that needs nothing new: version 1 exactly as before."""
+    for name, payload in VALID.items():
+        job = parse_v1(payload)
+        uses_v2 = any(f in payload for f in jobs.V2_FIELDS)
+        assert to_v1(job)["version"] == jobs.version_of(job) == (2 if uses_v2 else 1), name
+        assert to_v1(parse_request(body_of(payload)))["version"] == (2 if uses_v2 else 1), name
+
+
+def test_a_localized_job_is_written_as_version_2_with_canonical_locales() -> None:
+    job = parse_request(body_of(v2(localized={"pt_br": {"body": "Olá"}, "ZH-hans-cn": {"title": "你好"}})))
+    encoded = to_v1(job)
+    assert encoded["version"] == 2
+    assert encoded["localized"] == {"pt-BR": {"body": "Olá"}, "zh-Hans-CN": {"title": "你好"}}
+    assert list(encoded["localized"]) == ["pt-BR", "zh-Hans-CN"]  # the given order
+    assert parse_v1(encoded) == replace(job, id=encoded["id"])
+    assert schema_ok(encoded)
+
+
+def test_urgent_false_is_the_default_and_keeps_a_job_version_1() -> None:
+    job = parse_request({"user_ids": ["u"], "notification": {"title": "t"}, "urgent": False})
+    assert job.urgent is None and to_v1(job)["version"] == 1 and "urgent" not in to_v1(job)
+    job = parse_request({"user_ids": ["u"], "notification": {"title": "t"}, "urgent": True, "category": "news"})
+    assert to_v1(job)["version"] == 2 and to_v1(job)["urgent"] is True and to_v1(job)["category"] == "news"
+    assert parse_v1(to_v1(job)) == job
+
+
+def test_version_2_may_be_written_2_0() -> None:
+    assert parse_v1(v2(version=2.0, id="a")) == parse_v1(v2(version=2, id="a"))
+    assert schema_ok(v2(version=2.0))
+
+
+def test_every_version_2_field_is_in_the_schema_and_needs_version_2() -> None:
+    """The extension point: a field added to V2_FIELDS must be described, and required to say version 2."""
+    assert jobs.V2_FIELDS, "localized at least"
+    for name in jobs.V2_FIELDS:
+        assert name in SCHEMA["properties"], name
+        assert SCHEMA["dependentSchemas"][name] == {"$ref": "#/$defs/version2"}, name
+        assert name in jobs.REQUEST_FIELDS and name not in jobs.V1_FIELDS
+        assert jobs.Job.__dataclass_fields__[name].default is None, name
+    assert set(SCHEMA["dependentSchemas"]) == set(jobs.V2_FIELDS)
+
+
+def test_with_users_keeps_the_localized_text_of_a_part() -> None:
+    job = parse_v1(v2(id="job2"))
+    part = with_users(job, ["x"])
+    assert part.localized == job.localized
+    assert to_v1(part)["version"] == 2
 
 
 def test_id_pattern_rejects_trailing_newline() -> None:
@@ -664,8 +806,14 @@ def valid_payloads(draw: st.DrawFn) -> dict:
             },
         )
     )
+    localized = None
+    if notification is not None and draw(st.booleans()):
+        tags = draw(st.lists(st.sampled_from(["de", "de-AT", "fr_CA", "zh-Hans-CN", "es-419", "pt"]), unique=True))
+        variant = st.fixed_dictionaries({"title": safe_text.filter(bool)}, optional={"body": safe_text})
+        localized = {tag: draw(variant) for tag in tags} or None
     payload = {
-        "version": 1,
+        "version": 2 if localized else 1,
+        "localized": localized,
         "id": draw(st.none() | st.from_regex(r"\A[A-Za-z0-9_-]{1,32}\Z")),
         "user_ids": draw(st.lists(user_id, min_size=1, max_size=20)),
         "notification": notification,
@@ -698,7 +846,20 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
-KEYS = [*list(jobs.V1_FIELDS), "title", "body", "image", "priority", "ttl", "headers", "payload", "aps", "badge"]
+KEYS = [
+    *list(jobs.JOB_FIELDS),
+    "de",
+    "fr-CA",
+    "title",
+    "body",
+    "image",
+    "priority",
+    "ttl",
+    "headers",
+    "payload",
+    "aps",
+    "badge",
+]
 json_objects = st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), json_values, max_size=8)
 
 
@@ -750,6 +911,8 @@ PLANTS = st.sampled_from(
         {"sound": "s"},
         {"apns-priority": "10"},
         {"badge": -1},
+        {"de": {"title": "t"}},
+        {"fr-CA": {}},
     ]
 )
 PLANT_KEYS = st.sampled_from([*KEYS, "sound", "channel_id", "link", "TTL", "Urgency", "apns-priority", "zz", "a"])

@@ -192,7 +192,7 @@ def test_registering_to_a_cached_set_sends_no_snapshot(store, monkeypatch):
     script = store._register
     monkeypatch.setattr(store, "_register", lambda keys, args: sent.append(args) or script(keys=keys, args=args))
     store.register("alice", "t5", "ios")
-    assert len(sent[0]) == 5  # ttl, token, platform, expected version, snapshot size: no pairs
+    assert len(sent[0]) == 6  # ttl, token, platform, locale, expected version, snapshot size: no triples
     assert set_of(store, "alice") == {f"t{i}" for i in range(6)}
     assert store.tokens("alice")["t5"] == "ios"
 
