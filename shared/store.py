@@ -163,6 +163,8 @@ class Registration:
     cached: bool = True  # False when Redis could not be updated (the user is marked dirty)
 
 
+_CACHED = "cached"  # _before_register: the user's set is cached (never a version: those are numbers)
+
 # --- Redis scripts -------------------------------------------------------------------------------
 
 # KEYS: set, platforms, version, locales of the registering user, then the same four of each user
@@ -238,18 +240,18 @@ return #KEYS
 # json_array_elements_text(CAST(:x AS json)): each element stays exactly its string (pg8000's own
 # array literals turn the string "null" into SQL NULL).
 
-# One statement: take the token from its other owners, upsert it, evict the least recently
-# refreshed devices beyond the per-user limit, record what the cache owes, and return the user's
-# live devices. What the cache owes: the users the token moved from (and the user, when a device
-# was evicted) are marked in token_cache_dirty in the same transaction as the change, because a
-# retry of this registration finds nothing left to move or evict and would never clean their
-# cached sets if this one's Redis step did not run (a timeout after the commit, a failover, the
-# instance killed). The marks are left in place after a successful Redis step: moves and evictions
-# are rare, and the cost is one rebuild of that user on their next read, not a second statement.
-# Attributes: each ``keep_*`` true keeps the stored value (the registration left the field out), else
-# the given value (NULL clears) is stored. A token that moves to this user keeps the attributes it
-# had (the device's, not the user's) unless given, and its created_at restarts: first registered for
-# its current user.
+# One statement: take the token from its other owners, upsert it, evict the least recently refreshed
+# devices beyond the per-user limit, record what the cache owes, and return the user's live devices
+# when ``:live`` asks for them (only to rebuild a set that is not cached). What the cache owes: the
+# users the token moved from (and the user, when a device was evicted) are marked in
+# token_cache_dirty in the same transaction as the change, because a retry of this registration
+# finds nothing left to move or evict and would never clean their cached sets if this one's Redis
+# step did not run (a timeout after the commit, a failover, the instance killed). The marks are left
+# in place after a successful Redis step: moves and evictions are rare, and the cost is one rebuild
+# of that user on their next read, not a second statement. Attributes: each ``keep_*`` true keeps
+# the stored value (the registration left the field out), else the given value (NULL clears) is
+# stored. A token that moves to this user keeps the attributes it had (the device's, not the user's)
+# unless given, and its created_at restarts: first registered for its current user.
 _SQL_REGISTER = """
 WITH moved AS (
     DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id
@@ -289,7 +291,7 @@ WITH moved AS (
 SELECT 'moved', user_id, NULL, NULL, NULL FROM moved
 UNION ALL SELECT 'evicted', token, NULL, NULL, NULL FROM evicted
 UNION ALL SELECT 'live', token, platform, locale, NULL FROM device_tokens
-    WHERE user_id = :user_id AND token <> :token
+    WHERE CAST(:live AS boolean) AND user_id = :user_id AND token <> :token
       AND updated_at > now() - make_interval(secs => :ttl)
       AND token NOT IN (SELECT token FROM evicted)
 UNION ALL SELECT 'stored', platform, locale, time_zone, app_version FROM upserted
@@ -466,8 +468,17 @@ class TokenStore:
         check_token(token)
         given = {"platform": platform, "locale": locale, "time_zone": time_zone, "app_version": app_version}
         expected = self._before_register(user_id)
+        if expected == _CACHED:  # the set is there: the script adds the token, or leaves a vanished set absent
+            expected = ""
+        rebuild = expected != ""  # the user's other devices are only needed to rebuild a set that is not cached
         rows = self._sql(
-            _SQL_REGISTER, user_id=user_id, token=token, keep=self.max_tokens - 1, ttl=self.ttl, **_bound(given)
+            _SQL_REGISTER,
+            user_id=user_id,
+            token=token,
+            keep=self.max_tokens - 1,
+            ttl=self.ttl,
+            live=rebuild,
+            **_bound(given),
         )
         result = Registration(user_id, token, None)
         snapshot: list[str] = []
@@ -480,7 +491,8 @@ class TokenStore:
                 snapshot += [value, plat or "", loc or ""]
             elif kind == "stored":
                 result.platform, result.locale, result.time_zone, result.app_version = value, plat, loc, extra
-        snapshot += [token, result.platform or "", result.locale or ""]
+        if rebuild:
+            snapshot += [token, result.platform or "", result.locale or ""]
         keys = cache_keys(user_id)
         for other in result.moved_from:
             keys += cache_keys(other)
@@ -502,7 +514,8 @@ class TokenStore:
         return result
 
     def _before_register(self, user_id: str) -> str:
-        """One Redis round trip: the rate limit, and the user's cache version (for the script)."""
+        """One Redis round trip: the rate limit, and the user's cache version for the script (``_CACHED``
+        when the user's set is cached: the script needs no snapshot to rebuild it)."""
         minute = int(time.time() // 60)
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -510,13 +523,16 @@ class TokenStore:
                 pipe.incr(rate_key(user_id, minute))
                 pipe.expire(rate_key(user_id, minute), 120)
             pipe.get(version_key(user_id))
+            pipe.exists(token_key(user_id))
             replies = pipe.execute()
         except REDIS_ERRORS:
             # Redis down: registrations go on (PostgreSQL is the source); the limit is not enforced.
             return ""
         if self.rate and replies[0] > self.rate:
             raise RateLimited(retry_after=60 - int(time.time()) % 60 or 1)
-        version = replies[-1]
+        version, cached = replies[-2:]
+        if cached:
+            return _CACHED
         return version.decode() if version is not None else "-"
 
     def unregister(self, user_id: str, token: str) -> bool:

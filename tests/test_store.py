@@ -180,3 +180,36 @@ def test_every_token_key_expires(store):
     store.unregister("bob", "t1")
     for key in store.redis.keys("notif:*"):
         assert store.redis.ttl(key) > 0, key
+
+
+def test_registering_to_a_cached_set_sends_no_snapshot(store, monkeypatch):
+    """A user whose set is cached gets the new token added: the script is not sent the user's other
+    devices (they are only needed to rebuild an absent set), so a registration's cost does not grow
+    with the user's device count."""
+    for i in range(5):
+        store.register("alice", f"t{i}", "android")
+    sent: list[list] = []
+    script = store._register
+    monkeypatch.setattr(store, "_register", lambda keys, args: sent.append(args) or script(keys=keys, args=args))
+    store.register("alice", "t5", "ios")
+    assert len(sent[0]) == 6  # ttl, token, platform, locale, expected version, snapshot size: no triples
+    assert set_of(store, "alice") == {f"t{i}" for i in range(6)}
+    assert store.tokens("alice")["t5"] == "ios"
+
+
+def test_a_set_wiped_between_the_check_and_the_script_is_not_left_partial(store, monkeypatch):
+    """The set was cached when the registration looked, and is gone when its script runs: the script
+    leaves it absent (the next read rebuilds it from PostgreSQL), never a set of the new token alone."""
+    store.register("alice", "t1", "android")
+    sql = store._sql
+
+    def wipe_then_sql(*args, **kwargs):
+        store.redis.delete("notif:token:alice", "notif:platform:alice")
+        return sql(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_sql", wipe_then_sql)
+    store.register("alice", "t2", "web")
+    monkeypatch.undo()
+    assert set_of(store, "alice") in (set(), {"t1", "t2"})  # absent or whole, never {"t2"}
+    assert store.tokens("alice") == {"t1": "android", "t2": "web"}
+    assert set_of(store, "alice") == {"t1", "t2"}

@@ -156,6 +156,7 @@ def commit_only(store: TokenStore, user_id: str, token: str) -> None:
         token=token,
         keep=store.max_tokens - 1,
         ttl=store.ttl,
+        live=False,
         **store_module._bound(dict.fromkeys(store_module.ATTRIBUTES, store_module.KEEP)),
     )
 
