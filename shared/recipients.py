@@ -7,8 +7,9 @@ Per user, in this order, each user counted under at most one of them:
   ``once`` already used              (``users.skipped_once``)
   over the daily cap                 (``users.capped``; urgent jobs are neither capped nor counted)
 Preferences are read here, when the part is delivered (the cache, rebuilt from PostgreSQL when missing
-or stale), and only for a job with a category. A user whose tokens or preferences cannot be read now is
-``unresolved``: left out of this copy, which the bus delivers again.
+or stale), and only for a job with a category; a mute that lands after an earlier copy of the part let
+the user through (a token of theirs waits for a retry) does not strand that token. A user whose tokens
+or preferences cannot be read now is ``unresolved``: left out of this copy, which the bus delivers again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared import instance, jobs
-from shared.claims import now_ms
+from shared.claims import LedgerState, now_ms
 
 
 @dataclass
@@ -40,7 +41,7 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
             chosen.per_user[user_id] = tokens
     chosen.without_tokens = len(devices) - len(chosen.per_user)
     if job.category is not None:
-        _unmuted(job.category, chosen)
+        _unmuted(job, job.category, chosen)
     claims = instance.claims()
     if job.once:
         allowed, skipped = claims.claim_once(job.id, job.once, sorted(chosen.per_user))
@@ -55,11 +56,16 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
     return chosen
 
 
-def _unmuted(category: str, chosen: Recipients) -> None:
-    """Leave out the users who muted ``category`` (counted) and those whose preferences are unreadable."""
+def _unmuted(job: jobs.Job, category: str, chosen: Recipients) -> None:
+    """Leave out the users who muted ``category`` (counted) and those whose preferences are unreadable.
+    A user an earlier copy of the part let through (a token of theirs is in the ledger: a retry waits)
+    is not muted now: that copy's decision stands, so their tokens finish and the counts add up."""
     users = sorted(chosen.per_user)
     prefs = instance.preference_store().for_users(users)
     muted = [u for u in users if u in prefs and prefs[u].mutes(category)]
+    if muted:
+        entries = instance.claims().ledger(job.id, [t for u in muted for t in chosen.per_user[u]])
+        muted = [u for u in muted if all(entries[t].state is LedgerState.ABSENT for t in chosen.per_user[u])]
     unread = [u for u in users if u not in prefs]
     for user_id in (*muted, *unread):
         del chosen.per_user[user_id]

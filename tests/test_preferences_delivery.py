@@ -189,3 +189,21 @@ def test_a_copy_of_a_counted_notification_goes_through_at_the_limit(capped, stor
     assert status("e2")["users"]["capped"] == 0 and status("e2")["counts"]["delivered"] == 1
     assert received(capped) == Counter({"tok-a1": 2})
     assert sorted(m.decode() for m in instance.redis_client().zrange("notif:cap:alice", 0, -1)) == ["e1", "e2"]
+
+
+def test_a_mute_that_lands_while_a_retry_waits_still_finishes_the_users_tokens(fcm, store, clock):
+    """The first copy let alice through and her token waits for a retry on the bus; she mutes the category
+    before the redelivery. Her token is in the ledger: the redelivery finishes it (the notification gets
+    to `done` and its counts add up) instead of leaving it `retrying` for ever."""
+    store.register("alice", "slow-a1")
+    fcm.script("slow-a1", ["UNAVAILABLE:30"])
+    ev = event(job("late-mute", ["alice"], category="promo"))
+    with pytest.raises(RetryLater, match="retry beyond"):
+        delivery.handle(ev)
+    mute("alice", "promo")
+    clock.advance(31)
+    assert delivery.handle(ev) == "delivered"
+    found = status("late-mute")
+    assert found["counts"]["retrying"] == 0 and found["counts"]["delivered"] == 1, found
+    assert found["users"]["muted"] == 0, found  # the copy that counted let her through
+    assert_counts_add_up(found, reached_users=1)
