@@ -155,7 +155,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     store, claims = instance.token_store(), instance.claims()
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
-    chosen = recipients.choose(job, devices)
+    chosen = recipients.choose(job, devices, part)
     unresolved = chosen.unresolved
     holders: dict[str, str] = {}
     for user_id, tokens in chosen.per_user.items():

@@ -7,8 +7,9 @@ Per user, in this order, each user counted under at most one of them:
   ``once`` already used              (``users.skipped_once``)
   over the daily cap                 (``users.capped``; urgent jobs are neither capped nor counted)
 Preferences are read here, when the part is delivered (the cache, rebuilt from PostgreSQL when missing
-or stale), and only for a job with a category; a mute that lands after an earlier copy of the part let
-the user through (a token of theirs waits for a retry) does not strand that token. A user whose tokens
+or stale), and only for a job with a category. The copy of a part that counted its users decides for the
+later ones (redeliveries waiting for retries): whom it let through keep going, whom it left out stay out
+(a mute or an unmute since changes neither: no token stranded, no user counted twice). A user whose tokens
 or preferences cannot be read now is ``unresolved``: left out of this copy, which the bus delivers again.
 """
 
@@ -31,7 +32,7 @@ class Recipients:
     unresolved: list[str] = field(default_factory=list)
 
 
-def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Recipients:
+def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], part: int) -> Recipients:
     """Apply the per-user rules to the users whose devices were read (``devices``: user -> token ->
     platform); the job's other users are unresolved."""
     chosen = Recipients({}, unresolved=[u for u in job.user_ids if u not in devices])
@@ -40,6 +41,8 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
         if tokens:
             chosen.per_user[user_id] = tokens
     chosen.without_tokens = len(devices) - len(chosen.per_user)
+    if instance.claims().part_counted(job.id, part):
+        _as_counted(job, chosen)
     if job.category is not None:
         _unmuted(job, job.category, chosen)
     claims = instance.claims()
@@ -54,6 +57,16 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
         if job.once and capped:  # it did not reach them: their one-time claim is not used up
             claims.release_once(job.id, job.once, capped)
     return chosen
+
+
+def _as_counted(job: jobs.Job, chosen: Recipients) -> None:
+    """A later copy of a part whose users are counted keeps the decisions of the copy that counted them:
+    a user none of whose tokens its ledger holds was left out then (under one rule, or without a device)
+    and stays out, so an unmute or a freed cap slot since does not count the user twice."""
+    tokens = [t for ts in chosen.per_user.values() for t in ts]
+    entries = instance.claims().ledger(job.id, tokens)
+    for user_id in [u for u, ts in chosen.per_user.items() if all(entries[t].state is LedgerState.ABSENT for t in ts)]:
+        del chosen.per_user[user_id]
 
 
 def _unmuted(job: jobs.Job, category: str, chosen: Recipients) -> None:
