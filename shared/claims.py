@@ -710,6 +710,10 @@ class Claims:
         pipe.hget(status_key(nid), f"started:{part}")
         return int(pipe.execute()[1] or now)
 
+    def part_counted(self, nid: str, part: int) -> bool:
+        """Whether a complete copy of the part has registered it (and counted its users)."""
+        return bool(self.redis.sismember(parts_key(nid), str(part)))
+
     def set_parts_total(self, nid: str, parts_total: int) -> None:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
 

@@ -269,7 +269,11 @@ class Settings:
         "or no `GOOGLE_CLOUD_PROJECT` stops it from starting",
     )
     log_level: str = variable(
-        "LOG_LEVEL", "INFO", "the lowest severity logged (`DEBUG`, `INFO`, `WARNING`, `ERROR`)", normalise=str.upper
+        "LOG_LEVEL",
+        "INFO",
+        "the lowest severity logged (`DEBUG`, `INFO`, `WARNING`, `ERROR`); the lines the dashboard and alerts count "
+        "(an `event` field) are logged at any level",
+        normalise=str.upper,
     )
     # Not variables, for check_cloud_safety: the local-only variables present in the environment
     # (blank ones too), and whether GOOGLE_CLOUD_PROJECT was given (the default is for local runs only).

@@ -3,6 +3,9 @@
 ``severity`` and ``message`` are the fields Cloud Logging indexes; anything passed as ``extra``
 fields (``log.info("sent", extra={"notification_id": ..., "counts": ...})``) is added to the
 object. Device tokens are never logged whole: pass them through ``short()``.
+
+A line with an ``event`` field is one a log-based metric counts (infra/monitoring): it is written
+whatever ``LOG_LEVEL`` says, so quieter logs never silence a dashboard panel or an alert.
 """
 
 from __future__ import annotations
@@ -42,16 +45,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class _LevelOrCounted(logging.Filter):
+    """Lines at ``level`` or above, and the counted ones (an ``event`` field) at any level."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or "event" in record.__dict__
+
+
 def setup(level: str = "INFO") -> None:
-    """Send every ``pushline.*`` log line to stderr as JSON (idempotent)."""
+    """Send every ``pushline.*`` log line at ``level`` or above, and every counted line, to stderr as JSON
+    (idempotent)."""
     global _configured
     if _configured:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("pushline")
+    root.setLevel(level)  # (an unknown level name is refused here)
+    threshold = root.level
+    handler.addFilter(_LevelOrCounted(threshold))
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(min(threshold, logging.INFO))  # INFO lines reach the handler, which keeps the counted ones
     root.propagate = False
     _configured = True
 

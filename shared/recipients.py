@@ -7,8 +7,10 @@ Per user, in this order, each user counted under at most one of them:
   ``once`` already used              (``users.skipped_once``)
   over the daily cap                 (``users.capped``; urgent jobs are neither capped nor counted)
 Preferences are read here, when the part is delivered (the cache, rebuilt from PostgreSQL when missing
-or stale), and only for a job with a category. A user whose tokens or preferences cannot be read now is
-``unresolved``: left out of this copy, which the bus delivers again.
+or stale), and only for a job with a category. The copy of a part that counted its users decides for the
+later ones (redeliveries waiting for retries): whom it let through keep going, whom it left out stay out
+(a mute or an unmute since changes neither: no token stranded, no user counted twice). A user whose tokens
+or preferences cannot be read now is ``unresolved``: left out of this copy, which the bus delivers again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared import instance, jobs
-from shared.claims import now_ms
+from shared.claims import LedgerState, now_ms
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Recipients:
     unresolved: list[str] = field(default_factory=list)
 
 
-def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Recipients:
+def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], part: int) -> Recipients:
     """Apply the per-user rules to the users whose devices were read (``devices``: user -> token ->
     platform); the job's other users are unresolved."""
     chosen = Recipients({}, unresolved=[u for u in job.user_ids if u not in devices])
@@ -39,8 +41,10 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
         if tokens:
             chosen.per_user[user_id] = tokens
     chosen.without_tokens = len(devices) - len(chosen.per_user)
+    if instance.claims().part_counted(job.id, part):
+        _as_counted(job, chosen)
     if job.category is not None:
-        _unmuted(job.category, chosen)
+        _unmuted(job, job.category, chosen)
     claims = instance.claims()
     if job.once:
         allowed, skipped = claims.claim_once(job.id, job.once, sorted(chosen.per_user))
@@ -55,11 +59,26 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]]) -> Re
     return chosen
 
 
-def _unmuted(category: str, chosen: Recipients) -> None:
-    """Leave out the users who muted ``category`` (counted) and those whose preferences are unreadable."""
+def _as_counted(job: jobs.Job, chosen: Recipients) -> None:
+    """A later copy of a part whose users are counted keeps the decisions of the copy that counted them:
+    a user none of whose tokens its ledger holds was left out then (under one rule, or without a device)
+    and stays out, so an unmute or a freed cap slot since does not count the user twice."""
+    tokens = [t for ts in chosen.per_user.values() for t in ts]
+    entries = instance.claims().ledger(job.id, tokens)
+    for user_id in [u for u, ts in chosen.per_user.items() if all(entries[t].state is LedgerState.ABSENT for t in ts)]:
+        del chosen.per_user[user_id]
+
+
+def _unmuted(job: jobs.Job, category: str, chosen: Recipients) -> None:
+    """Leave out the users who muted ``category`` (counted) and those whose preferences are unreadable.
+    A user an earlier copy of the part let through (a token of theirs is in the ledger: a retry waits)
+    is not muted now: that copy's decision stands, so their tokens finish and the counts add up."""
     users = sorted(chosen.per_user)
     prefs = instance.preference_store().for_users(users)
     muted = [u for u in users if u in prefs and prefs[u].mutes(category)]
+    if muted:
+        entries = instance.claims().ledger(job.id, [t for u in muted for t in chosen.per_user[u]])
+        muted = [u for u in muted if all(entries[t].state is LedgerState.ABSENT for t in chosen.per_user[u])]
     unread = [u for u in users if u not in prefs]
     for user_id in (*muted, *unread):
         del chosen.per_user[user_id]

@@ -596,3 +596,29 @@ def test_a_function_that_refuses_to_start_says_so_as_a_configuration_error(env, 
     counted = [line for line in lines if matches(metric["filter"], log_entry(line))]
     assert [line["config"] for line in counted] == ["environment"]
     assert counted[0]["severity"] == "CRITICAL" and says in counted[0]["message"]
+
+
+@pytest.mark.parametrize("level", ["WARNING", "ERROR"])
+def test_the_counted_lines_are_written_whatever_log_level(level, monkeypatch, capsys):
+    """LOG_LEVEL above INFO drops the INFO lines, but not those a metric counts (they carry `event`): the
+    part line (every messages panel) and the failed probe (the breaker-open alert) are INFO lines, and an
+    operator quietening the logs must not silence an alert."""
+    import logging
+
+    from shared import logs
+
+    monkeypatch.setattr(logs, "_configured", False)
+    logger = logging.getLogger("pushline")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    logs.setup(level)
+    logs.get("deliver").info("part processed", extra={"event": "part_processed", "delivered": 3})
+    logs.get("breaker").info(
+        "FCM outage: the probe failed", extra={"event": "breaker_probe_failed", "outage_ms": 300_000}
+    )
+    logs.get("deliver").info("an uncounted detail")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line.get("event") for line in lines] == ["part_processed", "breaker_probe_failed"]
+    for name, metric in METRICS.items():
+        if "part_processed" in metric["filter"] or "breaker_probe_failed" in metric["filter"]:
+            assert any(matches(metric["filter"], log_entry(line)) for line in lines), name

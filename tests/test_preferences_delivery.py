@@ -189,3 +189,41 @@ def test_a_copy_of_a_counted_notification_goes_through_at_the_limit(capped, stor
     assert status("e2")["users"]["capped"] == 0 and status("e2")["counts"]["delivered"] == 1
     assert received(capped) == Counter({"tok-a1": 2})
     assert sorted(m.decode() for m in instance.redis_client().zrange("notif:cap:alice", 0, -1)) == ["e1", "e2"]
+
+
+def test_a_mute_that_lands_while_a_retry_waits_still_finishes_the_users_tokens(fcm, store, clock):
+    """The first copy let alice through and her token waits for a retry on the bus; she mutes the category
+    before the redelivery. Her token is in the ledger: the redelivery finishes it (the notification gets
+    to `done` and its counts add up) instead of leaving it `retrying` for ever."""
+    store.register("alice", "slow-a1")
+    fcm.script("slow-a1", ["UNAVAILABLE:30"])
+    ev = event(job("late-mute", ["alice"], category="promo"))
+    with pytest.raises(RetryLater, match="retry beyond"):
+        delivery.handle(ev)
+    mute("alice", "promo")
+    clock.advance(31)
+    assert delivery.handle(ev) == "delivered"
+    found = status("late-mute")
+    assert found["counts"]["retrying"] == 0 and found["counts"]["delivered"] == 1, found
+    assert found["users"]["muted"] == 0, found  # the copy that counted let her through
+    assert_counts_add_up(found, reached_users=1)
+
+
+def test_an_unmute_between_copies_does_not_count_the_user_twice(fcm, store, clock):
+    """The copy that counted the part left alice out (muted); she unmutes while bob's token waits for a
+    retry on the bus. The redelivery keeps that copy's decision: alice is counted once (muted), and
+    targeted is still the users reached plus those left out."""
+    store.register("alice", "tok-a1")
+    store.register("bob", "slow-b1")
+    mute("alice", "promo")
+    fcm.script("slow-b1", ["UNAVAILABLE:30"])
+    ev = event(job("unmute", ["alice", "bob"], category="promo"))
+    with pytest.raises(RetryLater, match="retry beyond"):
+        delivery.handle(ev)
+    mute("alice")  # nothing muted any more
+    clock.advance(31)
+    assert delivery.handle(ev) == "delivered"
+    assert received(fcm) == Counter({"slow-b1": 1})
+    found = status("unmute")
+    assert found["users"]["muted"] == 1 and found["tokens"] == 1, found
+    assert_counts_add_up(found, reached_users=1)
