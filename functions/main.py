@@ -1,8 +1,10 @@
 """pushline's entry points. Each one parses its input, calls one use case in ``shared``, and answers.
 
-  register  (HTTP)        clients register / unregister their FCM device tokens
+  register  (HTTP)        clients register / unregister their FCM device tokens; POST /receipts: a
+                          device opened or dismissed a notification; GET / PUT /preferences: the
+                          signed-in user's muted categories and quiet hours
   send      (HTTP)        backends ask for a notification: 202 {"id"}, delivered asynchronously;
-                          GET /<id> answers its status
+                          GET /<id> answers its status, DELETE /<id> cancels it
   deliver   (CloudEvent)  Pub/Sub-triggered (the jobs topic): sends a job through FCM
   on_event  (CloudEvent)  Pub/Sub-triggered (the domain-events topic): turns an event into a job by its rule
   prune     (HTTP)        Cloud Scheduler, daily: deletes devices past their TTL (deployed private)
@@ -38,10 +40,11 @@ from cloudevents.http import CloudEvent
 
 from shared import config, instance, logs, web
 
-SETTINGS = config.settings()
-logs.setup(SETTINGS.log_level)
-config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
-config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), GOOGLE_CLOUD_PROJECT set
+with config.refusal_logged():  # a function that cannot start says why first (a configuration error)
+    SETTINGS = config.settings()
+    logs.setup(SETTINGS.log_level)
+    config.warn_unknown()  # once per instance: each variable nothing reads that looks like ours (a typo?)
+    config.check_cloud_safety(SETTINGS)  # in the cloud: no local-only switch (even blank), GOOGLE_CLOUD_PROJECT set
 if SETTINGS.deliver_url:  # development only (refused in the cloud just above): local/ is not deployed
     from local.bus import plug_in
 
@@ -85,7 +88,14 @@ def _register_device(request: flask.Request) -> tuple[int, dict]:
     with _invalid_registration_is_400():
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
         result = registration.register(user_id, device)
-    return 200, {"registered": True, "platform": result.platform, "moved_from_other_user": bool(result.moved_from)}
+    return 200, {
+        "registered": True,
+        "platform": result.platform,
+        "locale": result.locale,
+        "time_zone": result.time_zone,
+        "app_version": result.app_version,
+        "moved_from_other_user": bool(result.moved_from),
+    }
 
 
 def _unregister_device(request: flask.Request) -> tuple[int, dict]:
@@ -99,12 +109,54 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     return 200, {"removed": removed}
 
 
+@contextlib.contextmanager
+def _invalid_preferences_are_400() -> Iterator[None]:
+    from shared import user_preferences
+
+    try:
+        yield
+    except user_preferences.InvalidPreferences as exc:
+        raise web.HttpError(400, exc.message) from None
+
+
+def _read_preferences(request: flask.Request) -> tuple[int, dict]:
+    from shared import user_preferences
+
+    user_id = _caller(request)
+    with _invalid_preferences_are_400():
+        return 200, user_preferences.read(user_id)
+
+
+def _replace_preferences(request: flask.Request) -> tuple[int, dict]:
+    from shared import user_preferences
+
+    user_id = _caller(request)
+    with _invalid_preferences_are_400():
+        return 200, user_preferences.replace(user_id, web.read_json(request, REGISTER_MAX_BODY))
+
+
+def _receipt(request: flask.Request) -> tuple[int, dict]:
+    from shared import receipts
+
+    user_id = _caller(request)
+    try:
+        result = receipts.record(user_id, receipts.parse(web.read_json(request, REGISTER_MAX_BODY)))
+    except receipts.InvalidReceipt as exc:
+        raise web.HttpError(400, str(exc)) from None
+    if isinstance(result, receipts.NotFound):
+        return 404, {"error": result.reason}
+    return 200, {"counted": result.counted}
+
+
 @functions_framework.http
 def register(request: flask.Request) -> flask.Response:
     return web.serve(
         request,
         {"POST": _register_device, "DELETE": _unregister_device},
-        paths={},  # /preferences and /receipts come here: any other path is a 404
+        paths={
+            "/receipts": {"POST": _receipt},
+            "/preferences": {"GET": _read_preferences, "PUT": _replace_preferences},
+        },  # any other path is a 404
         cors_origins=SETTINGS.cors_allowed_origins,
     )
 
@@ -140,9 +192,23 @@ def _status(request: flask.Request) -> tuple[int, dict, dict]:
     return 200, found, {}
 
 
+def _cancel(request: flask.Request) -> tuple[int, dict]:
+    from shared import cancel
+
+    match cancel.cancel(request.path.strip("/")):
+        case cancel.Cancelled(status=status):
+            return 200, status
+        case cancel.InvalidId() as bad:
+            raise web.HttpError(400, bad.reason)
+        case cancel.NotFound() as missing:
+            return 404, {"error": missing.reason}
+        case cancel.AlreadyDone() as done:
+            return 409, {"error": done.reason}
+
+
 @functions_framework.http
 def send(request: flask.Request) -> flask.Response:
-    return web.serve(request, {"POST": _accept, "GET": _status})
+    return web.serve(request, {"POST": _accept, "GET": _status, "DELETE": _cancel})
 
 
 @functions_framework.cloud_event

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Stand pushline up in a Google Cloud project: APIs, Pub/Sub topics and dead letters, one service
 # account per function with least privilege, secrets, the schema, the five functions, their
-# subscriptions' retry / dead-letter policy, and the scheduled prune (with the cache reconciliation).
+# subscriptions' retry / dead-letter policy, the scheduled prune (with the cache reconciliation), and the
+# monitoring: log-based metrics, one dashboard and the alert policies (infra/monitoring/).
 #
 #   bash infra/deploy.sh --project P --region R [--dry-run] [--fcm-key-file PATH]
 #        [--rules-file PATH] [--redis-secret NAME] [--database-secret NAME] [--max-instances N]
-#        [--register-max-instances N] [--sql-max-connections N]
+#        [--register-max-instances N] [--sql-max-connections N] [--alert-email ADDRESS]
 #
 # Each function gets only what it uses: send and on_event never touch PostgreSQL, so they get
 # neither DATABASE_URL nor roles/cloudsql.client. deliver is deployed before send and on_event,
@@ -76,7 +77,10 @@ options:
   --vpc-network NAME        network of a connector this script creates (default default)
   --vpc-range CIDR          /28 range of a connector this script creates (default 10.8.0.0/28)
   --build-service-account EMAIL  service account Cloud Build uses to build the functions
-  --build-dir DIR           where the package is built (default .run/build)
+  --build-dir DIR           where the package is built (default .run/build); the monitoring files
+                            are rendered beside it (DIR.monitoring)
+  --alert-email ADDRESS     e-mail notification channel for the alert policies (found or created);
+                            without it the policies notify no one (they still show in the console)
   --skip-migrate            do not apply infra/schema.sql
   -h, --help                this text
 EOF
@@ -117,6 +121,7 @@ VPC_RANGE="10.8.0.0/28"
 BUILD_SA=""
 BUILD_DIR="$ROOT/.run/build"
 SKIP_MIGRATE=0
+ALERT_EMAIL=""
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -154,6 +159,8 @@ while [[ $# -gt 0 ]]; do
         --build-dir) need_value "$1" "$#"; BUILD_DIR="$2"; shift 2 ;;
         --build-dir=*) BUILD_DIR="${1#*=}"; shift ;;
         --skip-migrate) SKIP_MIGRATE=1; shift ;;
+        --alert-email) need_value "$1" "$#"; ALERT_EMAIL="$2"; shift 2 ;;
+        --alert-email=*) ALERT_EMAIL="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die_usage "unknown argument: $1" ;;
     esac
@@ -180,6 +187,9 @@ if [[ -n "$FCM_KEY_FILE" && ! -f "$FCM_KEY_FILE" ]]; then
 fi
 if [[ -n "$RULES_FILE" && ! -f "$RULES_FILE" ]]; then
     die_usage "--rules-file: no such file: $RULES_FILE"
+fi
+if [[ -n "$ALERT_EMAIL" && ! "$ALERT_EMAIL" =~ ^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$ ]]; then
+    die_usage "--alert-email: not an e-mail address: $ALERT_EMAIL"
 fi
 if [[ -n "$CLOUD_SQL_INSTANCE" && ! "$CLOUD_SQL_INSTANCE" =~ ^[^:]+:[^:]+:[^:]+$ ]]; then
     die_usage "--cloud-sql-instance must be PROJECT:REGION:INSTANCE, got: $CLOUD_SQL_INSTANCE"
@@ -242,6 +252,16 @@ revoke() {  # revoke CMD...: remove a grant an earlier deploy made, when it is t
     if ! "$@" >/dev/null 2>&1; then
         printf '# (nothing revoked: not granted, or gcloud refused; check with get-iam-policy)\n'
     fi
+}
+
+lookup() {  # lookup VAR CMD...: VAR = the command's output, empty when it finds nothing (under --dry-run: shown, empty)
+    local var="$1" value=""
+    shift
+    show "$@"
+    if [[ $DRY_RUN -eq 0 ]]; then
+        value="$("$@")"
+    fi
+    printf -v "$var" '%s' "$value"
 }
 
 capture() {  # capture VAR PLACEHOLDER CMD...: VAR = the command's output (the placeholder under --dry-run)
@@ -334,7 +354,8 @@ run gcloud services enable "${P[@]}" \
     artifactregistry.googleapis.com eventarc.googleapis.com pubsub.googleapis.com \
     secretmanager.googleapis.com sqladmin.googleapis.com redis.googleapis.com \
     vpcaccess.googleapis.com cloudscheduler.googleapis.com fcm.googleapis.com \
-    firebase.googleapis.com iam.googleapis.com compute.googleapis.com
+    firebase.googleapis.com iam.googleapis.com compute.googleapis.com \
+    logging.googleapis.com monitoring.googleapis.com
 
 capture PROJECT_NUMBER PROJECT_NUMBER gcloud projects describe "$PROJECT" --format='value(projectNumber)'
 PUBSUB_AGENT="service-${PROJECT_NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -529,7 +550,7 @@ attach_cloud_sql prune
 
 # --- 9. the event functions' subscriptions: ack deadline, backoff, dead letters, retention -------
 
-configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
+configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC VAR (VAR = its subscription's id)
     local function="$1" dead="$2" trigger subscription upper
     upper="$(printf '%s' "$function" | tr 'a-z-' 'A-Z_')"
     step "subscription of $function -> dead letters on $dead"
@@ -548,9 +569,10 @@ configure_subscription() {  # configure_subscription FUNCTION DEAD_TOPIC
     # The service agent acknowledges what it forwards to the dead-letter topic.
     run gcloud pubsub subscriptions add-iam-policy-binding "$subscription" "${P[@]}" \
         --member="serviceAccount:$PUBSUB_AGENT" --role=roles/pubsub.subscriber
+    printf -v "$3" '%s' "${subscription##*/}"
 }
-configure_subscription deliver "$JOBS_DEAD"
-configure_subscription on-event "$EVENTS_DEAD"
+configure_subscription deliver "$JOBS_DEAD" JOBS_SUBSCRIPTION
+configure_subscription on-event "$EVENTS_DEAD" EVENTS_SUBSCRIPTION
 
 # --- 10. prune (and reconcile the token cache) every 15 minutes ---------------------------------
 
@@ -568,10 +590,87 @@ else
     run gcloud scheduler jobs create http "$PRUNE_JOB" "${SCHEDULE_ARGS[@]}"
 fi
 
+# --- 11. monitoring: log-based metrics, the dashboard, the alert policies (infra/monitoring/) -------
+
+MONITORING="$ROOT/infra/monitoring"
+MONITORING_DIR="$BUILD_DIR.monitoring"  # the files rendered for this project (local: under --dry-run too)
+
+render() {  # render SRC DEST [ETAG]: the placeholders (@PROJECT@, the subscriptions, the channel) filled in
+    local channel=""
+    if [[ -n "$ALERT_CHANNEL" ]]; then
+        channel="\"$ALERT_CHANNEL\""
+    fi
+    sed -e "s|@PROJECT@|$PROJECT|g" -e "s|@JOBS_SUBSCRIPTION@|$JOBS_SUBSCRIPTION|g" \
+        -e "s|@EVENTS_SUBSCRIPTION@|$EVENTS_SUBSCRIPTION|g" -e "s|\"@ALERT_CHANNEL@\"|$channel|g" "$1" | {
+        IFS= read -r first  # the object's opening brace
+        printf '%s\n' "$first"
+        if [[ -n "${3:-}" ]]; then  # an update names the version it replaces
+            printf '  "etag": "%s",\n' "$3"
+        fi
+        cat
+    } >"$2"
+}
+
+step "log-based metrics from the functions' JSON log lines (created, or updated to infra/monitoring/metrics)"
+for file in "$MONITORING"/metrics/*.json; do
+    metric="$(basename "$file" .json)"
+    if exists gcloud logging metrics describe "$metric" "${P[@]}"; then
+        run gcloud logging metrics update "$metric" "${P[@]}" --config-from-file="$file"
+    else
+        run gcloud logging metrics create "$metric" "${P[@]}" --config-from-file="$file"
+    fi
+done
+
+if [[ -e "$MONITORING_DIR" && ! -f "$MONITORING_DIR/.pushline-monitoring" && -n "$(ls -A "$MONITORING_DIR")" ]]; then
+    die "$MONITORING_DIR exists and is not a pushline monitoring directory; refusing to write into it"
+fi
+mkdir -p "$MONITORING_DIR/alerts"
+: >"$MONITORING_DIR/.pushline-monitoring"
+
+ALERT_CHANNEL=""
+if [[ -n "$ALERT_EMAIL" ]]; then
+    step "notification channel: e-mail to $ALERT_EMAIL (found, or created)"
+    lookup ALERT_CHANNEL gcloud beta monitoring channels list "${P[@]}" \
+        --filter="type=\"email\" AND labels.email_address=\"$ALERT_EMAIL\"" --format='value(name)' --limit=1
+    if [[ -z "$ALERT_CHANNEL" ]]; then
+        capture ALERT_CHANNEL "projects/$PROJECT/notificationChannels/ALERT_CHANNEL" \
+            gcloud beta monitoring channels create "${P[@]}" --type=email \
+            --display-name="pushline alerts ($ALERT_EMAIL)" --channel-labels="email_address=$ALERT_EMAIL" \
+            --format='value(name)'
+    fi
+fi
+
+step "dashboard pushline (infra/monitoring/dashboard.json)"
+if exists gcloud monitoring dashboards describe "projects/$PROJECT/dashboards/pushline" "${P[@]}"; then
+    lookup etag gcloud monitoring dashboards describe "projects/$PROJECT/dashboards/pushline" "${P[@]}" \
+        --format='value(etag)'
+    render "$MONITORING/dashboard.json" "$MONITORING_DIR/dashboard.json" "$etag"
+    run gcloud monitoring dashboards update "projects/$PROJECT/dashboards/pushline" "${P[@]}" \
+        --config-from-file="$MONITORING_DIR/dashboard.json"
+else
+    render "$MONITORING/dashboard.json" "$MONITORING_DIR/dashboard.json"
+    run gcloud monitoring dashboards create "${P[@]}" --config-from-file="$MONITORING_DIR/dashboard.json"
+fi
+
+step "alert policies (infra/monitoring/alerts), found by display name: updated, or created"
+for file in "$MONITORING"/alerts/*.json; do
+    rendered="$MONITORING_DIR/alerts/$(basename "$file")"
+    render "$file" "$rendered"
+    title="$(sed -n 's/^  "displayName": "\(.*\)",$/\1/p' "$file")"
+    lookup policy gcloud monitoring policies list "${P[@]}" --filter="displayName=\"$title\"" \
+        --format='value(name)' --limit=1
+    if [[ -n "$policy" ]]; then
+        run gcloud monitoring policies update "$policy" "${P[@]}" --policy-from-file="$rendered"
+    else
+        run gcloud monitoring policies create "${P[@]}" --policy-from-file="$rendered"
+    fi
+done
+
 step "done"
 printf '# send is private: grant each backend that calls it the invoker role, e.g.\n'
 printf '#   gcloud functions add-invoker-policy-binding send --region=%s --project=%s --member=serviceAccount:BACKEND_SA\n' \
     "$REGION" "$PROJECT"
 if [[ $DRY_RUN -eq 1 ]]; then
-    printf '# dry run: nothing was changed in %s (package built in %s)\n' "$PROJECT" "$BUILD_DIR"
+    printf '# dry run: nothing was changed in %s (package built in %s, monitoring files in %s)\n' \
+        "$PROJECT" "$BUILD_DIR" "$MONITORING_DIR"
 fi

@@ -1,10 +1,10 @@
-"""A local console for the running stack: devices, test users, compose, stores. Never deployed.
+"""A local console for the running stack: devices, test users, preferences, compose, stores. Never deployed.
 
 ``python -m local.console --port 8090`` (``./emulator.sh`` starts it). One server-rendered page on
 127.0.0.1 only; every form works without JavaScript (POST, then redirect), and a few lines of
 ``console_static/console.js`` poll the page's fragments for live updates. It adds no second way
-to send or register: users' devices go through the real ``register`` endpoint with a local ID
-token, notifications through the real ``send`` endpoint; the stores are only read.
+to send or register: users' devices and preferences go through the real ``register`` endpoint with a
+local ID token, notifications through the real ``send`` endpoint; the stores are only read.
 
 Environment: CONSOLE_REGISTER_URL, CONSOLE_SEND_URL, CONSOLE_FCM_URL (the stack sets them), and
 REDIS_URL, DATABASE_URL, GOOGLE_CLOUD_PROJECT as the functions read them.
@@ -13,6 +13,9 @@ Redis keys of its own (all ``notif:console:``):
   notif:console:users    Set of the test users made here
   notif:console:devices  Hash token -> JSON {user, platform, behaviour, at}: devices registered here
   notif:console:sent     List of the notification ids sent from here, newest first (20 kept)
+
+A received notification can be opened or dismissed on its device card: an open receipt sent through
+the real ``register`` endpoint (``POST /receipts``) as the device's user.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -76,8 +79,10 @@ COUNT_LABELS = {
     "config_error": "configuration error",
     "failed": "failed",
     "expired": "expired",
+    "cancelled": "cancelled",
     "retrying": "retrying",
 }
+CANCELLABLE = frozenset({"accepted", "delivering"})
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ def _device_card(d: Device) -> str:
     behaviour = BEHAVIOURS[d.behaviour][1] if d.behaviour in BEHAVIOURS else "—"
     answers = ", ".join(f"{_e(a)} &times;{n}" for a, n in sorted(d.answers.items())) or "none yet"
     shown = d.received[:MAX_MESSAGES_PER_CARD]
-    items = "".join(_received(m) for m in shown)
+    items = "".join(_received(m, d.user) for m in shown)
     more = len(d.received) - len(shown)
     received = (
         f'<ol class="received" reversed>{items}</ol>' + (f"<p>and {more} older</p>" if more > 0 else "")
@@ -284,7 +289,19 @@ def _device_card(d: Device) -> str:
     )
 
 
-def _received(m: dict[str, Any]) -> str:
+def _receipt_form(nid: str, token: str, user: str) -> str:
+    """The device opens (or dismisses) the notification: a receipt through the real register endpoint."""
+    hidden = "".join(
+        f'<input type="hidden" name="{k}" value="{_e(v)}">' for k, v in (("n", nid), ("token", token), ("user", user))
+    )
+    return (
+        f'<form class="receipt" method="post" action="/receipts">{hidden}'
+        '<button name="event" value="opened">Open</button> '
+        '<button name="event" value="dismissed">Dismiss</button></form>'
+    )
+
+
+def _received(m: dict[str, Any], user: str | None = None) -> str:
     message = m["message"]
     note = message.get("notification") or {}
     data = message.get("data") or {}
@@ -294,9 +311,26 @@ def _received(m: dict[str, Any]) -> str:
     pairs = "".join(f"<li><code>{_e(k)}={_e(v)}</code></li>" for k, v in data.items())
     data_html = f'<ul class="data" aria-label="data">{pairs}</ul>' if pairs else ""
     link = f' · <a href="{_e(_link(n=nid))}#status">status</a>' if nid else ""
+    receipt = _receipt_form(nid, str(message.get("token", "")), user) if nid and user else ""
     return (
         f'<li><p class="title">{title}</p>{body}{data_html}'
-        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p></li>'
+        f'<p class="meta"><time>{_time(m.get("received_at", 0))}</time>{link}</p>{receipt}</li>'
+    )
+
+
+def settled(status: dict[str, Any] | None) -> bool:
+    """Nothing will change any more: done, or cancelled with every token final (no need to follow it)."""
+    if status is None or status["state"] not in ("done", "cancelled"):
+        return False
+    counts = status["counts"]
+    return status["state"] == "done" or sum(v for k, v in counts.items() if k != "retrying") >= status["tokens"]
+
+
+def _cancel_form(nid: str) -> str:
+    return (
+        '<form method="post" action="/cancel" class="cancel">'
+        f'<input type="hidden" name="n" value="{_e(nid)}">'
+        '<button type="submit">Cancel this notification</button></form>'
     )
 
 
@@ -313,16 +347,24 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         for k, label in COUNT_LABELS.items()
     )
     users = status.get("users", {})
+    done = settled(status)
+    receipts = status.get("receipts", {})
+    opened = ", ".join(
+        f'<span data-receipt="{k}">{int(receipts.get(k, 0))} {k}</span>' for k in ("opened", "dismissed")
+    )
     return (
-        f'<div data-state="{_e(state)}">'
+        f'<div data-state="{_e(state)}"{" data-settled" if done else ""}>'
         f'<p>Notification <code>{_e(nid)}</code>: <strong class="status-state state-{_e(state)}">{_e(state)}</strong>'
-        f"{'' if state == 'done' else ' (updating…)'}</p>"
+        f"{'' if done else ' (updating…)'}</p>"
         f'<ul class="counts">{counts}</ul>'
         f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
-        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('skipped_once', 0))} skipped "
-        f"(already sent with this <code>once</code> key).</p>"
+        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('muted', 0))} muted the category, "
+        f"{int(users.get('skipped_once', 0))} skipped (already sent with this <code>once</code> key), "
+        f"{int(users.get('capped', 0))} over the daily cap.</p>"
+        f'<p class="receipts">Open receipts: {opened}.</p>'
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
-        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p></div>'
+        f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p>'
+        f"{_cancel_form(nid) if state in CANCELLABLE else ''}</div>"
     )
 
 
@@ -349,6 +391,26 @@ def render_stores(user: str, cached: set[str] | None, db: dict[str, str | None])
         f'<thead><tr><th scope="col">Token</th><th scope="col">Redis (<code>cached_tokens</code>)</th>'
         f'<th scope="col">PostgreSQL (<code>db_tokens</code>)</th></tr></thead><tbody>{rows}</tbody></table>'
     )
+
+
+def preference_fields(user: str, prefs: dict[str, Any] | None) -> dict[str, str]:
+    """The preferences panel's stored summary and its fields, filled with what ``user`` has stored."""
+    if not user or prefs is None:
+        return {"preferences": "", "muted": "", "quiet_start": "", "quiet_end": "", "time_zone": ""}
+    quiet = prefs.get("quiet_hours") or {}
+    muted = ", ".join(prefs.get("muted_categories") or [])
+    hours = f"{quiet['start']} to {quiet['end']} ({quiet['time_zone']})" if quiet else "none"
+    summary = (
+        f'<p class="help" data-preferences="{_e(user)}">Stored for <code>{_e(user)}</code>: muted '
+        f"{('<code>' + _e(muted) + '</code>') if muted else 'nothing'}; quiet hours {_e(hours)}.</p>"
+    )
+    return {
+        "preferences": summary,
+        "muted": _e(muted),
+        "quiet_start": _e(quiet.get("start", "")),
+        "quiet_end": _e(quiet.get("end", "")),
+        "time_zone": _e(quiet.get("time_zone", "")),
+    }
 
 
 def _options(values: list[str], selected: str, labels: dict[str, str] | None = None) -> str:
@@ -388,6 +450,7 @@ class _Seen:
     cached: set[str] | None
     db: dict[str, str | None]
     problems: list[str]  # what could not be read
+    preferences: dict[str, Any] | None = None  # the current user's, as GET /preferences answers them
 
 
 async def _look(app: web.Application, page: PageState) -> _Seen:
@@ -412,7 +475,14 @@ async def _look(app: web.Application, page: PageState) -> _Seen:
         except ConsoleError as exc:
             status_error = str(exc)
     cached, db = (await attempt(_blocking(_stores_of, page.user), (None, {}))) if page.user else (None, {})
-    return _Seen(users, sent, nid, device_list, status, status_error, cached, db, problems)
+    current = _current(page, users)
+    prefs = await attempt(user_preferences(app, current), None) if current else None
+    return _Seen(users, sent, nid, device_list, status, status_error, cached, db, problems, prefs)
+
+
+def _current(page: PageState, users: list[str]) -> str:
+    """The user the forms start with: the page's, else the newest test user."""
+    return page.user if page.user in users else (users[-1] if users else "")
 
 
 def _flash(page: PageState, problems: list[str]) -> str:
@@ -425,7 +495,7 @@ def _flash(page: PageState, problems: list[str]) -> str:
 
 def _controls(page: PageState, users: list[str]) -> dict[str, str]:
     """The users and compose panels' fields of ``page.html``."""
-    current = page.user if page.user in users else (users[-1] if users else "")
+    current = _current(page, users)
     compose = page.compose
     chosen = set(compose.get("users", [current] if current else []))
     behaviour_labels = {k: f"{v[1]} — {v[2]}" for k, v in BEHAVIOURS.items()}
@@ -454,6 +524,12 @@ def _controls(page: PageState, users: list[str]) -> dict[str, str]:
         "other_users": _e(compose.get("other_users", "")),
         "platform_checkboxes": _checkboxes("platforms", list(PLATFORMS), set(compose.get("platforms", []))),
         "once": _e(compose.get("once", "")),
+        "category": _e(compose.get("category", "")),
+        "urgent_checked": " checked" if compose.get("urgent") else "",
+        "preferences_select": f'<select id="p-user" name="user" required>{_options(users, current)}</select>'
+        if users
+        else '<select id="p-user" name="user" required disabled><option value="">create a user first</option></select>',
+        "preferences_button_disabled": "" if users else " disabled",
     }
 
 
@@ -467,12 +543,12 @@ def _views(page: PageState, seen: _Seen) -> dict[str, str]:
         if sent
         else ""
     )
-    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and (status or {}).get("state") != "done" else ""
+    status_url = "/fragments/status?" + urlencode({"n": nid}) if nid and not settled(status) else ""
     stores_url = "/fragments/stores?" + urlencode({"user": page.user}) if page.user else ""
     return {
         "refresh_without_js": (
             '<noscript><meta http-equiv="refresh" content="2"></noscript>'
-            if status is not None and status.get("state") != "done"
+            if status is not None and not settled(status)
             else ""
         ),
         "status_url": _e(status_url),
@@ -483,6 +559,7 @@ def _views(page: PageState, seen: _Seen) -> dict[str, str]:
         "user_options": _options(seen.users, ""),
         "stores_url": _e(stores_url),
         "stores": render_stores(page.user, seen.cached, seen.db),
+        **preference_fields(_current(page, seen.users), seen.preferences),
     }
 
 
@@ -522,24 +599,40 @@ async def create_user(request: web.Request) -> web.Response:
     raise _redirect("users", user=user, msg=f"Created user {user}.")
 
 
+async def _register_call(app: web.Application, method: str, user: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Call the real ``register`` endpoint as ``user`` (a local ID token): (status, JSON answer)."""
+    cfg = app[CONFIG]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, cfg.project)}"}
+    try:
+        async with app[HTTP].request(method, f"{cfg.register}{path}", json=body, headers=headers) as response:
+            status, answer = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise ConsoleError(f"register at {cfg.register} did not answer: {exc}") from None
+    try:
+        return status, json.loads(answer)
+    except ValueError:
+        return status, {"error": answer[:300]}
+
+
+async def user_preferences(app: web.Application, user: str) -> dict[str, Any]:
+    status, answer = await _register_call(app, "GET", user, "/preferences")
+    if status != 200:
+        raise ConsoleError(f"GET /preferences of {user} answered {status}: {answer.get('error', answer)}")
+    return dict(answer)
+
+
 async def register_device(request: web.Request) -> web.Response:
     form = await request.post()
     user, behaviour, platform = (str(form.get(k, "")) for k in ("user", "behaviour", "platform"))
     if not USER_RE.fullmatch(user) or behaviour not in BEHAVIOURS or platform not in PLATFORMS:
         raise _redirect("users", user=user, err="choose a user, a behaviour and a platform")
-    cfg = request.app[CONFIG]
     token = f"{BEHAVIOURS[behaviour][0]}{user}-{secrets.token_hex(4)}"
-    headers = {"Authorization": f"Bearer {emulator_id_token(user, cfg.project)}"}
     try:
-        async with request.app[HTTP].post(
-            f"{cfg.register}/", json={"token": token, "platform": platform}, headers=headers
-        ) as response:
-            answer = await response.text()
-            status = response.status
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _redirect("users", user=user, err=f"register at {cfg.register} did not answer: {exc}") from None
+        status, answer = await _register_call(request.app, "POST", user, "/", {"token": token, "platform": platform})
+    except ConsoleError as exc:
+        raise _redirect("users", user=user, err=str(exc)) from None
     if status != 200:
-        raise _redirect("users", user=user, err=f"register answered {status}: {answer[:300]}")
+        raise _redirect("users", user=user, err=f"register answered {status}: {json.dumps(answer)[:300]}")
     record = json.dumps({"user": user, "platform": platform, "behaviour": behaviour, "at": time.time()})
     try:
         await _blocking(_remember_device, user, token, record)
@@ -547,6 +640,30 @@ async def register_device(request: web.Request) -> web.Response:
         raise _redirect("users", user=user, err=str(exc)) from None
     label = BEHAVIOURS[behaviour][1].lower()
     raise _redirect("users", user=user, msg=f"Registered device {token} ({label}, {platform}) for {user}.")
+
+
+def _preferences_body(form: Any) -> dict[str, Any]:
+    """The PUT /preferences body the form asks for: quiet hours only when one of their fields is filled."""
+    body: dict[str, Any] = {"muted_categories": [c for c in re.split(r"[\s,]+", str(form.get("muted", ""))) if c]}
+    quiet = {k: str(form.get(f, "")).strip() for k, f in (("start", "quiet_start"), ("end", "quiet_end"))}
+    quiet["time_zone"] = str(form.get("time_zone", "")).strip()
+    if any(quiet.values()):
+        body["quiet_hours"] = quiet
+    return body
+
+
+async def save_preferences(request: web.Request) -> web.Response:
+    form = await request.post()
+    user = str(form.get("user", ""))
+    if not USER_RE.fullmatch(user):
+        raise _redirect("preferences", err="choose a user")
+    try:
+        status, answer = await _register_call(request.app, "PUT", user, "/preferences", _preferences_body(form))
+    except ConsoleError as exc:
+        raise _redirect("preferences", user=user, err=str(exc)) from None
+    if status != 200:
+        raise _redirect("preferences", user=user, err=f"register refused them ({status}): {answer.get('error')}")
+    raise _redirect("preferences", user=user, msg=f"Saved the preferences of {user}.")
 
 
 def _remember_device(user: str, token: str, record: str) -> None:
@@ -565,6 +682,8 @@ def _compose_values(form: Any) -> dict[str, Any]:
         "other_users": str(form.get("other_users", "")),
         "platforms": [str(p) for p in form.getall("platforms", [])],
         "once": str(form.get("once", "")).strip(),
+        "category": str(form.get("category", "")).strip(),
+        "urgent": bool(form.get("urgent")),
     }
 
 
@@ -589,6 +708,10 @@ def _compose_body(values: dict[str, Any]) -> dict[str, Any]:
         body["platforms"] = values["platforms"]
     if values["once"]:
         body["once"] = values["once"]
+    if values["category"]:
+        body["category"] = values["category"]
+    if values["urgent"]:
+        body["urgent"] = True
     return body
 
 
@@ -622,6 +745,45 @@ async def send(request: web.Request) -> web.Response:
     except ConsoleError:
         pass  # the list of recent sends is a convenience
     raise _redirect("status", n=nid, user=str(form.get("current", "")) or (values["users"] or [""])[0])
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel through the real ``send`` endpoint (``DELETE /<id>``), then show the status."""
+    nid = str((await request.post()).get("n", ""))
+    cfg = request.app[CONFIG]
+    try:
+        async with request.app[HTTP].delete(f"{cfg.send}/{quote(nid, safe='')}") as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, err=f"send at {cfg.send} did not answer: {exc}") from None
+    if status != 200:
+        try:
+            reason = json.loads(text).get("error", text[:300])
+        except (ValueError, AttributeError):
+            reason = text[:300]
+        raise _redirect("status", n=nid, err=f"send refused the cancel ({status}): {reason}")
+    raise _redirect("status", n=nid, msg=f"Cancelled notification {nid}.")
+
+
+async def receipt(request: web.Request) -> web.Response:
+    """A simulated device opens (or dismisses) a notification: ``POST /receipts`` on the real register
+    endpoint, as the device's user."""
+    form = await request.post()
+    nid, token, user, event = (str(form.get(k, "")) for k in ("n", "token", "user", "event"))
+    if not USER_RE.fullmatch(user):
+        raise _redirect("status", n=nid, err="the receipt names no user")
+    cfg = request.app[CONFIG]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, cfg.project)}"}
+    body = {"notification_id": nid, "token": token, "event": event}
+    try:
+        async with request.app[HTTP].post(f"{cfg.register}/receipts", json=body, headers=headers) as response:
+            status, answer = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _redirect("status", n=nid, user=user, err=f"register at {cfg.register} did not answer: {exc}") from None
+    if status != 200:
+        raise _redirect("status", n=nid, user=user, err=f"register answered {status} to the receipt: {answer[:300]}")
+    counted = "counted" if json.loads(answer).get("counted") else "already counted for this device"
+    raise _redirect("status", n=nid, user=user, msg=f"Device {token} {event} {nid}: {counted}.")
 
 
 def _remember_sent(nid: str) -> None:
@@ -701,7 +863,10 @@ def make_app(endpoints: Endpoints) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_post("/users", create_user)
     app.router.add_post("/devices", register_device)
+    app.router.add_post("/preferences", save_preferences)
     app.router.add_post("/send", send)
+    app.router.add_post("/cancel", cancel)
+    app.router.add_post("/receipts", receipt)
     app.router.add_get("/fragments/devices", fragment_devices)
     app.router.add_get("/fragments/status", fragment_status)
     app.router.add_get("/fragments/stores", fragment_stores)

@@ -33,6 +33,7 @@ __all__ = [
     "check_app_version",
     "check_time_zone",
     "locale_chain",
+    "locale_matches",
     "select_variant",
     "version_key",
 ]
@@ -93,9 +94,21 @@ def select_variant(locale: str | None, variants: Container[str]) -> str | None:
     return None
 
 
+def locale_matches(tag: str, locale: str | None) -> bool:
+    """Whether a device of ``locale`` matches the filter ``tag`` (both canonical): it equals the tag
+    or extends it by subtags (``de`` matches ``de-AT``; ``de-AT`` does not match ``de``). In SQL:
+    ``locale = :tag OR locale LIKE :tag || '-%'`` (a canonical tag holds no ``%`` or ``_``)."""
+    return locale is not None and (locale == tag or locale.startswith(tag + "-"))
+
+
+# Names a system's zone directory may hold that are no IANA zone of their own (the machine's own zone,
+# the "no zone" placeholder, a rules template): refused.
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
 @functools.cache
 def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    return frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
 
 
 def check_time_zone(value: object) -> str:

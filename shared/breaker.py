@@ -258,7 +258,12 @@ class PauseWatch:
             pause = await asyncio.to_thread(self.breaker.open, now)
             log.warning(
                 "FCM outage: the breaker opened, sending is paused project-wide",
-                extra={"notification_id": self.nid, "paused_since": pause.since, "next_probe": pause.next_probe},
+                extra={
+                    "event": "breaker_opened",
+                    "notification_id": self.nid,
+                    "paused_since": pause.since,
+                    "next_probe": pause.next_probe,
+                },
             )
             self.seen()
         elif outages and await asyncio.to_thread(self.breaker.pause) is not None:
@@ -276,7 +281,13 @@ class PauseWatch:
             pause = await asyncio.to_thread(self.breaker.probe_failed, owner, now)
             log.info(
                 "FCM outage: the probe failed",
-                extra={"notification_id": self.nid, "fcm_code": outcome.code, "next_probe_in_ms": pause.interval},
+                extra={
+                    "event": "breaker_probe_failed",
+                    "notification_id": self.nid,
+                    "fcm_code": outcome.code,
+                    "next_probe_in_ms": pause.interval,
+                    "outage_ms": max(0, now - pause.since),  # how long the pause has held (an alert: >= 5 min)
+                },
             )
             return
         await asyncio.to_thread(self.breaker.close, owner)

@@ -29,7 +29,7 @@ from shared.store import text
 
 SLOTS_KEY = "notif:expansions"
 MAX_EXPANSIONS = 2  # at once, project-wide: PostgreSQL serves registrations meanwhile
-HOLD_MS = 60_000  # a copy's hold on its expansion, renewed by every page (a page takes seconds)
+HOLD_MS = 15_000  # a copy's hold on its expansion, renewed by every page (a page takes well under a second)
 
 
 def checkpoint_key(nid: str) -> str:

@@ -7,16 +7,21 @@
                                                    spends no attempt (an outage, our credentials)
                                                    gives its attempt back here
                              F:{outcome}           final: delivered, dead_removed, payload_rejected,
-                                                   config_error, failed or expired
+                                                   config_error, failed, expired or cancelled
   notif:ledger:{id}:{shard}  an audience send's ledger, sharded by a hash of the token (LEDGER_SHARDS
                            hashes; the same encoding): a token has one place however the expansion cut
                            its pages; dropped LEDGER_GRACE_SECONDS after the notification is done
   notif:done:{id}          the audience send is done (LEDGER_TTL_SECONDS): any later copy of any of its
                            parts registers and leases nothing (its ledger may be gone)
-  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, skipped_once,
-                           tokens, final, the per-outcome counts, retrying, parts_total, parts_done,
-                           answers, mismatches, valve; an audience send: audience, expanding (when
-                           deliver first took it), devices_matched (parts_total once expanded)
+  notif:status:{id}        Hash: created_at, updated_at, targeted, without_tokens, muted, skipped_once, capped,
+                           tokens, final, the per-outcome counts, retrying, parts_total, answers,
+                           mismatches, valve, cancelled_at (ms; the flag the lease and confirm steps
+                           read, so that a cancel touches no ledger entry), and the open receipts
+                           counted: opened, dismissed; parts_done; an audience send: audience,
+                           expanding (when deliver first took it), devices_matched (parts_total once
+                           expanded)
+  notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
+                           expires with the status
   notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
   notif:partsdone:{id}     Set of the job's parts all of whose tokens were final (parts_done counts it)
   notif:fanout:{id}        the job's parts are published
@@ -31,9 +36,16 @@
                            prober); expires 15 minutes after it was set or last probed (shared/breaker.py)
   notif:probe              the one prober's lock (SET NX PX, its owner's id; shared/breaker.py)
   notif:stats              Hash of counters: invalid_jobs, events_ignored, events_invalid, events_rendered
+  notif:ratelimit:receipts:{user}:{minute}  open receipts of a user this minute (REGISTER_RATE_PER_MINUTE)
 
 Every state change is one Lua script over one notification, so copies of an event running in
 parallel on many instances never lease the same token twice, and each token is counted once.
+
+A cancel (``cancel``) is one field in the status hash, set by one script unless the notification is
+done: from then on the lease step makes every token it is asked for that is not final and not held by
+a live lease final ``cancelled`` (a retry not yet due too), and the confirm step makes a retry answer
+final ``cancelled`` instead of waiting. Whatever keeps the ledger (per notification, or in shards)
+and whatever defers work (a part waiting for its retries, a scheduled job) reads the same flag.
 """
 
 from __future__ import annotations
@@ -50,10 +62,20 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 
 from shared.expiry import NO_DEADLINES, Deadlines
-from shared.store import DEAD_TOKENS_KEY, text
+from shared.store import DEAD_TOKENS_KEY, RateLimited, text
 
 T = TypeVar("T")
-OUTCOME_COUNTS = ("delivered", "dead_removed", "payload_rejected", "config_error", "failed", "expired", "retrying")
+RECEIPT_EVENTS = ("opened", "dismissed")  # open receipts (shared/receipts.py): status fields of these names
+OUTCOME_COUNTS = (
+    "delivered",
+    "dead_removed",
+    "payload_rejected",
+    "config_error",
+    "failed",
+    "expired",
+    "cancelled",
+    "retrying",
+)
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
@@ -106,6 +128,14 @@ def fanout_key(nid: str) -> str:
     return f"notif:fanout:{nid}"
 
 
+def receipts_key(nid: str) -> str:
+    return f"notif:receipts:{nid}"
+
+
+def receipt_rate_key(user_id: str, minute: int) -> str:
+    return f"notif:ratelimit:receipts:{user_id}:{minute}"
+
+
 def valve_window_key(bucket: int) -> str:
     return f"notif:valve:{bucket}"
 
@@ -134,34 +164,35 @@ def now_ms() -> int:
     return int(wall_clock() * 1000)
 
 
-# KEYS: ledger, status, parts, done marker, then the other ledger shards. ARGV: part ("" while some of its
-# users are unreadable), ttl, now, without_tokens, skipped_once, the ledger groups (_WINDOW_LUA), tokens...
-# Returns -1 (nothing registered) once the notification is done and its ledger may be gone.
+# The users a part leaves out, each counted under one rule (shared/recipients.py), in the status.
+USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
+
+# KEYS: ledger, status, parts, receipts, done marker, then the other ledger shards. ARGV: part ("" while
+# some of its users are unreadable), ttl, now, n, then n pairs (user count name, users), then the ledger
+# groups (_WINDOW_LUA), then tokens... Returns -1 (nothing registered) once the notification is done
+# (an audience send's done marker: its ledger may be gone).
 _REGISTER_PART = """
-local function ledgers_from(at)
-  local led, n = {}, tonumber(ARGV[at])
-  for g = 1, n do
-    for _ = 1, tonumber(ARGV[at + 3 * g]) do led[#led + 1] = tonumber(ARGV[at + 3 * g - 1]) end
-  end
-  return led, at + 3 * n + 1
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
-local ledger_of, at = ledgers_from(6)
+local groups_at = 5 + 2 * tonumber(ARGV[4])
+local tokens_at = groups_at + 3 * tonumber(ARGV[groups_at]) + 1
+local ledger_of = {}
+for g = 1, tonumber(ARGV[groups_at]) do
+  for _ = 1, tonumber(ARGV[groups_at + 3 * g]) do ledger_of[#ledger_of + 1] = tonumber(ARGV[groups_at + 3 * g - 1]) end
+end
 local added = 0
-for i = at, #ARGV do
-  if redis.call('HSETNX', KEYS[ledger_of[i - at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
+for i = tokens_at, #ARGV do
+  if redis.call('HSETNX', KEYS[ledger_of[i - tokens_at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then
-  redis.call('HINCRBY', KEYS[2], 'without_tokens', ARGV[4])
-  redis.call('HINCRBY', KEYS[2], 'skipped_once', ARGV[5])
+  for i = 5, groups_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, #KEYS do
-  if k ~= 4 then redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, #KEYS do  -- (the receipts expire with the status)
+  if k ~= 5 then redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 end
 return first
 """
@@ -205,7 +236,7 @@ end
 # groups (_WINDOW_LUA), tokens... Returns a flat list: code, value per token (attempt number, or the time
 # it is busy / due until). While the project-wide pause holds (only a probe's lease ignores it) nothing is
 # leased: what would be is answered 7 (paused), what is past its window still expires. Once the
-# notification is done (its done marker set) every token is final (2): its ledger may be gone.
+# notification is done (an audience send's done marker) every token is final (2): its ledger may be gone.
 _LEASE = (
     _WINDOW_LUA
     + _BUDGET_LUA
@@ -213,6 +244,8 @@ _LEASE = (
 -- the breaker's pause (issue 20): nothing is leased while FCM is failing, except the one probe
 local paused = ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[5]) == 1
 local done = redis.call('EXISTS', KEYS[6]) == 1
+-- a cancelled notification (issue 22): what is not final and not held by a live lease is cancelled
+local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
 local now, lease, maxa = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit = tonumber(ARGV[4])
 local room = 1e15
@@ -221,7 +254,7 @@ if limit > 0 then
   room = math.max(0, limit - tonumber(redis.call('GET', KEYS[3]) or '0'))
 end
 local deadline_of, ledger_of, first = deadlines_from(6)
-local out, leased, left_waiting, failed, expired = {}, 0, 0, 0, 0
+local out, leased, left_waiting, failed, expired, cancels = {}, 0, 0, 0, 0, 0
 for i = first, #ARGV do
   local t, deadline, ledger = ARGV[i], deadline_of[i - first + 1], KEYS[ledger_of[i - first + 1]]
   local s = redis.call('HGET', ledger, t)
@@ -240,10 +273,15 @@ for i = first, #ARGV do
     out[#out + 1] = 2; out[#out + 1] = 0
   elseif kind == 'L' and when > now then
     out[#out + 1] = 3; out[#out + 1] = when
+  elseif cancelled then
+    -- new, waiting (due or not) or its holder died: not sent after the cancel
+    redis.call('HSET', ledger, t, 'F:cancelled'); cancels = cancels + 1
+    if kind == 'W' then left_waiting = left_waiting + 1 end
+    out[#out + 1] = 8; out[#out + 1] = 0
   elseif kind == 'L' and attempts >= maxa then
     -- its holder died after the last allowed attempt: that attempt's answer is unknown
     redis.call('HSET', ledger, t, 'F:failed'); failed = failed + 1
-    out[#out + 1] = 2; out[#out + 1] = 0
+    out[#out + 1] = 9; out[#out + 1] = 0
   elseif past_window(math.max(now, when), deadline) then
     -- new, waiting (due or not: from when it would be due) or its holder died: its window has closed
     redis.call('HSET', ledger, t, 'F:expired'); expired = expired + 1
@@ -270,16 +308,22 @@ end
 if expired > 0 then
   redis.call('HINCRBY', KEYS[2], 'expired', expired); redis.call('HINCRBY', KEYS[2], 'final', expired)
 end
+if cancels > 0 then
+  redis.call('HINCRBY', KEYS[2], 'cancelled', cancels); redis.call('HINCRBY', KEYS[2], 'final', cancels)
+end
 if limit > 0 and leased > 0 then redis.call('INCRBY', KEYS[3], leased); redis.call('EXPIRE', KEYS[3], 5) end
 return out
 """
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens), then the other ledger shards.
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), then
+# the other ledger shards.
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
-# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, tokens to remove...}.
+# ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
+# cancelled}, {outcome, tokens it made final, ...}, tokens to remove...}. Once the notification is
+# cancelled, an answer that would wait for a retry makes its token final `cancelled` instead.
 # A token recorded dead_removed is owed for removal in the same step, so a crash before the stores are
 # changed cannot leave it in them forever (the store clears the debt once both are changed).
 _CONFIRM = (
@@ -307,12 +351,15 @@ if (total >= minimum and mism * 100 >= pct * total) or redis.call('EXISTS', KEYS
   tripped = redis.call('HSETNX', KEYS[2], 'valve', now)
 end
 local valve = redis.call('HEXISTS', KEYS[2], 'valve') == 1
-local expired, unheld = {}, {}
-local out = {tripped, 0, expired, unheld}
-local finals, waiting = 0, 0
--- The token waits to be sent again at `at` as attempt `attempts` + 1, unless its delivery window closes
--- first: then it is final `expired` at once (issue 20). Returns 'expired', or nil when it waits.
+local cancelled = redis.call('HEXISTS', KEYS[2], 'cancelled_at') == 1
+local expired, unheld, cancels, made = {}, {}, {}, {}
+local out = {tripped, 0, expired, unheld, cancels, made}
+local finals, waiting, by_outcome = 0, 0, {}
+-- The token waits to be sent again at `at` as attempt `attempts` + 1, unless the notification is
+-- cancelled (then it is final `cancelled`: issue 22) or its delivery window closes first (then it is final
+-- `expired` at once: issue 20). Returns the final outcome, or nil when it waits.
 local function wait_or_expire(ledger, t, attempts, at, deadline)
+  if cancelled then cancels[#cancels + 1] = t; return 'cancelled' end
   if past_window(tonumber(at), deadline) then expired[#expired + 1] = t; return 'expired' end
   redis.call('HSET', ledger, t, 'W:' .. attempts .. ':' .. at); waiting = waiting + 1
   return nil
@@ -345,6 +392,7 @@ for i = first, #ARGV, 4 do
       redis.call('HSET', ledger, t, 'F:' .. final)
       redis.call('HINCRBY', KEYS[2], final, 1)
       finals = finals + 1
+      by_outcome[final] = (by_outcome[final] or 0) + 1
     end
   elseif not s or string.sub(s, 1, 1) ~= 'F' then
     -- not this attempt's lease, and not final: taken over by another copy, or the lease itself was
@@ -354,13 +402,40 @@ for i = first, #ARGV, 4 do
   end
 end
 if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
+for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5])
-for k = 7, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
+for k = 8, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
 return out
 """
 )
+
+# KEYS: status, receipts. ARGV: event, "{event}:{token}". An open receipt, counted once per device and
+# event: -1 when the notification's status is gone, 0 when counted before, 1 when counted now. The
+# receipts key gets the status's remaining life (and the scripts that extend the status extend it too).
+_RECEIPT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+# KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
+# every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
+# and nothing else. Returns a CancelResult.
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total', 'audience')
+if f[4] and not f[3] then f[3] = '1e15' end  -- an audience still expanding: its parts are not all known
+local seen = redis.call('SCARD', KEYS[2])
+if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
+redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
+return 1
+"""
 
 # KEYS: once keys. ARGV: notification id. Releases the claims this notification holds.
 _RELEASE_ONCE = """
@@ -424,6 +499,17 @@ class LeaseCode(enum.IntEnum):
     NO_BUDGET = 5  # the project's FCM budget for this second is spent
     EXPIRED = 6  # its delivery window closed: made final `expired` by this lease
     PAUSED = 7  # not leased: the project-wide pause holds (only a probe's lease is not paused)
+    CANCELLED = 8  # the notification is cancelled: made final `cancelled` by this lease
+    FAILED = 9  # its sender died after the last allowed attempt (the answer is unknown): made final `failed`
+
+
+class CancelResult(enum.IntEnum):
+    """The cancel script's answer."""
+
+    UNKNOWN = 0  # no status: no such notification (or past LEDGER_TTL_SECONDS)
+    CANCELLED = 1  # cancelled now
+    ALREADY = 2  # cancelled before: nothing changed
+    DONE = 3  # every token is final already: nothing to cancel
 
 
 class AnswerKind(enum.StrEnum):
@@ -457,6 +543,7 @@ class FinalOutcome(enum.StrEnum):
     CONFIG_ERROR = "config_error"
     FAILED = "failed"
     EXPIRED = "expired"  # not delivered before its delivery window closed (shared.expiry)
+    CANCELLED = "cancelled"  # not sent: the notification was cancelled first
 
 
 class LedgerState(enum.Enum):
@@ -504,7 +591,7 @@ def _ledger_entry(raw: bytes | str | None) -> LedgerEntry:
 
 
 _LEASED, _FINAL, _BUSY, _NOT_DUE, _NO_BUDGET = map(int, list(LeaseCode)[:5])  # plain ints, compared per token
-_PAUSED = int(LeaseCode.PAUSED)
+_PAUSED, _CANCELLED, _FAILED = int(LeaseCode.PAUSED), int(LeaseCode.CANCELLED), int(LeaseCode.FAILED)
 
 
 @dataclass(frozen=True)
@@ -516,6 +603,8 @@ class Lease:
     no_budget: list[str]
     expired: list[str]  # made final `expired` by this lease: their window closed
     paused: tuple[str, ...] = ()  # not leased: the project-wide pause holds
+    cancelled: tuple[str, ...] = ()  # made final `cancelled` by this lease: the notification is cancelled
+    failed: tuple[str, ...] = ()  # made final `failed` by this lease: its sender died after the last attempt
 
 
 class BudgetChange(NamedTuple):
@@ -530,6 +619,8 @@ class Confirmation:
     config_error_first: bool  # the job's first configuration error
     expired: list[str]  # retries that would have come after their window closed: final `expired`
     unheld: list[str] = field(default_factory=list)  # answers not recorded: the lease is not ours any more
+    cancelled: list[str] = field(default_factory=list)  # retry answers made final `cancelled`: not retried
+    finals: dict[str, int] = field(default_factory=dict)  # outcome -> tokens this step made final with it
 
 
 class Claims:
@@ -551,14 +642,16 @@ class Claims:
         self.idempotency_ttl = idempotency_ttl
         self.max_attempts = max_attempts
         self.rate_per_second = max(1, rate_per_minute // 60) if rate_per_minute else 0
-        self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
-        self._part_done = client.register_script(_PART_DONE)
         self._register_part = client.register_script(_REGISTER_PART)
         self._lease = client.register_script(_LEASE)
         self._confirm = client.register_script(_CONFIRM)
         self._release_once = client.register_script(_RELEASE_ONCE)
+        self._cancel = client.register_script(_CANCEL)
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
+        self._receipt = client.register_script(_RECEIPT)
+        self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
+        self._part_done = client.register_script(_PART_DONE)
 
     def sharded(self) -> Claims:
         """These claims with the ledger sharded by a hash of the token (an audience send's)."""
@@ -601,7 +694,6 @@ class Claims:
         self.redis.hset(status_key(nid), "parts_total", parts_total)
 
     def status(self, nid: str) -> dict[str, Any] | None:
-        """The status document: one hash of counters and the size of one set, however many parts."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(status_key(nid))
         pipe.scard(parts_key(nid))
@@ -612,7 +704,9 @@ class Claims:
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
         audience = bool(fields.get("audience"))
         parts_total = fields.get("parts_total", None if audience else 1)
-        if parts_seen == 0 and not (audience and "expanding" in fields):
+        if "cancelled_at" in fields:
+            state = "cancelled"
+        elif parts_seen == 0 and not (audience and "expanding" in fields):
             state = "accepted"
         elif parts_total is None:
             state = "expanding"
@@ -625,13 +719,10 @@ class Claims:
         if audience:
             found["devices_matched"] = fields.get("devices_matched", 0)
         else:
-            found["users"] = {
-                "targeted": fields.get("targeted", 0),
-                "without_tokens": fields.get("without_tokens", 0),
-                "skipped_once": fields.get("skipped_once", 0),
-            }
+            found["users"] = {"targeted": fields.get("targeted", 0), **{n: fields.get(n, 0) for n in USER_COUNTS}}
         found["tokens"] = tokens
         found["progress"] = {"parts_total": parts_total, "parts_done": fields.get("parts_done", 0)}
+        found["receipts"] = {name: fields.get(name, 0) for name in RECEIPT_EVENTS}
         found["created_at"] = _iso(fields.get("created_at", 0))
         found["updated_at"] = _iso(fields.get("updated_at", 0))
         return found
@@ -653,6 +744,16 @@ class Claims:
         """The audience send's done marker is set: any copy of its parts is a no-op."""
         return bool(self.redis.exists(done_key(nid)))
 
+    # --- cancel ------------------------------------------------------------------------------------
+
+    def cancel(self, nid: str) -> CancelResult:
+        """Cancel the notification unless it is done or unknown: one flag, set atomically (see _CANCEL)."""
+        return CancelResult(int(self._cancel(keys=[status_key(nid), parts_key(nid)], args=[now_ms()])))
+
+    def cancelled(self, nid: str) -> bool:
+        """Whether the notification is cancelled: work not started yet (a fan-out, a deferred job) is not."""
+        return bool(self.redis.hexists(status_key(nid), "cancelled_at"))
+
     def count(self, name: str, by: int = 1) -> None:
         self.redis.hincrby(STATS_KEY, name, by)
 
@@ -670,14 +771,26 @@ class Claims:
     # --- ledger ----------------------------------------------------------------------------------
 
     def register_part(
-        self, nid: str, part: int, tokens: list[str], without_tokens: int, skipped_once: int, *, complete: bool = True
+        self,
+        nid: str,
+        part: int,
+        tokens: list[str],
+        without_tokens: int,
+        skipped_once: int,
+        *,
+        complete: bool = True,
+        muted: int = 0,
+        capped: int = 0,
     ) -> bool | None:
-        """Put a part's tokens in the ledger; its user counts are added by the first complete copy only
-        (``complete`` is False while some of the part's users could not be read). None, with nothing
-        registered, once the notification is done (an audience send's done marker)."""
-        ledgers, groups, tokens = self._ledger_groups(nid, NO_DEADLINES, tokens, str, fixed=4)
-        keys = [ledgers[0], status_key(nid), parts_key(nid), done_key(nid), *ledgers[1:]]
-        args = [part if complete else "", self.ledger_ttl, now_ms(), without_tokens, skipped_once, *groups, *tokens]
+        """Put a part's tokens in the ledger; its user counts (``USER_COUNTS``) are added by the first
+        complete copy only (``complete`` is False while some of the part's users could not be read).
+        None, with nothing registered, once the notification is done (an audience send's done marker)."""
+        ledgers, groups, tokens = self._ledger_groups(nid, NO_DEADLINES, tokens, str, fixed=5)
+        keys = [ledgers[0], status_key(nid), parts_key(nid), receipts_key(nid), done_key(nid), *ledgers[1:]]
+        users = {"without_tokens": without_tokens, "muted": muted, "skipped_once": skipped_once, "capped": capped}
+        counted = [(name, users[name]) for name in USER_COUNTS if users[name]]
+        args = [part if complete else "", self.ledger_ttl, now_ms(), len(counted), *(x for c in counted for x in c)]
+        args += [*groups, *tokens]
         first = int(self._register_part(keys=keys, args=args))
         return None if first < 0 else bool(first)
 
@@ -699,6 +812,8 @@ class Claims:
         no_budget: list[str] = []
         expired: list[str] = []
         paused: list[str] = []
+        cancelled: list[str] = []
+        failed: list[str] = []
         for i, token in enumerate(tokens):
             code, value = int(reply[2 * i]), int(reply[2 * i + 1])
             if code == _LEASED:
@@ -713,9 +828,13 @@ class Claims:
                 no_budget.append(token)
             elif code == _PAUSED:
                 paused.append(token)
+            elif code == _CANCELLED:
+                cancelled.append(token)
+            elif code == _FAILED:
+                failed.append(token)
             else:
                 expired.append(token)
-        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused))
+        return Lease(leased, final, busy, not_due, no_budget, expired, tuple(paused), tuple(cancelled), tuple(failed))
 
     def confirm(self, nid: str, answers: list[Answered], deadlines: Deadlines = NO_DEADLINES) -> Confirmation:
         """Record answers in one round trip; each token counted once, and only by the holder of that
@@ -730,7 +849,7 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=6)
+        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=7)
         args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
@@ -741,15 +860,19 @@ class Claims:
             valve_window_key(bucket - 1),
             VALVE_KEY,
             DEAD_TOKENS_KEY,
+            receipts_key(nid),
             *ledgers[1:],
         ]
         reply = self._confirm(keys=keys, args=args)
+        made = reply[5]
         return Confirmation(
-            remove=[t.decode() for t in reply[4:]],
+            remove=[t.decode() for t in reply[6:]],
             valve_tripped=bool(reply[0]),
             config_error_first=bool(reply[1]),
             expired=[t.decode() for t in reply[2]],
             unheld=[t.decode() for t in reply[3]],
+            cancelled=[t.decode() for t in reply[4]],
+            finals={made[i].decode(): int(made[i + 1]) for i in range(0, len(made), 2)},
         )
 
     # --- the FCM budget under quota answers -------------------------------------------------------
@@ -806,6 +929,35 @@ class Claims:
                 ledgers.append(ledger_shard_key(nid, shard))
             args += (deadline, index[shard], len(members))
         return ledgers or [ledger_shard_key(nid, 0)], args, [i for ms in by_key.values() for i in ms]
+
+    def targeted(self, nid: str, token: str) -> bool:
+        """Was the notification sent to this token (whatever FCM answered)? Its ledger holds it: the one
+        key of a send to users, or the token's shard of an audience send's; once an audience send is done
+        its shards are dropped, and its done marker answers (yes: its devices are not known any more)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hexists(ledger_key(nid), token)
+        pipe.hexists(ledger_shard_key(nid, ledger_shard(token)), token)
+        pipe.exists(done_key(nid))
+        return any(pipe.execute())
+
+    # --- open receipts ---------------------------------------------------------------------------
+
+    def receipt_rate(self, user_id: str, per_minute: int) -> None:
+        """Count one open receipt of the user this minute; ``RateLimited`` beyond ``per_minute`` (0: no limit)."""
+        if not per_minute:
+            return
+        minute = int(time.time() // 60)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(receipt_rate_key(user_id, minute))
+        pipe.expire(receipt_rate_key(user_id, minute), 120)
+        if pipe.execute()[0] > per_minute:
+            raise RateLimited(retry_after=60 - int(time.time()) % 60 or 1, what="open receipts")
+
+    def record_receipt(self, nid: str, token: str, event: str) -> bool | None:
+        """Count the device's ``event`` (one of RECEIPT_EVENTS) once: True the first time, False after,
+        None when the notification's status is gone (nothing stored)."""
+        found = int(self._receipt(keys=[status_key(nid), receipts_key(nid)], args=[event, f"{event}:{token}"]))
+        return None if found < 0 else bool(found)
 
     # --- one-time claims -------------------------------------------------------------------------
 

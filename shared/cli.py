@@ -22,7 +22,7 @@ from typing import Any
 import pg8000.native
 import redis
 
-from shared import accept, bus, instance, jobs, logs, rules
+from shared import accept, bus, cancel, instance, jobs, logs, rules
 from shared.config import ConfigError, settings
 from shared.db import DatabaseUnavailable, migrate
 from shared.errors import Unavailable
@@ -136,9 +136,20 @@ def _cached_mark(token: str, cached: set[str] | None) -> str:
 
 def cmd_forget(args: argparse.Namespace) -> Result:
     tokens = instance.token_store().forget(args.user)
+    preferences = instance.preference_store().forget(args.user)
     claims = instance.claims().forget_once(args.user)
-    data = {"user": args.user, "tokens_removed": tokens, "once_claims_removed": claims}
-    return Result(data, f"forgot {args.user}: {tokens} token(s) and {claims} one-time claim(s) removed")
+    instance.daily_cap().forget(args.user)
+    data = {
+        "user": args.user,
+        "tokens_removed": tokens,
+        "preferences_removed": preferences,
+        "once_claims_removed": claims,
+    }
+    text = (
+        f"forgot {args.user}: {tokens} token(s), {'their' if preferences else 'no'} preferences and {claims} "
+        "one-time claim(s) removed"
+    )
+    return Result(data, text)
 
 
 # --- send, status, stats ------------------------------------------------------------------------
@@ -162,6 +173,10 @@ def _send_body(args: argparse.Namespace) -> dict[str, Any]:
         body["platforms"] = list(dict.fromkeys(args.platform))
     if args.once is not None:
         body["once"] = args.once
+    if args.category is not None:
+        body["category"] = args.category
+    if args.urgent:
+        body["urgent"] = True
     return body
 
 
@@ -193,14 +208,25 @@ def cmd_status(args: argparse.Namespace) -> Result:
     return Result(found, _status_text(found))
 
 
+def cmd_cancel(args: argparse.Namespace) -> Result:
+    match cancel.cancel(args.id):
+        case cancel.Cancelled(status=status):
+            return Result(status, _status_text(status))
+        case cancel.InvalidId() as bad:
+            raise CliError(f"{bad.reason}, got {args.id!r}", 2)
+        case cancel.NotFound() | cancel.AlreadyDone() as refused:
+            raise CliError(f"{refused.reason}: {args.id}")
+
+
 def _status_text(body: dict[str, Any]) -> str:
     users = body["users"]
     lines = [
         f"{body['id']}: {body['state']}",
         f"  users     targeted {users['targeted']}, without tokens {users['without_tokens']}, "
-        f"skipped (once) {users['skipped_once']}",
+        f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}",
         f"  tokens    {body['tokens']}",
         "  outcomes  " + ", ".join(f"{k} {v}" for k, v in body["counts"].items()),
+        "  receipts  " + ", ".join(f"{k} {v}" for k, v in body["receipts"].items()),
         f"  created   {body['created_at']}",
         f"  updated   {body['updated_at']}",
     ]
@@ -356,6 +382,8 @@ def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
     p.add_argument("--platform", action="append", choices=PLATFORMS, default=[])
     p.add_argument("--once", metavar="KEY", help="send each user this notification at most once per KEY")
+    p.add_argument("--category", metavar="NAME", help="users who muted NAME are skipped")
+    p.add_argument("--urgent", action="store_true", help="past the daily cap (never past a mute)")
     p.add_argument("--idempotency-key", metavar="KEY")
     p.set_defaults(run=cmd_send)
 
@@ -374,8 +402,9 @@ def _add_simple(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         ("prune", cmd_prune, "delete tokens past the TTL window from both stores", ()),
         ("tokens", cmd_tokens, "a user's tokens in Redis and PostgreSQL", ("user",)),
         ("status", cmd_status, "a notification's status", ("id",)),
+        ("cancel", cmd_cancel, "cancel a notification that is not done (as DELETE /<id> on send)", ("id",)),
         ("rebuild-cache", cmd_rebuild_cache, "reload every user's Redis set from PostgreSQL", ()),
-        ("forget", cmd_forget, "account deletion: a user's tokens and one-time claims", ("user",)),
+        ("forget", cmd_forget, "account deletion: a user's tokens, preferences and one-time claims", ("user",)),
         ("stats", cmd_stats, "invalid-job and domain-event counters", ()),
     ]
     for name, run, text, positionals in simple:

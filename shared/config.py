@@ -12,11 +12,12 @@ environment once per instance (cached); tests that change the environment call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +134,8 @@ class Settings:
     register_rate_per_minute: int = variable(
         "REGISTER_RATE_PER_MINUTE",
         60,
-        "registrations per user per minute (429 beyond); `0` turns it off; not enforced while Redis is down",
+        "registrations per user per minute (429 beyond), and open receipts per user per minute (a counter of "
+        "their own); `0` turns both off; registrations are not limited while Redis is down",
     )
     reconcile_seconds: int = variable(
         "RECONCILE_SECONDS",
@@ -230,6 +232,12 @@ class Settings:
         minimum=60,
     )
     once_ttl_seconds: int = variable("ONCE_TTL_SECONDS", DAY, "life of a one-time claim (`once`)", minimum=1)
+    max_per_user_per_day: int = variable(
+        "MAX_PER_USER_PER_DAY",
+        0,
+        "non-urgent notifications per user per rolling 24 h (copies of one notification count once); a user "
+        "beyond it is skipped (`users.capped`); `0` turns it off",
+    )
     idempotency_ttl_seconds: int = variable(
         "IDEMPOTENCY_TTL_SECONDS", DAY, "how long an `Idempotency-Key` is remembered", minimum=1
     )
@@ -382,6 +390,22 @@ def check_cloud_safety(s: Settings) -> None:
         )
     if problems:
         raise ConfigError(f"refusing to start (K_SERVICE={s.k_service}): " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def refusal_logged() -> Iterator[None]:
+    """Around a function's start: a ``ConfigError`` (the function will not start) is first logged as one
+    CRITICAL JSON line, ``event: config_error``, ``config: environment`` (the configuration-errors alert
+    counts it), then raised."""
+    try:
+        yield
+    except ConfigError as exc:
+        logs.setup("INFO")
+        logs.get("main").critical(
+            f"configuration error: the function does not start: {exc}",
+            extra={"event": "config_error", "config": "environment"},
+        )
+        raise
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:

@@ -339,6 +339,8 @@ class CredentialsAlarm:
         log.critical(
             fix,
             extra={
+                "event": "config_error",
+                "config": "fcm_credentials",
                 "reason": reason,
                 "detail": detail,
                 "similar_answers": similar,

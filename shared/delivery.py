@@ -6,13 +6,21 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
   topic; the job is acknowledged only after every part is published;
-- a part reads its users' tokens (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
+- a part reads its users' tokens and their locales (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
   takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
 - it acknowledges only when every token is final (``expired`` too: a token whose delivery window
   closed, ``shared.expiry``); tokens leased by another live copy, retries not due within this
   instance's wait, users whose tokens could not be read, and any Redis error
   (unreachable, out of memory, read-only, ...: ``shared/errors.py``) all raise ``RetryLater``
   (the ledger makes the redelivery skip what is final);
+- a job with an ``audience`` is expanded (``shared/expansion.py``) into parts that carry their devices;
+  an audience part sends to them through the same steps, with a ledger sharded by token (each device
+  once however its parts repeat) and, once the notification is done, nothing at all;
+- a cancelled notification (``shared/cancel.py``) sends nothing more: a job not yet fanned out publishes
+  no part; a part (a whole job of one part too) puts its tokens in the ledger, where each one not held
+  by a live lease becomes final ``cancelled`` (counted once, however many copies arrive; a one-time
+  claim it takes is given back, as for any user none of whose devices got it), and is acknowledged
+  as soon as its tokens are final;
 - a malformed message (undecodable, or an invalid job of a version we know) is logged and
   acknowledged: it would never become valid;
 - a message of a job version or kind this deliver does not know is not acknowledged (``Unknown``
@@ -32,9 +40,9 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from shared import bus, expansion, expiry, instance, jobs, logs
+from shared import bus, expansion, expiry, instance, jobs, logs, recipients
 from shared.audience_store import Device
-from shared.claims import Claims, now_ms
+from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
@@ -167,6 +175,9 @@ def _whole_job(job: jobs.Job) -> str:
         return _part(job, 0, 1)
     if claims.fanout_done(job.id):
         return "fanned-out-before"
+    if claims.cancelled(job.id):
+        log.info("cancelled job acknowledged without fanning out", extra={"notification_id": job.id})
+        return "cancelled"
     for message in part_messages(job, per_part):
         bus.publish(message, {"notification_id": job.id, "kind": "part"})
     claims.mark_fanout(job.id)
@@ -176,32 +187,10 @@ def _whole_job(job: jobs.Job) -> str:
 
 def _part(job: jobs.Job, part: int, parts: int) -> str:
     _not_while_paused(job)
-    store, claims = instance.token_store(), instance.claims()
+    store = instance.token_store()
     store.settle_dead_tokens()
-    devices = store.tokens_for_users(job.user_ids, extend_ttl=True)
-    unresolved = [u for u in job.user_ids if u not in devices]
-    holders: dict[str, str] = {}
-    per_user: dict[str, list[str]] = {}
-    for user_id, user_devices in devices.items():
-        tokens = [t for t, p in user_devices.items() if not job.platforms or p in job.platforms]
-        if tokens:
-            per_user[user_id] = tokens
-    without_tokens = len(devices) - len(per_user)
-    skipped: list[str] = []
-    if job.once:
-        allowed, skipped = claims.claim_once(job.id, job.once, sorted(per_user))
-        per_user = {u: per_user[u] for u in allowed}
-    for user_id, tokens in per_user.items():
-        for token in tokens:
-            holders.setdefault(token, user_id)
-    claims.register_part(job.id, part, list(holders), without_tokens, len(skipped), complete=not unresolved)
-    outcome = _send(job, part, holders, devices, claims)
-    if job.once:
-        _release_undelivered_once(job, per_user)
-    _log_part(job, part, parts, len(holders), outcome, unresolved=len(unresolved))
-    if unresolved:
-        raise RetryLater(f"{len(unresolved)} users' tokens unreadable (PostgreSQL down, not cached)")
-    return _finish(job, part, claims, outcome)
+    devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
+    return _deliver_to(job, part, parts, devices, locales, instance.claims())
 
 
 def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:
@@ -212,17 +201,49 @@ def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...
     if claims.is_done(job.id):
         return "done-before"
     _not_while_paused(job)
-    store = instance.token_store()
-    store.settle_dead_tokens()
-    holders = {d.token: d.user_id for d in devices}
+    instance.token_store().settle_dead_tokens()
     by_user: dict[str, dict[str, str | None]] = {}
     for device in devices:
         by_user.setdefault(device.user_id, {})[device.token] = device.platform
-    if claims.register_part(job.id, part, list(holders), 0, 0) is None:
-        return "done-before"
     locales = {d.token: d.locale for d in devices if d.locale}
-    outcome = _send(job, part, holders, by_user, claims, locales)
-    _log_part(job, part, 0, len(holders), outcome, unresolved=0)
+    return _deliver_to(job, part, 0, by_user, locales, claims)
+
+
+def _deliver_to(
+    job: jobs.Job,
+    part: int,
+    parts: int,
+    devices: Mapping[str, Mapping[str, str | None]],
+    locales: Mapping[str, str],
+    claims: Claims,
+) -> str:
+    """The part's users' rules (``recipients``), its tokens into the ledger, sent; acknowledged once
+    every token is final."""
+    chosen = recipients.choose(job, devices)
+    unresolved = chosen.unresolved
+    holders: dict[str, str] = {}
+    for user_id, tokens in chosen.per_user.items():
+        for token in tokens:
+            holders.setdefault(token, user_id)
+    tokens = list(holders)
+    registered = claims.register_part(
+        job.id,
+        part,
+        tokens,
+        chosen.without_tokens,
+        chosen.skipped_once,
+        complete=not unresolved,
+        muted=chosen.muted,
+        capped=chosen.capped,
+    )
+    if registered is None:
+        return "done-before"
+    outcome = _send(job, part, holders, devices, locales, claims)
+    if job.once:
+        _release_undelivered_once(job, chosen.per_user)
+    _log_part(job, part, parts, tokens, outcome, unresolved)
+    if unresolved:
+        raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
     return _finish(job, part, claims, outcome)
 
 
@@ -231,8 +252,8 @@ def _send(
     part: int,
     holders: dict[str, str],
     devices: Mapping[str, Mapping[str, str | None]],
+    locales: Mapping[str, str],
     claims: Claims,
-    locales: Mapping[str, str] | None = None,
 ) -> PartOutcome:
     """Send the part's tokens (``holders``: token -> its user; ``locales``: token -> its locale, for
     localized text) through the send window."""
@@ -249,7 +270,7 @@ def _send(
         return await dispatch(
             job.id,
             list(holders),
-            message_for=template.message_for(locales or {}),
+            message_for=template.message_for(locales),
             send=client.send,
             claims=claims,
             remove_dead=remove_dead,
@@ -262,25 +283,6 @@ def _send(
         )
 
     return instance.run(run())
-
-
-def _log_part(job: jobs.Job, part: int, parts: int, tokens: int, outcome: PartOutcome, *, unresolved: int) -> None:
-    log.info(
-        "part processed",
-        extra={
-            "notification_id": job.id,
-            "part": part,
-            "parts": parts,
-            "tokens": tokens,
-            "sent": outcome.sent,
-            "dead_removed": len(outcome.removed),
-            "busy": len(outcome.busy),
-            "later": len(outcome.later),
-            "expired": outcome.expired,
-            "paused": outcome.paused,
-            "unresolved_users": unresolved,
-        },
-    )
 
 
 def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> str:
@@ -297,6 +299,29 @@ def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> s
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     claims.part_done(job.id, part)
     return "delivered"
+
+
+def _log_part(
+    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+) -> None:
+    """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
+    log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
+    log.info(
+        "part processed",
+        extra={
+            "event": "part_processed",
+            "notification_id": job.id,
+            "part": part,
+            "parts": parts,
+            "tokens": len(tokens),
+            "sent": outcome.sent,
+            **{final.value: outcome.finals[final.value] for final in FinalOutcome},
+            "busy": len(outcome.busy),
+            "later": len(outcome.later),
+            "paused": outcome.paused,
+            "unresolved_users": len(unresolved),
+        },
+    )
 
 
 def _deadlines(
@@ -319,9 +344,12 @@ def _deadlines(
 def _not_while_paused(job: jobs.Job) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
-    or its delivery window has closed (then it expires what is left, and is acknowledged)."""
+    or its delivery window has closed (then it expires what is left, and is acknowledged), or the
+    notification is cancelled (then it cancels what is left, sending nothing, and is acknowledged)."""
     pause = instance.breaker().holds(now_ms())
     if pause is not None:
+        if instance.claims().cancelled(job.id):
+            return
         accepted = instance.claims().accepted_at(job.id)
         if accepted is not None and now_ms() >= expiry.window_end(accepted, settings().delivery_window_seconds):
             return

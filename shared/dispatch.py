@@ -6,6 +6,12 @@ failure comes back as a retry time; retries due within ``IN_PROCESS_WAIT_MS`` ar
 later ones go back to the bus (the caller raises, and the subscription's retry policy redelivers
 the part while the ledger holds what is not yet due).
 
+Once the notification is cancelled (``Claims.cancel``), the ledger answers every lease with
+``cancelled`` and every retry answer becomes final: the part sends nothing more, confirms what was in
+flight, and leases the tokens it had deferred at once (each comes back ``cancelled``), so it finishes.
+A part with nothing in flight, waiting only for its retries, looks at the cancel flag every
+``CANCEL_POLL_MS`` instead of sleeping through the wait.
+
 While the breaker's project-wide pause holds (``shared.breaker``) the part sends nothing but its
 probe, when one is due and no other instance probes: it confirms what was in flight, waits for the
 next probe or the pause to lift, and goes back to the bus rather than wait longer than
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from shared.breaker import Breaker
@@ -28,6 +34,7 @@ from shared.window import Confirmed, MessageFor, RemoveDead, Send, SendWindow
 
 IN_PROCESS_WAIT_MS = 10_000  # retries due sooner are waited for in this instance; a pause, this long
 PAUSE_POLL_MS = 500  # while another instance probes, look at the pause again this often
+CANCEL_POLL_MS = 1000  # while waiting only for retries, look at the notification's cancel flag this often
 
 
 @dataclass
@@ -39,6 +46,9 @@ class PartOutcome:
     sent: int = 0
     expired: int = 0  # tokens this instance found past their delivery window (now final)
     paused: bool = False  # the tokens in ``later`` wait for the project-wide pause to lift
+    cancelled: int = 0  # tokens this instance found cancelled (now final)
+    # outcome -> tokens this processing made final with it (its leases and its confirmations, as the ledger did)
+    finals: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
@@ -83,15 +93,28 @@ async def dispatch(
             if size:
                 lease = await window.lease(part.take(size))
                 part.leased(lease)
-                if lease.leased or lease.paused:
-                    continue  # fill the window before waiting (or follow the pause)
+                if lease.leased or lease.paused or lease.cancelled:
+                    continue  # fill the window before waiting (or follow the pause, or the cancel)
             if window.sending:
                 await window.collect(until=part.next_due)
             if window.confirm_due(more_to_lease=bool(part.ready)):
                 part.confirmed(await window.confirm())
             elif not window.sending:
-                await part.wait_until_due()
+                await _wait_for_retries(part, window)
     return part.outcome
+
+
+async def _wait_for_retries(part: _Schedule, window: SendWindow) -> None:
+    """Sleep until the next retry is due, looking at the cancel flag every CANCEL_POLL_MS on the way:
+    once the notification is cancelled, every waiting token is leased at once (and comes back cancelled)."""
+    while part.next_due is not None:
+        wait = part.next_due - now_ms()
+        if wait <= 0:
+            return
+        await asyncio.sleep(min(wait, CANCEL_POLL_MS) / 1000)
+        if wait > CANCEL_POLL_MS and await asyncio.to_thread(window.claims.cancelled, window.nid):
+            part.cancel_pending()
+            return
 
 
 async def _ride_out(part: _Schedule, window: SendWindow) -> bool:
@@ -173,14 +196,30 @@ class _Schedule:
         for token in lease.no_budget:  # the project's FCM budget for this second is spent
             heapq.heappush(self.deferred, (now + 1000 - now % 1000, token))
         self.ready.extendleft(reversed(lease.paused))  # not looked at: leased once the pause lifts
+        outcome.finals.update(expired=len(lease.expired), cancelled=len(lease.cancelled), failed=len(lease.failed))
+        if lease.cancelled:
+            outcome.cancelled += len(lease.cancelled)
+            self.cancel_pending()
+
+    def cancel_pending(self) -> None:
+        """The notification is cancelled: what waits for a retry is leased now (and found cancelled)."""
+        outcome = self.outcome
+        self.ready.extend(token for _, token in self.deferred)
+        self.ready.extend(outcome.later)
+        self.deferred.clear()
+        outcome.later.clear()
 
     def confirmed(self, confirmed: Confirmed) -> None:
         self.outcome.removed += confirmed.removed
         self.outcome.expired += confirmed.expired
+        self.outcome.finals.update(dict(confirmed.finals))
         for token in confirmed.unheld:  # another copy holds it, or Redis lost its lease: see at the end
             self.outcome.busy.setdefault(token, 0)
         for retry_at, token in confirmed.retries:
             self._retry(token, retry_at, confirmed.at)
+        if confirmed.cancelled:
+            self.outcome.cancelled += confirmed.cancelled
+            self.cancel_pending()
 
     def _retry(self, token: str, due: int, now: int) -> None:
         if due - now <= IN_PROCESS_WAIT_MS:
@@ -198,7 +237,3 @@ class _Schedule:
             outcome.later[token] = due
         self.ready.clear()
         self.deferred.clear()
-
-    async def wait_until_due(self) -> None:
-        if self.deferred:
-            await asyncio.sleep(max(0.0, (self.deferred[0][0] - now_ms()) / 1000))

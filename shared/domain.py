@@ -35,7 +35,10 @@ def rules() -> dict[str, Rule]:
     try:
         return _rules()
     except RulesError as exc:
-        log.error("event rules are invalid: every event fails until they are fixed", extra={"reason": str(exc)})
+        log.error(
+            "event rules are invalid: every event fails until they are fixed",
+            extra={"event": "config_error", "config": "event_rules", "reason": str(exc)},
+        )
         raise RulesUnavailable(str(exc)) from None
 
 

@@ -148,7 +148,8 @@ def _check(rule: Rule, job: dict) -> None:
 
 
 def render(rule: Rule, data: Mapping, *, job_id: str | None = None) -> dict:
-    """The v1 job for one event: templates filled from ``data``, validated by ``jobs.parse_v1``.
+    """The job for one event (version 1, or 2 with a version-2 field such as ``analytics_label``,
+    ``category`` or ``urgent``): templates filled from ``data``, validated by ``jobs.parse_v1``.
 
     ``job_id`` (e.g. :func:`notification_id`) becomes the job's ``id`` when given. Raises EventError
     naming the event field when a placeholder's field is missing or not a string/number/boolean, or
@@ -172,5 +173,13 @@ def render(rule: Rule, data: Mapping, *, job_id: str | None = None) -> dict:
         job["platforms"] = list(rule.platforms)
     if rule.once is not None:
         job["once"] = _once(rule, data)
+    if rule.category is not None:
+        job["category"] = rule.category
+    if rule.urgent:
+        job["urgent"] = True
+    if rule.analytics_label is not None:
+        job["analytics_label"] = rule.analytics_label
+    if any(name in job for name in jobs.V2_FIELDS):
+        job["version"] = jobs.LATEST_VERSION  # the version that carries them (shared/jobs.py)
     _check(rule, job)
     return job

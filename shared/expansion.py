@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from shared import bus, instance, jobs, logs
-from shared.audience_store import Device
+from shared.audience_store import FIRST_CURSOR, Device
 from shared.checkpoint import NotTaken, Taken
 from shared.config import settings
 from shared.errors import REDIS_OUTAGE
@@ -71,6 +71,10 @@ def _pages(job: jobs.Job, taken: Taken) -> str:
         start = taken.start or checkpoints.fix_start(job.id, store.now())
         cursor, next_part = taken.cursor, taken.next_part
         while True:
+            if instance.claims().cancelled(job.id):  # no more parts: the expansion ends where it is
+                checkpoints.advance(job.id, taken.owner, list(cursor or FIRST_CURSOR), 0, 0, last=True)
+                log.info("cancelled audience: expansion stopped", extra={"notification_id": job.id, "parts": next_part})
+                return "cancelled"
             page = store.page(audience, start, cursor, s.audience_page_rows)
             chunks = [page.devices[i : i + per_part] for i in range(0, len(page.devices), per_part)]
             for k, chunk in enumerate(chunks):

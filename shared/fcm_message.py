@@ -8,6 +8,9 @@ replaces the notification on the device instead of showing it twice:
 * ``android.notification.tag = job.id``, only when the job has a notification: a data-only
   message gets no ``android.notification`` at all (Android would display it).
 
+**Analytics label** (``job.analytics_label``): every message carries ``fcm_options.analytics_label``,
+so FCM's delivery reports and BigQuery export group by it; a job without one sends no ``fcm_options``.
+
 A data-only message is sent as a silent push on Apple devices: ``apns-priority`` "5" and
 ``aps["content-available"] = 1``, unless the job sets them.
 
@@ -73,6 +76,8 @@ class MessageTemplate:
             base["android"] = android
         base["apns"] = apns
         base["webpush"] = webpush
+        if job.analytics_label is not None:  # in the template: no per-message cost
+            base["fcm_options"] = {"analytics_label": job.analytics_label}
         self.base = base
         self._localized: Mapping[str, dict] = job.localized or {}
         self._by_locale: dict[str | None, dict[str, Any]] = {None: base}  # device locale -> its base

@@ -22,7 +22,9 @@ from shared.breaker import Breaker
 from shared.checkpoint import Checkpoints
 from shared.claims import Claims
 from shared.config import settings
+from shared.daily_cap import DailyCap
 from shared.db import Database
+from shared.preference_store import PreferenceStore
 from shared.store import TokenStore
 
 
@@ -57,6 +59,16 @@ def token_store() -> TokenStore:
         max_tokens_per_user=s.max_tokens_per_user,
         register_rate_per_minute=s.register_rate_per_minute,
     )
+
+
+@functools.cache
+def preference_store() -> PreferenceStore:
+    return PreferenceStore(redis_client(), database())
+
+
+@functools.cache
+def daily_cap() -> DailyCap:
+    return DailyCap(redis_client(), settings().max_per_user_per_day)
 
 
 @functools.cache
@@ -166,5 +178,17 @@ def reset() -> None:
         database().close()
     if _loop.cache_info().currsize:
         _loop().stop()
-    for cached in (redis_client, database, token_store, claims, checkpoints, audience_store, breaker, _loop, settings):
+    for cached in (
+        redis_client,
+        database,
+        token_store,
+        preference_store,
+        daily_cap,
+        claims,
+        checkpoints,
+        audience_store,
+        breaker,
+        _loop,
+        settings,
+    ):
         cached.cache_clear()

@@ -37,8 +37,10 @@ from typing import Any
 
 from shared import audience as audience_rules
 from shared.attributes import AttributeRuleError, canonical_locale
+from shared.preferences import CATEGORY_PATTERN
 
 __all__ = [
+    "ANALYTICS_LABEL_PATTERN",
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
@@ -47,6 +49,7 @@ __all__ = [
     "V2_FIELDS",
     "Job",
     "JobError",
+    "check_analytics_label",
     "check_data_key",
     "check_platforms",
     "check_user_ids",
@@ -68,6 +71,8 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 # No ":" in once keys: notif:onetime:{user_id}:{key} then names one user and key unambiguously.
 MAX_ONCE_CHARS = 64
 ONCE_PATTERN = rf"^[A-Za-z0-9_.-]{{1,{MAX_ONCE_CHARS}}}$"
+# FCM's rule for fcm_options.analytics_label (it groups delivery reports and the BigQuery export by it)
+ANALYTICS_LABEL_PATTERN = r"^[A-Za-z0-9_.~%-]{1,50}$"
 MAX_USER_IDS = 10_000
 MAX_USER_ID_CHARS = 256
 MAX_PAYLOAD_BYTES = 4096
@@ -84,7 +89,7 @@ RESERVED_DATA_KEYS = frozenset({"from", "message_type", "notification"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 
 # The fields that make a job version 2 (see the module docstring: one line here per new field).
-V2_FIELDS: tuple[str, ...] = ("localized", "audience")
+V2_FIELDS: tuple[str, ...] = ("localized", "analytics_label", "category", "urgent", "audience")
 V1_REQUEST_FIELDS = ("user_ids", "notification", "data", "platforms", "once", "android", "apns", "webpush")
 REQUEST_FIELDS = (*V1_REQUEST_FIELDS, *V2_FIELDS)
 V1_FIELDS = ("version", "id", *V1_REQUEST_FIELDS)
@@ -92,6 +97,8 @@ JOB_FIELDS = ("version", "id", *REQUEST_FIELDS)
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)
+_CATEGORY_RE = re.compile(CATEGORY_PATTERN)
+_ANALYTICS_LABEL_RE = re.compile(ANALYTICS_LABEL_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _DURATION_RE = re.compile(r"([0-9]+)(\.[0-9]{1,9})?s")
@@ -123,6 +130,9 @@ class Job:
     webpush: dict | None = None
     # version 2 (V2_FIELDS): None when absent
     localized: dict[str, dict] | None = None  # canonical locale -> notification text, in the given order
+    category: str | None = None  # what a user may mute (shared/preferences.py); None: never muted
+    urgent: bool | None = None  # True: past quiet hours and the daily cap (never a mute); false is None
+    analytics_label: str | None = None  # FCM's fcm_options.analytics_label of every message
     audience: dict[str, Any] | None = None  # the devices to reach instead of user_ids (shared.audience)
 
 
@@ -425,6 +435,28 @@ def check_platforms(value: object) -> tuple[str, ...]:
     return tuple(p for p in PLATFORMS if p in value)
 
 
+def _category(value: object) -> str:
+    if not isinstance(value, str) or not _CATEGORY_RE.fullmatch(value):
+        raise JobError(f"category must be 1 to 64 characters of a-z 0-9 _ . -, got {_shown_text(value)}")
+    return value
+
+
+def _urgent(value: object) -> bool | None:
+    """``urgent``: true, or false (the default, kept as None: a job with ``"urgent": false`` is the same
+    job as one without it)."""
+    if not isinstance(value, bool):
+        raise JobError(f"urgent must be true or false, got {type_name(value)}")
+    return True if value else None
+
+
+def check_analytics_label(value: object, path: str = "analytics_label") -> str:
+    """FCM's analytics label: 1 to 50 of A-Z a-z 0-9 - _ . ~ %. Raises JobError naming ``path``."""
+    if not isinstance(value, str) or not _ANALYTICS_LABEL_RE.fullmatch(value):
+        shown = _shown_text(value)
+        raise JobError(f"{path} must be 1 to 50 characters of A-Z a-z 0-9 - _ . ~ % (FCM's rule), got {shown}")
+    return value
+
+
 def _once(value: object) -> str:
     if not isinstance(value, str) or not _ONCE_RE.fullmatch(value):
         shown = _shown_text(value)
@@ -492,6 +524,9 @@ def _build(obj: Mapping, job_id: str) -> Job:
             f"payload is {size} bytes; FCM allows at most {MAX_PAYLOAD_BYTES} (compact JSON of notification and data)"
         )
     localized = _localized(obj["localized"], notification, data) if "localized" in obj else None
+    category = _category(obj["category"]) if "category" in obj else None
+    urgent = _urgent(obj["urgent"]) if "urgent" in obj else None
+    label = check_analytics_label(obj["analytics_label"]) if "analytics_label" in obj else None
     return Job(
         id=job_id,
         user_ids=user_ids,
@@ -503,6 +538,9 @@ def _build(obj: Mapping, job_id: str) -> Job:
         apns=options.get("apns"),
         webpush=options.get("webpush"),
         localized=localized,
+        category=category,
+        urgent=urgent,
+        analytics_label=label,
         audience=audience,
     )
 

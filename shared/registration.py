@@ -1,13 +1,27 @@
-"""The register use case: validate a device registration and apply it to the instance's token store."""
+"""The register use case: validate a device registration and apply it to the instance's token store.
+
+A registration gives a token and, optionally, the device's attributes: ``platform``, ``locale``,
+``time_zone`` and ``app_version`` (rules and canonical forms: ``shared/attributes.py``). An attribute
+left out keeps its stored value (``KEEP``); ``null`` clears it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared import instance
+from shared import attributes, instance
 from shared.jobs import PLATFORMS
-from shared.store import MAX_TOKEN_CHARS, InvalidInput, Registration, check_token, check_user_id
+from shared.store import (
+    KEEP,
+    MAX_TOKEN_CHARS,
+    InvalidInput,
+    Keep,
+    Registration,
+    check_token,
+    check_user_id,
+)
 
 MAX_TOKEN_LENGTH = MAX_TOKEN_CHARS
 
@@ -18,8 +32,28 @@ class InvalidRegistration(ValueError):
 
 @dataclass(frozen=True)
 class Device:
+    """A registration: the token, and each attribute as given (``KEEP`` when left out, None to clear)."""
+
     token: str
-    platform: str | None = None
+    platform: str | Keep | None = KEEP
+    locale: str | Keep | None = KEEP
+    time_zone: str | Keep | None = KEEP
+    app_version: str | Keep | None = KEEP
+
+
+def _platform(value: object) -> str:
+    if value not in PLATFORMS:
+        raise attributes.AttributeRuleError(f"must be one of {', '.join(PLATFORMS)} (or null, or left out)")
+    return str(value)
+
+
+# Each optional attribute and its check, which returns the value to store (canonical).
+ATTRIBUTE_CHECKS: dict[str, Callable[[object], str]] = {
+    "platform": _platform,
+    "locale": attributes.canonical_locale,
+    "time_zone": attributes.check_time_zone,
+    "app_version": attributes.check_app_version,
+}
 
 
 def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -54,13 +88,20 @@ def _user(user_id: str) -> str:
 
 
 def parse_device(body: Any) -> Device:
-    """A POST body: ``{"token": "...", "platform": "android"|"ios"|"web"}`` (platform optional)."""
-    body = _check_fields(body, {"token", "platform"})
+    """A POST body: ``{"token": "...", "platform": ..., "locale": ..., "time_zone": ..., "app_version": ...}``
+    (every attribute optional: left out keeps the stored value, null clears it)."""
+    body = _check_fields(body, {"token", *ATTRIBUTE_CHECKS})
     token = _token(body)
-    platform = body.get("platform")
-    if platform is not None and platform not in PLATFORMS:
-        raise InvalidRegistration(f"'platform' must be one of {', '.join(PLATFORMS)} (or left out)")
-    return Device(token, platform)
+    given: dict[str, str | None] = {}
+    for name, check in ATTRIBUTE_CHECKS.items():
+        if name not in body or body[name] is None:
+            continue
+        try:
+            given[name] = check(body[name])
+        except attributes.AttributeRuleError as exc:
+            raise InvalidRegistration(f"'{name}' {exc}") from None
+    values = {name: given.get(name) if name in body else KEEP for name in ATTRIBUTE_CHECKS}
+    return Device(token, **values)
 
 
 def parse_removal(body: Any) -> str | None:
@@ -76,7 +117,14 @@ def parse_removal(body: Any) -> str | None:
 
 
 def register(user_id: str, device: Device) -> Registration:
-    return instance.token_store().register(_user(user_id), device.token, device.platform)
+    return instance.token_store().register(
+        _user(user_id),
+        device.token,
+        device.platform,
+        locale=device.locale,
+        time_zone=device.time_zone,
+        app_version=device.app_version,
+    )
 
 
 def unregister(user_id: str, token: str | None) -> int:

@@ -10,7 +10,10 @@ The rules file is JSON::
        "title": "Maintenance", "body": "Starts at {starts_at}"}
     ]}
 
-Title, body, data values and once are templates (``shared/templates.py``). What a job allows
+Title, body, data values and once are templates (``shared/templates.py``); ``analytics_label`` is a
+literal (FCM's rule: 1 to 50 of A-Z a-z 0-9 - _ . ~ %) given to every job of the rule, and so are
+``category`` (what users may mute) and ``urgent`` (true: past the daily cap and quiet hours); each of
+the three makes the rule's jobs version 2. What a job allows
 (user ids, platforms, data keys, the payload size) is checked by the job's own rules
 (``shared/jobs.py``), so a rule that loads renders jobs that ``send`` would accept.
 """
@@ -46,7 +49,18 @@ _TYPE_RE = re.compile(TYPE_PATTERN)
 _ONCE_CHARS_RE = re.compile(r"[A-Za-z0-9_.-]*")
 
 RULES_FIELDS = ("rules",)
-RULE_FIELDS = ("type", "recipients", "title", "body", "data", "platforms", "once")
+RULE_FIELDS = (
+    "type",
+    "recipients",
+    "title",
+    "body",
+    "data",
+    "platforms",
+    "once",
+    "analytics_label",
+    "category",
+    "urgent",
+)
 RECIPIENT_FIELDS = ("field", "users")
 
 
@@ -71,6 +85,9 @@ class Rule:
     data: dict[str, str]
     platforms: tuple[str, ...] | None
     once: str | None
+    category: str | None = None  # the job's category (fixed text, not a template)
+    urgent: bool = False
+    analytics_label: str | None = None  # a literal (FCM's rule), never a template
 
 
 # --- one rule's fields -------------------------------------------------------------------------
@@ -171,6 +188,27 @@ def _check_once(value: object, problems: list[str]) -> str | None:
     return value
 
 
+def _check_job_field(obj: Mapping, name: str, problems: list[str]) -> Any:
+    """A field the rule copies into its jobs as it is (``category``, ``urgent``), checked by the job's rule."""
+    if name not in obj:
+        return None
+    try:
+        jobs.parse_v1({"version": 2, "user_ids": ["u"], "notification": {"title": "t"}, name: obj[name]})
+    except JobError as exc:
+        problems.append(exc.message)
+        return None
+    return obj[name]
+
+
+def _check_analytics_label(value: object, problems: list[str]) -> str | None:
+    """A literal label (jobs.check_analytics_label): FCM groups by it, so it is not filled from events."""
+    try:
+        return jobs.check_analytics_label(value)
+    except JobError as exc:
+        problems.append(f"{exc.message} (a literal: no placeholders)")
+        return None
+
+
 def _check_type(obj: Mapping, problems: list[str]) -> None:
     rule_type = obj.get("type")
     if "type" not in obj:
@@ -229,6 +267,8 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
     data = _check_data(obj["data"], problems) if "data" in obj else {}
     platforms = _check_platforms(obj["platforms"], problems) if "platforms" in obj else None
     once = _check_once(obj["once"], problems) if "once" in obj else None
+    category, urgent = _check_job_field(obj, "category", problems), _check_job_field(obj, "urgent", problems)
+    label = _check_analytics_label(obj["analytics_label"], problems) if "analytics_label" in obj else None
     if not problems:
         _check_fixed_size(title, body, data, problems)
     if problems:
@@ -242,6 +282,9 @@ def _check_rule(obj: object, index: int) -> tuple[Rule | None, list[str]]:
         data=data,
         platforms=platforms,
         once=once,
+        category=category,
+        urgent=bool(urgent),
+        analytics_label=label,
     )
     return rule, []
 

@@ -6,6 +6,8 @@ Redis, per user (all with the same sliding TTL, ``TOKEN_TTL_SECONDS``):
   ``notif:token:{user_id}``     Set of the user's device tokens (the public key name)
   ``notif:platform:{user_id}``  Hash token -> platform ("" when registered without one), so a
                                 platform-filtered send needs nothing but Redis
+  ``notif:locale:{user_id}``    Hash token -> canonical locale, only for devices registered with
+                                one (absent when none has), so a localized send needs nothing but Redis
   ``notif:tokenver:{user_id}``  a counter bumped by every write: a rebuild from PostgreSQL only
                                 lands if no write happened since it began (no stale resurrection)
   ``notif:ratelimit:register:{user_id}:{minute}``  registrations this minute
@@ -29,6 +31,7 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import time
@@ -39,7 +42,7 @@ from typing import Any
 import pg8000.native
 import redis
 
-from shared import logs
+from shared import attributes, logs
 from shared.db import Database, DatabaseUnavailable
 from shared.errors import Unavailable
 
@@ -74,8 +77,27 @@ def platform_key(user_id: str) -> str:
     return f"notif:platform:{user_id}"
 
 
+def locale_key(user_id: str) -> str:
+    return f"notif:locale:{user_id}"
+
+
 def version_key(user_id: str) -> str:
     return f"notif:tokenver:{user_id}"
+
+
+def cache_keys(user_id: str) -> list[str]:
+    """A user's cached keys in the order the scripts take them: set, platforms, version, locales."""
+    return [token_key(user_id), platform_key(user_id), version_key(user_id), locale_key(user_id)]
+
+
+class Keep(enum.Enum):
+    """An attribute a registration leaves out: its stored value is kept (``None`` clears it)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+ATTRIBUTES = ("platform", "locale", "time_zone", "app_version")
 
 
 def rate_key(user_id: str, minute: int) -> str:
@@ -121,16 +143,21 @@ def check_user_id(user_id: object) -> str:
 
 
 class RateLimited(RuntimeError):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many registrations; retry in {retry_after} s")
+    def __init__(self, retry_after: int, what: str = "registrations") -> None:
+        super().__init__(f"too many {what}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
 @dataclass
 class Registration:
+    """What a registration stored: the device's attributes as they now are (given, or kept)."""
+
     user_id: str
     token: str
     platform: str | None
+    locale: str | None = None
+    time_zone: str | None = None
+    app_version: str | None = None
     moved_from: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     cached: bool = True  # False when Redis could not be updated (the user is marked dirty)
@@ -138,55 +165,63 @@ class Registration:
 
 # --- Redis scripts -------------------------------------------------------------------------------
 
-# KEYS: set, platforms, version of the registering user, then (set, platforms, version) of each
-# user the token moved away from.
-# ARGV: ttl, token, platform, expected version ("" = unknown), n_snapshot, snapshot token/platform
-# pairs..., then evicted tokens.
+# KEYS: set, platforms, version, locales of the registering user, then the same four of each user
+# the token moved away from.
+# ARGV: ttl, token, platform, locale ("" = none), expected version ("" = unknown), n_snapshot,
+# snapshot token/platform/locale triples..., then evicted tokens.
 _REGISTER = """
-local ttl, token, platform, expected = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local n = tonumber(ARGV[5])
+local ttl, token, platform, locale, expected = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local n = tonumber(ARGV[6])
 local version = redis.call('GET', KEYS[3])
 redis.call('INCR', KEYS[3]); redis.call('EXPIRE', KEYS[3], ttl)
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SADD', KEYS[1], token); redis.call('HSET', KEYS[2], token, platform)
-  for i = 6 + 2 * n, #ARGV do
-    redis.call('SREM', KEYS[1], ARGV[i]); redis.call('HDEL', KEYS[2], ARGV[i])
+  if locale == '' then redis.call('HDEL', KEYS[4], token) else redis.call('HSET', KEYS[4], token, locale) end
+  for i = 7 + 3 * n, #ARGV do
+    redis.call('SREM', KEYS[1], ARGV[i]); redis.call('HDEL', KEYS[2], ARGV[i]); redis.call('HDEL', KEYS[4], ARGV[i])
   end
-  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl); redis.call('EXPIRE', KEYS[4], ttl)
 elseif expected ~= '' and (version or '') == (expected == '-' and '' or expected) then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[4])
   for i = 0, n - 1 do
-    redis.call('SADD', KEYS[1], ARGV[6 + 2 * i]); redis.call('HSET', KEYS[2], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+    local t, l = ARGV[7 + 3 * i], ARGV[9 + 3 * i]
+    redis.call('SADD', KEYS[1], t); redis.call('HSET', KEYS[2], t, ARGV[8 + 3 * i])
+    if l ~= '' then redis.call('HSET', KEYS[4], t, l) end
   end
-  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl); redis.call('EXPIRE', KEYS[4], ttl)
 end
-for k = 4, #KEYS, 3 do
-  redis.call('SREM', KEYS[k], token); redis.call('HDEL', KEYS[k + 1], token)
+for k = 5, #KEYS, 4 do
+  redis.call('SREM', KEYS[k], token); redis.call('HDEL', KEYS[k + 1], token); redis.call('HDEL', KEYS[k + 3], token)
   redis.call('INCR', KEYS[k + 2]); redis.call('EXPIRE', KEYS[k + 2], ttl)
 end
 return 1
 """
 
-# KEYS: (set, platforms, version) per user. ARGV: token, ttl. Removes the token from each.
+# KEYS: (set, platforms, version, locales) per user. ARGV: token, ttl. Removes the token from each.
 _REMOVE = """
-for k = 1, #KEYS, 3 do
-  redis.call('SREM', KEYS[k], ARGV[1]); redis.call('HDEL', KEYS[k + 1], ARGV[1])
+for k = 1, #KEYS, 4 do
+  redis.call('SREM', KEYS[k], ARGV[1])
+  redis.call('HDEL', KEYS[k + 1], ARGV[1]); redis.call('HDEL', KEYS[k + 3], ARGV[1])
   redis.call('INCR', KEYS[k + 2]); redis.call('EXPIRE', KEYS[k + 2], ARGV[2])
 end
 return 1
 """
 
-# KEYS: set, platforms, version. ARGV: expected version ("-" = absent), pexpireat ms, token/platform
-# pairs. Replaces the user's cached set with PostgreSQL's rows, unless a write happened meanwhile.
+# KEYS: set, platforms, version, locales. ARGV: expected version ("-" = absent), pexpireat ms,
+# token/platform/locale triples. Replaces the user's cached set with PostgreSQL's rows, unless a
+# write happened meanwhile.
 _REBUILD = """
 local version = redis.call('GET', KEYS[3]) or '-'
 if version ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-for i = 3, #ARGV, 2 do
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+for i = 3, #ARGV, 3 do
   redis.call('SADD', KEYS[1], ARGV[i]); redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2]) end
 end
 if #ARGV >= 3 then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2]); redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+  for k = 1, 4 do
+    if k ~= 3 then redis.call('PEXPIREAT', KEYS[k], ARGV[2]) end
+  end
 end
 return 1
 """
@@ -211,14 +246,35 @@ return #KEYS
 # cached sets if this one's Redis step did not run (a timeout after the commit, a failover, the
 # instance killed). The marks are left in place after a successful Redis step: moves and evictions
 # are rare, and the cost is one rebuild of that user on their next read, not a second statement.
+# Attributes: each ``keep_*`` true keeps the stored value (the registration left the field out), else
+# the given value (NULL clears) is stored. A token that moves to this user keeps the attributes it
+# had (the device's, not the user's) unless given, and its created_at restarts: first registered for
+# its current user.
 _SQL_REGISTER = """
 WITH moved AS (
-    DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id RETURNING user_id
+    DELETE FROM device_tokens WHERE token = :token AND user_id <> :user_id
+    RETURNING user_id, platform, locale, time_zone, app_version, app_version_key, updated_at
+), carried AS (
+    SELECT platform, locale, time_zone, app_version, app_version_key FROM moved ORDER BY updated_at DESC LIMIT 1
 ), upserted AS (
-    INSERT INTO device_tokens (user_id, token, platform, updated_at)
-    VALUES (:user_id, :token, :platform, now())
-    ON CONFLICT (user_id, token) DO UPDATE SET platform = EXCLUDED.platform, updated_at = now()
-    RETURNING token
+    INSERT INTO device_tokens AS d
+        (user_id, token, platform, locale, time_zone, app_version, app_version_key, updated_at, created_at)
+    SELECT :user_id, :token,
+        CASE WHEN :keep_platform THEN (SELECT platform FROM carried) ELSE CAST(:platform AS text) END,
+        CASE WHEN :keep_locale THEN (SELECT locale FROM carried) ELSE CAST(:locale AS text) END,
+        CASE WHEN :keep_time_zone THEN (SELECT time_zone FROM carried) ELSE CAST(:time_zone AS text) END,
+        CASE WHEN :keep_app_version THEN (SELECT app_version FROM carried) ELSE CAST(:app_version AS text) END,
+        CASE WHEN :keep_app_version THEN (SELECT app_version_key FROM carried)
+             ELSE CAST(:app_version_key AS numeric) END,
+        now(), now()
+    ON CONFLICT (user_id, token) DO UPDATE SET
+        platform = CASE WHEN :keep_platform THEN d.platform ELSE EXCLUDED.platform END,
+        locale = CASE WHEN :keep_locale THEN d.locale ELSE EXCLUDED.locale END,
+        time_zone = CASE WHEN :keep_time_zone THEN d.time_zone ELSE EXCLUDED.time_zone END,
+        app_version = CASE WHEN :keep_app_version THEN d.app_version ELSE EXCLUDED.app_version END,
+        app_version_key = CASE WHEN :keep_app_version THEN d.app_version_key ELSE EXCLUDED.app_version_key END,
+        updated_at = now()
+    RETURNING platform, locale, time_zone, app_version
 ), evicted AS (
     DELETE FROM device_tokens WHERE user_id = :user_id AND token IN (
         SELECT token FROM device_tokens WHERE user_id = :user_id AND token <> :token
@@ -230,13 +286,13 @@ WITH moved AS (
     UNION SELECT CAST(:user_id AS text) WHERE EXISTS (SELECT 1 FROM evicted)
     ON CONFLICT (user_id) DO UPDATE SET marked_at = clock_timestamp()
 )
-SELECT 'moved', user_id, NULL FROM moved
-UNION ALL SELECT 'evicted', token, NULL FROM evicted
-UNION ALL SELECT 'live', token, platform FROM device_tokens
+SELECT 'moved', user_id, NULL, NULL, NULL FROM moved
+UNION ALL SELECT 'evicted', token, NULL, NULL, NULL FROM evicted
+UNION ALL SELECT 'live', token, platform, locale, NULL FROM device_tokens
     WHERE user_id = :user_id AND token <> :token
       AND updated_at > now() - make_interval(secs => :ttl)
       AND token NOT IN (SELECT token FROM evicted)
-UNION ALL SELECT 'done', (SELECT count(*) FROM upserted)::text, NULL
+UNION ALL SELECT 'stored', platform, locale, time_zone, app_version FROM upserted
 """
 
 _SQL_MARK_DIRTY = """
@@ -256,13 +312,14 @@ WITH dirty AS (
     SELECT user_id, marked_at FROM token_cache_dirty
     WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
 )
-SELECT 'dirty', user_id, NULL, NULL FROM dirty
+SELECT 'dirty', user_id, NULL, NULL, NULL FROM dirty
 UNION ALL
-SELECT 'row', user_id, token, coalesce(platform, '') || '|' || (extract(epoch FROM updated_at) * 1000)::bigint::text
+SELECT 'row', user_id, token, coalesce(platform, '') || '|' || (extract(epoch FROM updated_at) * 1000)::bigint::text,
+       locale
 FROM device_tokens
 WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:absent AS json)) UNION SELECT user_id FROM dirty))
   AND updated_at > now() - make_interval(secs => :ttl)
-UNION ALL SELECT 'now', (extract(epoch FROM now()) * 1000)::bigint::text, NULL, NULL
+UNION ALL SELECT 'now', (extract(epoch FROM now()) * 1000)::bigint::text, NULL, NULL, NULL
 """
 
 _SQL_CLEAR_DIRTY = """
@@ -271,7 +328,7 @@ DELETE FROM token_cache_dirty WHERE user_id = ANY(ARRAY(SELECT json_array_elemen
 """
 
 _SQL_READ_DB = """
-SELECT user_id, token, platform FROM device_tokens
+SELECT user_id, token, platform, locale FROM device_tokens
 WHERE user_id = ANY(ARRAY(SELECT json_array_elements_text(CAST(:users AS json))))
   AND updated_at > now() - make_interval(secs => :ttl)
 """
@@ -294,17 +351,19 @@ class Reconciled:
 
 @dataclass
 class _Found:
-    """What ``_SQL_READ`` found: dirty users, live devices per user, newest row per user (ms)."""
+    """What ``_SQL_READ`` found: dirty users, live devices per user (token -> platform, and token ->
+    locale for those with one), newest row per user (ms)."""
 
     dirty: set[str]
     devices: dict[str, dict[str, str | None]]
     newest: dict[str, int]
+    locales: dict[str, dict[str, str]] = field(default_factory=dict)
     now_ms: int = 0
 
     @classmethod
     def parse(cls, rows: list[list], absent: Iterable[str]) -> _Found:
         found = cls(set(), {u: {} for u in absent}, {})
-        for kind, a, b, c in rows:
+        for kind, a, b, c, locale in rows:
             if kind == "dirty":
                 found.dirty.add(a)
                 found.devices.setdefault(a, {})
@@ -312,9 +371,31 @@ class _Found:
                 platform, _, updated_ms = c.rpartition("|")
                 found.devices.setdefault(a, {})[b] = platform or None
                 found.newest[a] = max(found.newest.get(a, 0), int(updated_ms))
+                if locale:
+                    found.locales.setdefault(a, {})[b] = locale
             elif kind == "now":
                 found.now_ms = int(a)
         return found
+
+
+def _bound(given: Mapping[str, str | Keep | None]) -> dict[str, object]:
+    """``_SQL_REGISTER``'s attribute parameters: keep_<name> and <name>, plus app_version_key."""
+    bound: dict[str, object] = {}
+    for name in ATTRIBUTES:
+        value = given[name]
+        bound[f"keep_{name}"] = value is KEEP
+        bound[name] = None if value is KEEP else value
+    version = bound["app_version"]
+    bound["app_version_key"] = str(attributes.version_key(version)) if isinstance(version, str) else None
+    return bound
+
+
+def _flat(by_user: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    """token -> locale, from each user's token -> locale."""
+    flat: dict[str, str] = {}
+    for user_locales in by_user:
+        flat.update(user_locales)
+    return flat
 
 
 def text(raw: object) -> str:
@@ -358,33 +439,56 @@ class TokenStore:
 
     # --- writes ----------------------------------------------------------------------------------
 
-    def register(self, user_id: str, token: str, platform: str | None = None) -> Registration:
+    def register(
+        self,
+        user_id: str,
+        token: str,
+        platform: str | Keep | None = KEEP,
+        *,
+        locale: str | Keep | None = KEEP,
+        time_zone: str | Keep | None = KEEP,
+        app_version: str | Keep | None = KEEP,
+    ) -> Registration:
         """Register or refresh a device; it is taken away from any other user.
 
-        Raises ``RateLimited`` beyond ``REGISTER_RATE_PER_MINUTE`` and ``StoreUnavailable`` when
-        PostgreSQL cannot be reached (then nothing is written anywhere); ``InvalidInput`` (nothing
-        written) for a token or user id outside the rules.
+        Each attribute left as ``KEEP`` keeps its stored value (a new device: none); ``None`` clears
+        it. The values must already be valid and canonical (``shared.attributes``; ``register``'s
+        use case checks them). Raises ``RateLimited`` beyond ``REGISTER_RATE_PER_MINUTE`` and
+        ``StoreUnavailable`` when PostgreSQL cannot be reached (then nothing is written anywhere);
+        ``InvalidInput`` (nothing written) for a token or user id outside the rules.
         """
         check_user_id(user_id)
         check_token(token)
+        given = {"platform": platform, "locale": locale, "time_zone": time_zone, "app_version": app_version}
         expected = self._before_register(user_id)
         rows = self._sql(
-            _SQL_REGISTER, user_id=user_id, token=token, platform=platform, keep=self.max_tokens - 1, ttl=self.ttl
+            _SQL_REGISTER, user_id=user_id, token=token, keep=self.max_tokens - 1, ttl=self.ttl, **_bound(given)
         )
-        result = Registration(user_id, token, platform)
+        result = Registration(user_id, token, None)
         snapshot: list[str] = []
-        for kind, value, plat in rows:
+        for kind, value, plat, loc, extra in rows:
             if kind == "moved":
                 result.moved_from.append(value)
             elif kind == "evicted":
                 result.evicted.append(value)
             elif kind == "live":
-                snapshot += [value, plat or ""]
-        snapshot += [token, platform or ""]
-        keys = [token_key(user_id), platform_key(user_id), version_key(user_id)]
+                snapshot += [value, plat or "", loc or ""]
+            elif kind == "stored":
+                result.platform, result.locale, result.time_zone, result.app_version = value, plat, loc, extra
+        snapshot += [token, result.platform or "", result.locale or ""]
+        keys = cache_keys(user_id)
         for other in result.moved_from:
-            keys += [token_key(other), platform_key(other), version_key(other)]
-        args: list[Any] = [self.ttl, token, platform or "", expected, len(snapshot) // 2, *snapshot, *result.evicted]
+            keys += cache_keys(other)
+        args: list[Any] = [
+            self.ttl,
+            token,
+            result.platform or "",
+            result.locale or "",
+            expected,
+            len(snapshot) // 3,
+            *snapshot,
+            *result.evicted,
+        ]
         try:
             self._register(keys=keys, args=args)
         except REDIS_ERRORS:
@@ -428,7 +532,7 @@ class TokenStore:
         rows = self._sql("DELETE FROM device_tokens WHERE user_id = :user_id RETURNING token", user_id=user_id)
         try:
             pipe = self.redis.pipeline()
-            pipe.delete(token_key(user_id), platform_key(user_id))
+            pipe.delete(token_key(user_id), platform_key(user_id), locale_key(user_id))
             pipe.incr(version_key(user_id))
             pipe.expire(version_key(user_id), self.ttl)
             pipe.execute()
@@ -505,7 +609,7 @@ class TokenStore:
             return
         keys: list[str] = []
         for user_id in users:
-            keys += [token_key(user_id), platform_key(user_id), version_key(user_id)]
+            keys += cache_keys(user_id)
         try:
             self._remove(keys=keys, args=[token, self.ttl])
         except REDIS_ERRORS:
@@ -531,16 +635,23 @@ class TokenStore:
     def tokens_for_users(
         self, user_ids: Sequence[str], *, extend_ttl: bool = False
     ) -> dict[str, dict[str, str | None]]:
-        """Devices of many users at once (one Redis round trip, at most one SQL statement).
+        """Devices of many users at once: user -> token -> platform (see ``devices_for_users``)."""
+        return self.devices_for_users(user_ids, extend_ttl=extend_ttl)[0]
 
-        ``extend_ttl`` slides each user's cached set to the full TTL (a send keeps it warm).
+    def devices_for_users(
+        self, user_ids: Sequence[str], *, extend_ttl: bool = False
+    ) -> tuple[dict[str, dict[str, str | None]], dict[str, str]]:
+        """Devices of many users at once (one Redis round trip, at most one SQL statement):
+        user -> token -> platform, and token -> locale for the devices registered with one.
+
+        ``extend_ttl`` slides each user's cached keys to the full TTL (a send keeps them warm).
         With PostgreSQL down, users whose sets are cached are answered and the others are absent
         from the result; with Redis down, everything comes from PostgreSQL (``StoreUnavailable``
         if that fails too).
         """
         users = list(dict.fromkeys(user_ids))
         try:
-            cached, versions = self._read_cached(users, extend_ttl)
+            cached, locales, versions = self._read_cached(users, extend_ttl)
         except REDIS_ERRORS:
             log.warning("Redis unreachable: reading tokens from PostgreSQL", extra={"users": len(users)})
             return self._read_db(users)
@@ -554,59 +665,62 @@ class TokenStore:
                 "PostgreSQL unreachable: answering from the token cache",
                 extra={"users": len(users), "unanswered": len(absent)},
             )
-            return cached
+            return cached, _flat(locales.values())
         found = _Found.parse(rows, absent)
         if not found.devices:
-            return cached
+            return cached, _flat(locales.values())
         self._land(found, versions)
-        return {u: found.devices[u] if u in found.devices else cached[u] for u in users}
+        answer = {u: found.devices[u] if u in found.devices else cached[u] for u in users}
+        by_user = (found.locales.get(u, {}) if u in found.devices else locales.get(u, {}) for u in users)
+        return answer, _flat(by_user)
 
     def _land(self, found: _Found, versions: dict[str, str]) -> set[str]:
         """Rebuild the found users' sets; clear the dirty marks of those whose rebuild landed."""
-        written = self._write_rebuilt(found.devices, found.newest, versions)
+        written = self._write_rebuilt(found, versions)
         if found.dirty & written:  # a rebuild refused (a write raced it) leaves its user dirty
             self._clear_dirty(sorted(found.dirty & written), found.now_ms)
         return written
 
     def _read_cached(
         self, users: list[str], extend_ttl: bool
-    ) -> tuple[dict[str, dict[str, str | None]], dict[str, str]]:
+    ) -> tuple[dict[str, dict[str, str | None]], dict[str, dict[str, str]], dict[str, str]]:
+        """(user -> token -> platform for cached users, user -> token -> locale, user -> version)."""
         pipe = self.redis.pipeline(transaction=False)
         for user_id in users:
             pipe.hgetall(platform_key(user_id))
             pipe.smembers(token_key(user_id))
             pipe.get(version_key(user_id))
-        if extend_ttl:  # one script call slides every user's keys (not two commands per user)
-            keys = [k for user_id in users for k in (token_key(user_id), platform_key(user_id))]
+            pipe.hgetall(locale_key(user_id))
+        if extend_ttl:  # one script call slides every user's keys (not three commands per user)
+            keys = [k for user_id in users for k in (token_key(user_id), platform_key(user_id), locale_key(user_id))]
             self._touch(keys=keys, args=[self.ttl], client=pipe)
         replies = pipe.execute()
-        step = 3
+        step = 4
         cached: dict[str, dict[str, str | None]] = {}
+        locales: dict[str, dict[str, str]] = {}
         versions: dict[str, str] = {}
         for i, user_id in enumerate(users):
-            platforms, members, version = replies[i * step : i * step + 3]
+            platforms, members, version, user_locales = replies[i * step : i * step + step]
             versions[user_id] = version.decode() if version is not None else "-"
             if members:
                 cached[user_id] = {m.decode(): (platforms.get(m) or b"").decode() or None for m in members}
-        return cached, versions
+                if user_locales:
+                    locales[user_id] = {t.decode(): v.decode() for t, v in user_locales.items() if t in members}
+        return cached, locales, versions
 
-    def _write_rebuilt(
-        self, rebuilt: dict[str, dict[str, str | None]], newest: dict[str, int], versions: dict[str, str]
-    ) -> set[str]:
-        """Rebuild each user's cached set unless a write bumped its version since it was read;
+    def _write_rebuilt(self, found: _Found, versions: dict[str, str]) -> set[str]:
+        """Rebuild each found user's cached keys unless a write bumped its version since it was read;
         returns the users whose rebuild landed."""
-        users = list(rebuilt)
+        users = list(found.devices)
         try:
             pipe = self.redis.pipeline(transaction=False)
             for user_id in users:
-                devices = rebuilt[user_id]
-                expire_at = newest.get(user_id, 0) + self.ttl * 1000
+                user_locales = found.locales.get(user_id, {})
+                expire_at = found.newest.get(user_id, 0) + self.ttl * 1000
                 args: list[str | int] = [versions.get(user_id, "-"), expire_at]
-                for token, platform in devices.items():
-                    args += [token, platform or ""]
-                self._rebuild(
-                    keys=[token_key(user_id), platform_key(user_id), version_key(user_id)], args=args, client=pipe
-                )
+                for token, platform in found.devices[user_id].items():
+                    args += [token, platform or "", user_locales.get(token, "")]
+                self._rebuild(keys=cache_keys(user_id), args=args, client=pipe)
             landed = pipe.execute()
         except REDIS_ERRORS:
             log.warning("Redis unreachable: token cache not rebuilt")
@@ -623,16 +737,19 @@ class TokenStore:
         except StoreUnavailable:
             pass
 
-    def _read_db(self, users: list[str]) -> dict[str, dict[str, str | None]]:
+    def _read_db(self, users: list[str]) -> tuple[dict[str, dict[str, str | None]], dict[str, str]]:
         rows = self._sql(
             _SQL_READ_DB,
             users=users,
             ttl=self.ttl,
         )
         result: dict[str, dict[str, str | None]] = {u: {} for u in users}
-        for user_id, token, platform in rows:
+        locales: dict[str, str] = {}
+        for user_id, token, platform, locale in rows:
             result[user_id][token] = platform
-        return result
+            if locale:
+                locales[token] = locale
+        return result, locales
 
     # --- operations ------------------------------------------------------------------------------
 
@@ -698,10 +815,15 @@ class TokenStore:
                 return result
 
     def _reconcile_batch(self, users: list[str]) -> int:
-        """Rebuild the users whose cached set is not PostgreSQL's (or who are dirty); how many landed."""
-        cached, versions = self._read_cached(users, extend_ttl=False)
+        """Rebuild the users whose cached set (platforms, locales) is not PostgreSQL's (or who are
+        dirty); how many landed."""
+        cached, locales, versions = self._read_cached(users, extend_ttl=False)
         found = _Found.parse(self._sql(_SQL_READ, users=users, absent=users, ttl=self.ttl), users)
-        stale = {u for u, devices in found.devices.items() if u in found.dirty or cached.get(u, {}) != devices}
+        stale = {
+            u
+            for u, devices in found.devices.items()
+            if u in found.dirty or cached.get(u, {}) != devices or locales.get(u, {}) != found.locales.get(u, {})
+        }
         if not stale:
             return 0
         found.devices = {u: found.devices[u] for u in stale}
@@ -745,7 +867,7 @@ class TokenStore:
                 return done
             pipe = self.redis.pipeline(transaction=False)
             for user_id in users:
-                pipe.delete(token_key(user_id), platform_key(user_id), version_key(user_id))
+                pipe.delete(*cache_keys(user_id))
             pipe.execute()
             self.tokens_for_users(users)
             done += len(users)
@@ -758,14 +880,21 @@ class TokenStore:
         return self.unregister_all(user_id)
 
     def _sql(self, sql: str, **params: object) -> list[list]:
-        """Run one statement. A list is bound as JSON text (see the note at the top of the SQL)."""
-        bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
-        try:
-            return self.db.run(sql, **bound)
-        except DatabaseUnavailable as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        except pg8000.native.DatabaseError as exc:
-            code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
-            if code[:2] in ("08", "57", "53"):  # connection, shutdown, resources
-                raise StoreUnavailable(f"PostgreSQL unavailable ({code})") from exc
-            raise
+        return run_sql(self.db, sql, params)
+
+
+def run_sql(
+    database: Database, sql: str, params: Mapping[str, object], unavailable: type[StoreUnavailable] = StoreUnavailable
+) -> list[list]:
+    """Run one statement. A list is bound as JSON text (see the note at the top of the SQL); PostgreSQL
+    out of reach (or shutting down, or out of resources) is ``unavailable``."""
+    bound = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | tuple) else v for k, v in params.items()}
+    try:
+        return database.run(sql, **bound)
+    except DatabaseUnavailable as exc:
+        raise unavailable(str(exc)) from exc
+    except pg8000.native.DatabaseError as exc:
+        code = exc.args[0].get("C", "") if exc.args and isinstance(exc.args[0], dict) else ""
+        if code[:2] in ("08", "57", "53"):  # connection, shutdown, resources
+            raise unavailable(f"PostgreSQL unavailable ({code})") from exc
+        raise

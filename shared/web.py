@@ -128,10 +128,12 @@ def serve(
     except RateLimited as exc:
         return respond(429, {"error": str(exc)}, {"Retry-After": str(exc.retry_after), **cors})
     except Unavailable as exc:
-        log.warning("dependency unavailable: answered 503", extra={"unavailable": exc.what})
+        log.warning(
+            "dependency unavailable: answered 503", extra={"event": "http_5xx", "status": 503, "unavailable": exc.what}
+        )
         return respond(503, {"error": f"{exc.what} is unavailable; retry later"}, {"Retry-After": "5", **cors})
     except Exception:
-        log.exception("unexpected error")
+        log.exception("unexpected error", extra={"event": "http_5xx", "status": 500})
         return respond(500, {"error": "internal error"}, cors)
     status, body, *rest = result
     headers = {**(rest[0] if rest else {}), **cors}

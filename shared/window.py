@@ -88,13 +88,18 @@ class Confirmed(NamedTuple):
     """What a confirmation leaves to the caller: the tokens to retry, as (retry time ms, token), timed
     from ``at`` (ms); the dead tokens removed from the stores; how many tokens it made ``expired``; and
     the tokens whose answers were not recorded because their lease is no longer this window's (taken
-    over, or lost with Redis's last writes): not final, so the part is not finished with them."""
+    over, or lost with Redis's last writes): not final, so the part is not finished with them; and how
+    many retry answers it made final ``cancelled`` (the notification is cancelled: nothing is retried); and
+    how many tokens it made final, per outcome (``expired`` and ``cancelled`` included), as the ledger
+    counted them."""
 
     at: int
     retries: list[tuple[int, str]]
     removed: list[str]
     expired: int = 0
     unheld: tuple[str, ...] = ()
+    cancelled: int = 0
+    finals: tuple[tuple[str, int], ...] = ()
 
 
 class SendWindow:
@@ -263,7 +268,18 @@ class SendWindow:
             expired = set(confirmation.expired)
             self._log_expired(confirmation.expired, Counter(o.code for t, o, _ in answers if t in expired))
             retries = [(at, token) for at, token in retries if token not in expired]
-        return Confirmed(now, retries, confirmation.remove, len(confirmation.expired), tuple(confirmation.unheld))
+        if confirmation.cancelled:  # the notification was cancelled: a retry answer is final `cancelled`
+            cancelled = set(confirmation.cancelled)
+            retries = [(at, token) for at, token in retries if token not in cancelled]
+        return Confirmed(
+            now,
+            retries,
+            confirmation.remove,
+            len(confirmation.expired),
+            tuple(confirmation.unheld),
+            len(confirmation.cancelled),
+            tuple(confirmation.finals.items()),
+        )
 
     def _record(self, batch: list[Answered], project_quota: int) -> tuple[Confirmation, BudgetChange | None]:
         """The ledger step for a batch of answers, and the budget's slow-down when some were project-quota."""
@@ -302,13 +318,13 @@ class SendWindow:
             log.critical(
                 "safety valve: at least 20% of FCM answers are SENDER_ID_MISMATCH; dead-token removal stopped "
                 "for this notification (is the FCM service account from the right project?)",
-                extra={"notification_id": self.nid},
+                extra={"event": "valve_tripped", "notification_id": self.nid},
             )
         if confirmation.config_error_first:
             log.critical(
                 "FCM configuration error: the APNs or web push credentials in the Firebase console "
                 "(THIRD_PARTY_AUTH_ERROR); those devices are counted config_error",
-                extra={"notification_id": self.nid},
+                extra={"event": "config_error", "config": "apns_webpush", "notification_id": self.nid},
             )
         if budget is not None and budget.halved:
             log.warning(

@@ -69,7 +69,7 @@ def base_env(servers: Servers) -> dict[str, str]:
 
 def clean(servers: Servers) -> None:
     database = Database(servers.database_url)
-    database.run("TRUNCATE device_tokens, token_cache_dirty")
+    database.run("TRUNCATE device_tokens, token_cache_dirty, user_preferences, preferences_cache_dirty")
     database.close()
     import redis
 

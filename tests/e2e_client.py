@@ -114,8 +114,8 @@ class Client:
         self.redis.close()
         self.http.close()
 
-    def register(self, uid: str, token: str, platform: str | None = None) -> None:
-        body: dict[str, Any] = {"token": token}
+    def register(self, uid: str, token: str, platform: str | None = None, **attributes: str | None) -> None:
+        body: dict[str, Any] = {"token": token, **attributes}
         if platform:
             body["platform"] = platform
         headers = {"Authorization": f"Bearer {emulator_id_token(uid, self.stack.config.project)}"}

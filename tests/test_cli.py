@@ -17,6 +17,7 @@ import pytest
 
 from shared import bus, instance
 from shared.cli import main
+from shared.preferences import Preferences
 from shared.store import TokenStore
 from tests.conftest import PROJECT, require
 
@@ -142,10 +143,17 @@ def test_forget_removes_tokens_from_both_stores_and_one_time_claims(
     claims = instance.claims()
     claims.claim_once("n1", "welcome", ["alice", "bob"])
     claims.claim_once("n2", "promo", ["alice"])
+    prefs = instance.preference_store()
+    prefs.replace("alice", Preferences(("marketing",)))
+    prefs.replace("bob", Preferences(("news",)))
+    instance.daily_cap().claim("n1", ["alice"], 0)
 
     found = run_json(capsys, "forget", "alice")
 
-    assert found == {"user": "alice", "tokens_removed": 2, "once_claims_removed": 2}
+    assert found == {"user": "alice", "tokens_removed": 2, "preferences_removed": 1, "once_claims_removed": 2}
+    assert prefs.db_document("alice") is None and prefs.get("alice") == Preferences()
+    assert not store.redis.exists("notif:cap:alice")
+    assert prefs.get("bob").muted_categories == ("news",)
     assert store.db_tokens("alice") == {}
     assert store.cached_tokens("alice") is None
     assert list(store.redis.scan_iter(match="notif:onetime:alice:*")) == []
@@ -174,7 +182,35 @@ def test_status_of_a_known_id(env: dict[str, str], capsys: pytest.CaptureFixture
     code, out, _ = run(capsys, "status", "n-42")
     assert code == 0
     assert out.startswith("n-42: accepted")
-    assert "failed 0, expired 0, retrying 0" in out  # every count, the delivery window's too
+    assert "failed 0, expired 0, cancelled 0, retrying 0" in out  # every count, the delivery window's too
+
+
+def test_cancel_answers_as_delete_does(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    claims = instance.claims()
+    claims.create_status("n-43", targeted=1, parts_total=1)
+    found = run_json(capsys, "cancel", "n-43")
+    assert found["id"] == "n-43" and found["state"] == "cancelled"
+    code, out, _ = run(capsys, "cancel", "n-43")  # again: the same
+    assert code == 0 and out.startswith("n-43: cancelled")
+    code, out, err = run(capsys, "cancel", "no-such-id")
+    assert (code, out) == (1, "") and "no-such-id" in err
+    code, out, err = run(capsys, "cancel", "not an id")
+    assert (code, out) == (2, "") and "id must match" in err
+    claims.create_status("n-44", targeted=1, parts_total=1)
+    claims.register_part("n-44", 0, [], 0, 0)  # a part without tokens: done
+    code, out, err = run(capsys, "cancel", "n-44")
+    assert (code, out) == (1, "") and "done" in err
+
+
+def test_status_shows_the_open_receipts(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    claims = instance.claims()
+    claims.create_status("n-43", targeted=1, parts_total=1)
+    claims.register_part("n-43", 0, ["tok-a", "tok-b"], 0, 0)
+    for token, event in (("tok-a", "opened"), ("tok-b", "opened"), ("tok-a", "dismissed"), ("tok-a", "opened")):
+        claims.record_receipt("n-43", token, event)
+    assert run_json(capsys, "status", "n-43")["receipts"] == {"opened": 2, "dismissed": 1}
+    code, out, _ = run(capsys, "status", "n-43")
+    assert code == 0 and "receipts  opened 2, dismissed 1" in out
 
 
 def test_stats_shows_every_counter(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -295,7 +331,21 @@ def test_send_with_the_local_bus_delivers_a_cloudevent_before_exiting(
         bus.reset_for_tests()
 
         code, out, err = run(
-            capsys, "send", "alice", "bob", "--title", "Hi", "--body", "there", "--data", "k=v=w", "--once", "hello"
+            capsys,
+            "send",
+            "alice",
+            "bob",
+            "--title",
+            "Hi",
+            "--body",
+            "there",
+            "--data",
+            "k=v=w",
+            "--once",
+            "hello",
+            "--category",
+            "news",
+            "--urgent",
         )
 
         assert code == 0, err
@@ -308,6 +358,7 @@ def test_send_with_the_local_bus_delivers_a_cloudevent_before_exiting(
     assert job["notification"] == {"title": "Hi", "body": "there"}
     assert job["data"] == {"k": "v=w"}
     assert job["once"] == "hello"
+    assert job["category"] == "news" and job["urgent"] is True and job["version"] == 2
     assert body["message"]["attributes"] == {"notification_id": nid}
     assert run_json(capsys, "status", nid)["state"] == "accepted"
 

@@ -110,6 +110,15 @@ def test_console_in_a_browser(browser, stack) -> None:
     expect(dead).to_contain_text("Removed", timeout=TIMEOUT_MS)
     expect(dead).to_contain_text("UNREGISTERED")
 
+    # The healthy device opens the notification: an open receipt, counted once.
+    healthy.locator(".received").get_by_role("button", name="Open").first.click()
+    expect(page.get_by_role("status")).to_contain_text("opened")
+    expect(page.get_by_role("status")).to_contain_text(": counted.")
+    expect(status.locator('[data-receipt="opened"]')).to_have_text("1 opened")
+    healthy.locator(".received").get_by_role("button", name="Open").first.click()
+    expect(page.get_by_role("status")).to_contain_text("already counted for this device")
+    expect(status.locator('[data-receipt="opened"]')).to_have_text("1 opened")
+
     # The stores: the healthy token in both, the dead one in neither.
     healthy_token = healthy.get_attribute("data-token")
     dead_token = dead.get_attribute("data-token")
@@ -154,3 +163,75 @@ def test_console_forms_work_without_javascript(stack) -> None:
 
     foreign = http.post(f"{console}/users", data={"user": "x"}, headers={"Origin": "https://evil.example"}, timeout=30)
     assert foreign.status_code == 403
+
+
+def test_console_shows_and_edits_a_users_preferences(stack) -> None:
+    """Through the real register endpoint: saved, shown, refused with register's own message, and a
+    send with the muted category skips the user."""
+    from local.idtoken import emulator_id_token
+
+    console = stack.url("console")
+    http = requests.Session()
+    user = f"prefs-{uuid.uuid4().hex[:8]}"
+    http.post(f"{console}/users", data={"user": user}, allow_redirects=False, timeout=30)
+    http.post(f"{console}/devices", data={"user": user, "behaviour": "healthy", "platform": "android"}, timeout=30)
+    form = {"user": user, "muted": "marketing, news", "quiet_start": "22:00", "quiet_end": "07:00"}
+    saved = http.post(
+        f"{console}/preferences", data={**form, "time_zone": "Europe/Berlin"}, allow_redirects=False, timeout=30
+    )
+    assert saved.status_code == 303 and "err=" not in saved.headers["Location"], saved.headers["Location"]
+    headers = {"Authorization": f"Bearer {emulator_id_token(user, stack.config.project)}"}
+    stored = http.get(stack.url("register") + "/preferences", headers=headers, timeout=30).json()
+    assert stored == {
+        "muted_categories": ["marketing", "news"],
+        "quiet_hours": {"start": "22:00", "end": "07:00", "time_zone": "Europe/Berlin"},
+    }
+    page = http.get(f"{console}/?user={user}", timeout=30).text
+    assert f'data-preferences="{user}"' in page and "<code>marketing, news</code>" in page
+    assert 'value="Europe/Berlin"' in page and 'value="22:00"' in page
+
+    refused = http.post(f"{console}/preferences", data={**form, "time_zone": "Mars/Olympus"}, timeout=30)
+    assert "quiet_hours.time_zone" in refused.text  # register's 400, shown on the page
+    assert http.get(stack.url("register") + "/preferences", headers=headers, timeout=30).json() == stored
+
+    sent = http.post(
+        f"{console}/send",
+        data={"title": "Sale", "users": user, "category": "marketing", "current": user},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert sent.status_code == 303, sent.text
+    nid = sent.headers["Location"].split("n=")[1].split("&")[0].split("#")[0]
+
+    def muted() -> bool:
+        status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
+        return status["state"] == "done" and status["users"]["muted"] == 1
+
+    from local.servers import wait_until
+
+    wait_until(muted, timeout=60, interval=0.2, what="the console's send to be done, the user muted")
+
+
+def test_console_cancels_through_send(stack) -> None:
+    """The status shows a cancel button while the notification can be cancelled; it goes through
+    send's DELETE /<id> and the page then shows the notification cancelled (or send's refusal)."""
+    import redis
+
+    from shared.claims import Claims
+
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    claims = Claims(client, ledger_ttl=600, once_ttl=600, idempotency_ttl=600, max_attempts=3, rate_per_minute=0)
+    nid = f"console-{uuid.uuid4().hex[:8]}"
+    claims.create_status(nid, targeted=1)  # accepted: no deliver has read it yet
+    client.close()
+    console = stack.url("console")
+    http = requests.Session()
+    assert 'action="/cancel"' in http.get(f"{console}/?n={nid}", timeout=30).text
+    cancelled = http.post(f"{console}/cancel", data={"n": nid}, allow_redirects=False, timeout=30)
+    assert cancelled.status_code == 303 and "msg=" in cancelled.headers["Location"], cancelled.headers["Location"]
+    page = http.get(console + cancelled.headers["Location"], timeout=30).text
+    assert 'data-state="cancelled" data-settled' in page and f"Cancelled notification {nid}." in page
+    assert 'action="/cancel"' not in page  # nothing left to cancel
+    missing = http.post(f"{console}/cancel", data={"n": "no-such-notification"}, allow_redirects=False, timeout=30)
+    assert missing.status_code == 303 and "err=" in missing.headers["Location"]
+    assert "send refused the cancel (404)" in http.get(console + missing.headers["Location"], timeout=30).text

@@ -34,7 +34,7 @@ def test_register_then_deliver(fcm, store):
     status = instance.claims().status("n1")
     assert status["state"] == "done"
     assert status["counts"]["delivered"] == 3
-    assert status["users"] == {"targeted": 3, "without_tokens": 1, "skipped_once": 0}
+    assert status["users"] == {"targeted": 3, "without_tokens": 1, "muted": 0, "skipped_once": 0, "capped": 0}
 
 
 def test_same_event_twice_sends_nothing_twice(fcm, store):

@@ -597,3 +597,134 @@ def test_the_package_holds_no_development_only_code(dry_run: Result) -> None:
     assert sorted(Path(path).resolve().relative_to(build.resolve()).as_posix() for path in loaded["ours"]) == sorted(
         sources
     )
+
+
+# --- monitoring (issue 24): log-based metrics, the dashboard, the alert policies, --alert-email ------
+
+MONITORING = ROOT / "infra" / "monitoring"
+METRIC_FILES = sorted((MONITORING / "metrics").glob("*.json"))
+ALERT_FILES = sorted((MONITORING / "alerts").glob("*.json"))
+
+
+def _monitoring_dir(result: Result) -> Path:
+    return Path(f"{result.build_dir}.monitoring")
+
+
+def test_dry_run_creates_every_log_based_metric_from_its_file(dry_run: Result) -> None:
+    commands = dry_run.commands()
+    described = [c[4] for c in commands if c[:4] == ["gcloud", "logging", "metrics", "describe"]]
+    created = {
+        c[4]: flag(c, "config-from-file") for c in commands if c[:4] == ["gcloud", "logging", "metrics", "create"]
+    }
+    assert len(METRIC_FILES) >= 10
+    assert described == [p.stem for p in METRIC_FILES]  # looked up first: created, or updated
+    assert created == {p.stem: str(p) for p in METRIC_FILES}
+    for command in commands:
+        if command[:3] == ["gcloud", "logging", "metrics"]:
+            assert flag(command, "project") == "demo-p"
+    enable = next(c for c in commands if c[:3] == ["gcloud", "services", "enable"])
+    assert "logging.googleapis.com" in enable and "monitoring.googleapis.com" in enable
+
+
+def test_dry_run_creates_the_dashboard_and_the_alert_policies(dry_run: Result) -> None:
+    commands = dry_run.commands()
+    rendered = _monitoring_dir(dry_run)
+    [dashboard] = [c for c in commands if c[:4] == ["gcloud", "monitoring", "dashboards", "create"]]
+    assert flag(dashboard, "config-from-file") == str(rendered / "dashboard.json")
+    board = json.loads((rendered / "dashboard.json").read_text())
+    assert board["name"] == "projects/demo-p/dashboards/pushline"
+    assert "etag" not in board  # a creation names no version
+    policies = [c for c in commands if c[:4] == ["gcloud", "monitoring", "policies", "create"]]
+    assert sorted(flag(c, "policy-from-file") for c in policies) == sorted(
+        str(rendered / "alerts" / p.name) for p in ALERT_FILES
+    )
+    lookups = [c for c in commands if c[:4] == ["gcloud", "monitoring", "policies", "list"]]
+    titles = {json.loads(p.read_text())["displayName"] for p in ALERT_FILES}
+    assert {flag(c, "filter") for c in lookups} == {f'displayName="{t}"' for t in titles}
+    for path in [rendered / "dashboard.json", *(rendered / "alerts").glob("*.json")]:
+        text = path.read_text()
+        assert "@" not in text.replace("@demo-p", ""), f"placeholder left in {path}"
+        policy = json.loads(text)
+        if "conditions" in policy:
+            assert policy["notificationChannels"] == []  # no --alert-email: no channel
+    # the subscriptions the deploy looked up (Eventarc names them): placeholders under --dry-run
+    oldest = json.loads((rendered / "alerts" / "oldest_unacked.json").read_text())
+    assert 'subscription_id="DELIVER_SUBSCRIPTION"' in oldest["conditions"][0]["conditionThreshold"]["filter"]
+    assert not [c for c in commands if c[:4] == ["gcloud", "beta", "monitoring", "channels"]]
+    # monitoring comes last: the subscriptions it watches exist by then
+    position = dry_run.stdout.index
+    assert position("gcloud eventarc triggers describe") < position("gcloud monitoring policies create")
+    assert dry_run.gcloud_calls == ""
+
+
+def test_alert_email_finds_or_creates_an_email_channel_used_by_every_policy(tmp_path: Path) -> None:
+    result = deploy_sh(
+        tmp_path, "--project=demo-p", "--region=europe-west1", "--dry-run", "--alert-email=oncall@example.com"
+    )
+    assert result.returncode == 0, result.output
+    commands = result.commands()
+    [lookup] = [c for c in commands if c[:5] == ["gcloud", "beta", "monitoring", "channels", "list"]]
+    assert flag(lookup, "filter") == 'type="email" AND labels.email_address="oncall@example.com"'
+    [create] = [c for c in commands if c[:5] == ["gcloud", "beta", "monitoring", "channels", "create"]]
+    assert flag(create, "type") == "email"
+    assert flag(create, "channel-labels") == "email_address=oncall@example.com"
+    for path in (_monitoring_dir(result) / "alerts").glob("*.json"):
+        assert json.loads(path.read_text())["notificationChannels"] == [
+            "projects/demo-p/notificationChannels/ALERT_CHANNEL"
+        ]
+    assert result.gcloud_calls == ""
+
+
+def test_alert_email_must_be_an_address(tmp_path: Path) -> None:
+    result = deploy_sh(tmp_path, "--project=demo-p", "--region=europe-west1", "--dry-run", "--alert-email=nobody")
+    assert result.returncode == 2
+    assert "--alert-email" in result.stderr and result.gcloud_calls == ""
+
+
+def test_a_second_deploy_updates_the_monitoring_in_place(tmp_path: Path) -> None:
+    """A real run against a gcloud that has everything already: each metric updated from its file, the
+    dashboard updated at the version it has (its etag), each policy updated by the name found for its
+    display name, the existing channel reused: nothing created twice."""
+    answers = (
+        '  "projects describe"*) echo 123456 ;;\n'
+        '  "functions describe prune"*) echo https://prune-x.a.run.app ;;\n'
+        '  "functions describe deliver"*) echo projects/demo-p/locations/europe-west1/triggers/deliver-1 ;;\n'
+        '  "functions describe"*) echo projects/demo-p/locations/europe-west1/triggers/on-event-1 ;;\n'
+        '  "eventarc triggers describe"*deliver-1*) echo projects/demo-p/subscriptions/eventarc-deliver-sub ;;\n'
+        '  "eventarc triggers describe"*) echo projects/demo-p/subscriptions/eventarc-on-event-sub ;;\n'
+        '  "monitoring dashboards describe"*etag*) echo etag-42 ;;\n'
+        '  "beta monitoring channels list"*) echo projects/demo-p/notificationChannels/77 ;;\n'
+        '  "monitoring policies list"*) echo projects/demo-p/alertPolicies/9 ;;\n'
+    )
+    migrate = tmp_path / "python-migrate"
+    migrate.write_text("#!/bin/sh\nexit 0\n")
+    migrate.chmod(0o755)
+    result = deploy_sh(
+        tmp_path,
+        "--project=demo-p",
+        "--region=europe-west1",
+        "--alert-email=oncall@example.com",
+        env={"PYTHON": str(migrate)},
+        gcloud_answers=answers,
+    )
+    assert result.returncode == 0, result.output
+    calls = [shlex.split(line) for line in result.gcloud_calls.splitlines()]
+    assert not [
+        c for c in calls if c[:2] in (["logging", "metrics"], ["monitoring", "dashboards"]) and c[2] == "create"
+    ]
+    assert not [c for c in calls if c[:3] == ["monitoring", "policies", "create"]]
+    assert not [c for c in calls if c[:4] == ["beta", "monitoring", "channels", "create"]]
+    assert sorted(c[3] for c in calls if c[:3] == ["logging", "metrics", "update"]) == [p.stem for p in METRIC_FILES]
+    updates = [c for c in calls if c[:3] == ["monitoring", "policies", "update"]]
+    assert len(updates) == len(ALERT_FILES) and {c[3] for c in updates} == {"projects/demo-p/alertPolicies/9"}
+    rendered = _monitoring_dir(result)
+    board = json.loads((rendered / "dashboard.json").read_text())
+    assert board["etag"] == "etag-42"
+    assert [c[3] for c in calls if c[:3] == ["monitoring", "dashboards", "update"]] == [
+        "projects/demo-p/dashboards/pushline"
+    ]
+    oldest = json.loads((rendered / "alerts" / "oldest_unacked.json").read_text())
+    assert oldest["notificationChannels"] == ["projects/demo-p/notificationChannels/77"]
+    assert 'subscription_id="eventarc-deliver-sub"' in oldest["conditions"][0]["conditionThreshold"]["filter"]
+    panels = json.dumps(board)
+    assert "eventarc-deliver-sub" in panels and "eventarc-on-event-sub" in panels

@@ -169,6 +169,9 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
         ({"once": ""}, "once must render to 1 to 64"),
         ({"once": "x" * 65}, "once must render to 1 to 64"),
         ({"title": "x" * 5000}, "bytes of payload"),
+        ({"category": "Marketing"}, "category must be 1 to 64 characters of a-z 0-9 _ . -"),
+        ({"category": "{kind}"}, "category must be 1 to 64 characters"),
+        ({"urgent": "true"}, "urgent must be true or false, got a string"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_rule_and_problem(fields: dict, problem: str) -> None:
@@ -493,3 +496,12 @@ def test_a_rendered_job_error_names_the_recipients_field_only_when_it_is_about_t
     with pytest.raises(EventError) as about_payload:
         render(one(body="{text}"), {"user_id": "u1", "order_id": "1", "text": "x" * 5000})
     assert "recipients" not in str(about_payload.value)
+
+
+def test_a_rule_with_a_category_or_urgent_renders_a_version_2_job() -> None:
+    job = render(one(category="orders", urgent=True), {"user_id": "u1", "order_id": "42"})
+    assert job["version"] == 2 and job["category"] == "orders" and job["urgent"] is True
+    parsed = parse_v1(job)
+    assert parsed.category == "orders" and parsed.urgent is True
+    plain = render(one(urgent=False), {"user_id": "u1", "order_id": "42"})
+    assert plain["version"] == 1 and "urgent" not in plain and "category" not in plain

@@ -92,3 +92,36 @@ def test_the_job_is_acknowledged_only_after_every_part_is_published(recording_bu
     status = instance.claims().status("fan-1")
     assert status["state"] == "done" and status["counts"]["delivered"] == 5
     assert status["users"]["targeted"] == 5
+
+
+def test_a_localized_job_fans_out_into_version_2_parts_each_choosing_per_device(recording_bus, store, fcm):
+    locales = ["de-AT", "de-CH", None, "fr-FR", "zh-Hans-CN"]
+    for user, locale in zip(USERS, locales, strict=True):
+        store.register(user, f"tok-{user}", locale=locale)
+    localized = {
+        "de": {"title": "Hallo"},
+        "de-AT": {"body": "Servus"},
+        "fr-CA": {"title": "Allo"},
+        "zh-Hans": {"title": "你好"},
+    }
+    job = {"version": 2, "id": "fan-l", "user_ids": USERS, "notification": {"title": "Hi"}, "localized": localized}
+    assert delivery.handle(pushed(job, "m-l")) == "fanned-out"
+    parts = recording_bus.take()
+    assert [p["job"]["version"] for p, _ in parts] == [2, 2, 2]
+    assert all(p["job"]["localized"] == localized for p, _ in parts)
+    for n, (part, _) in enumerate(parts):
+        assert delivery.handle(pushed(part, f"pl-{n}")) == "delivered"
+    got = {m["message"]["token"]: m["message"]["notification"] for m in fcm.messages()}
+    assert got == {
+        "tok-fan-user-0": {"body": "Servus"},
+        "tok-fan-user-1": {"title": "Hallo"},
+        "tok-fan-user-2": {"title": "Hi"},
+        "tok-fan-user-3": {"title": "Hi"},  # never a sibling region
+        "tok-fan-user-4": {"title": "你好"},
+    }
+
+
+def test_a_job_without_version_2_fields_fans_out_into_version_1_parts(recording_bus, store, fcm):
+    job = {"version": 1, "id": "fan-v1", "user_ids": USERS, "notification": {"title": "Hi"}}
+    delivery.handle(pushed(job, "m-v1"))
+    assert [p["job"]["version"] for p, _ in recording_bus.take()] == [1, 1, 1]

@@ -464,7 +464,7 @@ def test_send_status_shape(send_client):
     body = answer.get_json()
     assert {"id", "state", "counts", "users", "created_at", "updated_at"} <= set(body)
     assert body["id"] == nid
-    assert body["state"] in ("accepted", "delivering", "done")
+    assert body["state"] in ("accepted", "delivering", "done", "cancelled")
     assert set(body["counts"]) == {
         "delivered",
         "dead_removed",
@@ -472,10 +472,11 @@ def test_send_status_shape(send_client):
         "config_error",
         "failed",
         "expired",
+        "cancelled",
         "retrying",
     }
     assert all(isinstance(v, int) for v in body["counts"].values())
-    assert body["users"] == {"targeted": 2, "without_tokens": 0, "skipped_once": 0}
+    assert body["users"] == {"targeted": 2, "without_tokens": 0, "muted": 0, "skipped_once": 0, "capped": 0}
     for stamp in ("created_at", "updated_at"):
         assert isinstance(body[stamp], str) and body[stamp].endswith("Z")
 

@@ -118,6 +118,10 @@ VALID = {
         }
     ),
     "version 2 without a version-2 field": v1(version=2),
+    "category": v1(version=2, category="marketing"),
+    "category with every allowed character": v1(version=2, category="a-z_0.9" + "x" * 57),
+    "urgent": v1(version=2, urgent=True),
+    "category, urgent and localized": v2(category="news.daily", urgent=True),
 }
 
 
@@ -397,6 +401,16 @@ INVALID = {
         "localized.fr.image must be an absolute http",
         True,
     ),
+    "category in a version-1 job": (v1(category="news"), 'category needs "version": 2', True),
+    "urgent in a version-1 job": (v1(urgent=True), 'urgent needs "version": 2', True),
+    "urgent false in a version-1 job": (v1(urgent=False), 'urgent needs "version": 2', True),
+    "category upper case": (v2(category="News"), "category must be 1 to 64 characters of a-z 0-9 _ . -", True),
+    "category empty": (v2(category=""), "category must be 1 to 64 characters", True),
+    "category too long": (v2(category="c" * 65), "category must be 1 to 64 characters", True),
+    "category with a colon": (v2(category="a:b"), "category must be 1 to 64 characters", True),
+    "category not a string": (v2(category=3), "category must be 1 to 64 characters", True),
+    "urgent not a boolean": (v2(urgent="yes"), "urgent must be true or false, got a string", True),
+    "urgent a number": (v2(urgent=1), "urgent must be true or false, got a number", True),
     "localized variant too big with data": (
         v2(data={"k": "x" * 2000}, localized={"fr": {"title": "é" * 1100}}),
         "payload is 4245 bytes with localized.fr; FCM allows at most 4096",
@@ -536,6 +550,14 @@ def test_a_localized_job_is_written_as_version_2_with_canonical_locales() -> Non
     assert list(encoded["localized"]) == ["pt-BR", "zh-Hans-CN"]  # the given order
     assert parse_v1(encoded) == replace(job, id=encoded["id"])
     assert schema_ok(encoded)
+
+
+def test_urgent_false_is_the_default_and_keeps_a_job_version_1() -> None:
+    job = parse_request({"user_ids": ["u"], "notification": {"title": "t"}, "urgent": False})
+    assert job.urgent is None and to_v1(job)["version"] == 1 and "urgent" not in to_v1(job)
+    job = parse_request({"user_ids": ["u"], "notification": {"title": "t"}, "urgent": True, "category": "news"})
+    assert to_v1(job)["version"] == 2 and to_v1(job)["urgent"] is True and to_v1(job)["category"] == "news"
+    assert parse_v1(to_v1(job)) == job
 
 
 def test_version_2_may_be_written_2_0() -> None:

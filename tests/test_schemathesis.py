@@ -5,6 +5,8 @@ bus, the fake FCM, real Redis and PostgreSQL), and each answer is checked:
 - never a 5xx; every error is JSON ``{"error": "..."}``; status, content type, headers and body
   conform to the document; data that breaks the document is rejected (4xx);
 - register: a missing or invalid ID token is 401, and a rejected registration stores nothing;
+- register's receipts: a missing or invalid ID token is 401; only a real device's receipt of a notification
+  it was sent is stored (every receipt Redis holds is of an accepted notification and a registered token);
 - send: an audience (with an Idempotency-Key half the time: it is refused without) reaches every
   registered device, the canary's too; nothing from a rejected request reaches FCM (every message FCM
   received carries, as its collapse id, the id of an accepted request), and accepted ones are delivered.
@@ -47,8 +49,20 @@ slow = pytest.mark.slow
 
 DOCUMENT = ROOT / "infra" / "openapi.yaml"
 SCHEMA = schemathesis.openapi.from_path(DOCUMENT)
-FUNCTION = {"/register": "register", "/send": "send", "/send/{id}": "send"}
-PREFIX = {"/register": "/register", "/send": "/send", "/send/{id}": "/send"}
+FUNCTION = {
+    "/register": "register",
+    "/register/receipts": "register",
+    "/register/preferences": "register",
+    "/send": "send",
+    "/send/{id}": "send",
+}
+PREFIX = {
+    "/register": "/register",
+    "/register/receipts": "/register",
+    "/register/preferences": "/register",
+    "/send": "/send",
+    "/send/{id}": "/send",
+}
 CHECKS = [
     status_code_conformance,
     content_type_conformance,
@@ -57,6 +71,8 @@ CHECKS = [
     negative_data_rejection,
 ]
 CANARY_USER, CANARY_TOKEN = "canary-user", f"canary-{uuid.uuid4().hex}"
+CANARY_NOTIFICATION = ""  # sent to the canary by the stack fixture: the real target of generated receipts
+CANARY_LOCALE = "de-AT"  # takes the "de" variant of the send example's localized text
 MIN_REQUESTS = 1000
 
 # (operation, mode) -> max_examples; Hypothesis may stop earlier when it has seen everything.
@@ -64,8 +80,12 @@ BUDGET = {
     ("/register", "POST"): 200,
     ("/register", "DELETE"): 120,
     ("/register", "OPTIONS"): 40,
+    ("/register/receipts", "POST"): 120,
+    ("/register/preferences", "GET"): 30,
+    ("/register/preferences", "PUT"): 150,
     ("/send", "POST"): 250,
     ("/send/{id}", "GET"): 60,
+    ("/send/{id}", "DELETE"): 40,
 }
 
 
@@ -78,6 +98,9 @@ class Record:
     accepted_tokens: set[str] = field(default_factory=set)  # in a register call answered 200
     rejected_tokens: set[str] = field(default_factory=set)  # only in register calls answered 4xx
     accepted_ids: set[str] = field(default_factory=set)  # ids of sends answered 202
+    counted: Counter = field(default_factory=Counter)  # receipts answered 200, by "counted"
+    accepted_fields: Counter = field(default_factory=Counter)  # (operation, field) in accepted bodies, not null
+    preferences: dict[str, Any] = field(default_factory=dict)  # user -> the document of their last PUT answered 200
 
 
 RECORD = Record()
@@ -96,11 +119,21 @@ def stack(servers):
     project = stack.config.project
     r = requests.post(
         stack.url("register") + "/",
-        json={"token": CANARY_TOKEN, "platform": "android"},
+        json={"token": CANARY_TOKEN, "platform": "android", "locale": CANARY_LOCALE},
         headers={"Authorization": f"Bearer {emulator_id_token(CANARY_USER, project)}"},
         timeout=30,
     )
     assert r.status_code == 200, r.text
+    global CANARY_NOTIFICATION
+    r = requests.post(stack.url("send") + "/", json={"user_ids": [CANARY_USER], "data": {"k": "v"}}, timeout=30)
+    assert r.status_code == 202, r.text
+    CANARY_NOTIFICATION = r.json()["id"]
+    RECORD.accepted_ids.add(CANARY_NOTIFICATION)
+    wait_until(
+        lambda: requests.get(f"{stack.url('send')}/{CANARY_NOTIFICATION}", timeout=30).json()["state"] == "done",
+        timeout=60,
+        what="the canary's notification to be done (the receipts' real target)",
+    )
     yield stack
     stack.stop()
 
@@ -182,7 +215,7 @@ def fuzz(operation: str, method: str, mode: GenerationMode, run: Any) -> None:
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 
 
-def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
+def fuzz_register(stack, http, method: str, mode: GenerationMode, operation: str = "/register") -> None:
     callers = authorizations(stack.config.project)
 
     valid, invalid = sorted(VALID_CALLERS), sorted(set(callers) - VALID_CALLERS)
@@ -194,14 +227,17 @@ def fuzz_register(stack, http, method: str, mode: GenerationMode) -> None:
         if who not in VALID_CALLERS:
             assert response.status_code == 401, (who, response.status_code, response.text)
             assert response.headers.get("WWW-Authenticate") == "Bearer"
+        if operation == "/register/preferences" and method == "PUT" and response.status_code == 200:
+            RECORD.preferences[who] = response.json()
         token = body_token(case)
         if method == "POST" and token is not None:
             if response.status_code == 200:
                 RECORD.accepted_tokens.add(token)
+                RECORD.accepted_fields.update(("register", k) for k, v in case.body.items() if v is not None)
             else:
                 RECORD.rejected_tokens.add(token)
 
-    fuzz("/register", method, mode, run)
+    fuzz(operation, method, mode, run)
 
 
 def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
@@ -219,6 +255,28 @@ def fuzz_register_preflight(stack, http, mode: GenerationMode) -> None:
     fuzz("/register", "OPTIONS", mode, run)
 
 
+def fuzz_receipts(stack, http, mode: GenerationMode) -> None:
+    project = stack.config.project
+    callers = {**authorizations(project), CANARY_USER: f"Bearer {emulator_id_token(CANARY_USER, project)}"}
+    valid, invalid = sorted(VALID_CALLERS | {CANARY_USER}), sorted(set(callers) - VALID_CALLERS - {CANARY_USER})
+
+    def run(case, data):
+        body = getattr(case, "body", None)
+        # Make some well-formed receipts real ones (the canary's device, a notification it was sent).
+        if isinstance(body, dict) and mode is GenerationMode.POSITIVE and data.draw(st.booleans(), label="real"):
+            body.update(notification_id=CANARY_NOTIFICATION, token=CANARY_TOKEN)
+        who = data.draw(st.sampled_from(valid) | st.sampled_from(invalid), label="caller")
+        response = call(stack, http, case, {"Authorization": callers[who]})
+        check_answer(case, response)
+        if who not in valid:
+            assert response.status_code == 401, (who, response.status_code, response.text)
+        if response.status_code == 200:
+            assert who == CANARY_USER and body["token"] == CANARY_TOKEN, (who, body)
+            RECORD.counted[response.json()["counted"]] += 1
+
+    fuzz("/register/receipts", "POST", mode, run)
+
+
 def fuzz_send(stack, http, mode: GenerationMode) -> None:
     def run(case, data):
         body = getattr(case, "body", None)
@@ -232,6 +290,7 @@ def fuzz_send(stack, http, mode: GenerationMode) -> None:
         check_answer(case, response)
         if response.status_code == 202:
             RECORD.accepted_ids.add(response.json()["id"])
+            RECORD.accepted_fields.update(("send", k) for k in body or ())
 
     fuzz("/send", "POST", mode, run)
 
@@ -245,6 +304,21 @@ def fuzz_send_status(stack, http, mode: GenerationMode) -> None:
         check_answer(case, response)
 
     fuzz("/send/{id}", "GET", mode, run)
+
+
+def fuzz_send_cancel(stack, http, mode: GenerationMode) -> None:
+    """DELETE /send/{id}: unknown ids (404), invalid ids (400), and some accepted ones (200, or 409 once done)."""
+
+    def run(case, data):
+        known = sorted(RECORD.accepted_ids)
+        if known and mode is GenerationMode.POSITIVE and data.draw(st.booleans(), label="known id"):
+            case.path_parameters = {"id": data.draw(st.sampled_from(known))}
+        response = call(stack, http, case)
+        check_answer(case, response)
+        if response.status_code == 200:
+            assert response.json()["state"] == "cancelled"
+
+    fuzz("/send/{id}", "DELETE", mode, run)
 
 
 # (function, method) pairs that no operation of the document serves: each must be a JSON 405.
@@ -270,8 +344,17 @@ RUNS: dict[str, Callable[..., None]] = {
         for mode in MODES
     },
     **{f"register OPTIONS {mode}": partial(fuzz_register_preflight, mode=mode) for mode in MODES},
+    **{f"register receipts POST {mode}": partial(fuzz_receipts, mode=mode) for mode in MODES},
+    **{
+        f"register {method} /preferences {mode}": partial(
+            fuzz_register, method=method, mode=mode, operation="/register/preferences"
+        )
+        for method in ("GET", "PUT")
+        for mode in MODES
+    },
     **{f"send POST {mode}": partial(fuzz_send, mode=mode) for mode in MODES},
     **{f"send GET {mode}": partial(fuzz_send_status, mode=mode) for mode in MODES},
+    **{f"send DELETE {mode}": partial(fuzz_send_cancel, mode=mode) for mode in MODES},
     **{
         f"{function} {method} is 405": partial(other_method, function=function, method=method)
         for function, method in OTHER_METHODS
@@ -305,10 +388,12 @@ def test_generated_requests(fuzzed, run):
 @slow
 def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     """After the fuzzing: no token of a rejected registration is stored, every accepted notification
-    is done, and FCM received only messages of accepted notifications (and the canary got them)."""
+    is done (or cancelled by a DELETE of the fuzzing), and FCM received only messages of accepted
+    notifications (and the canary got them)."""
     db = Database(stack.env["DATABASE_URL"])
     try:
         stored = {row[0] for row in db.run("SELECT token FROM device_tokens")}
+        documents = {u: json.loads(d) for u, d in db.run("SELECT user_id, document::text FROM user_preferences")}
     finally:
         db.close()
     cache = redis.Redis.from_url(stack.env["REDIS_URL"])
@@ -323,6 +408,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
     leaked = rejected & (stored | cached)
     assert not leaked, f"tokens of rejected registrations were stored: {sorted(leaked)[:5]}"
     assert CANARY_TOKEN in stored
+    assert documents == RECORD.preferences, "a rejected PUT /preferences changed what is stored"
     assert RECORD.accepted_ids, "no send was accepted: the positive cases do not reach the function"
 
     pending: dict[str, Any] = {}
@@ -331,7 +417,7 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         pending.clear()
         for nid in RECORD.accepted_ids:
             status = http.get(f"{stack.url('send')}/{nid}", timeout=30).json()
-            if status.get("state") != "done":
+            if status.get("state") not in ("done", "cancelled"):
                 pending[nid] = status
         return not pending
 
@@ -342,6 +428,29 @@ def test_nothing_stored_or_sent_for_rejected_requests(fuzzed, stack, http):
         f"FCM got messages of requests that were not accepted: {ids - RECORD.accepted_ids}"
     )
     assert any(m["message"]["token"] == CANARY_TOKEN for m in messages), "the canary got nothing"
+    # the new fields were generated, accepted and used: the canary (de-AT) got a "de" variant
+    assert {f for op, f in RECORD.accepted_fields if op == "register"} >= {"locale", "time_zone", "app_version"}
+    assert ("send", "localized") in RECORD.accepted_fields
+    hallo = {"title": "Hallo", "body": "Es gibt Neues"}
+    assert any(m["message"]["token"] == CANARY_TOKEN and m["message"].get("notification") == hallo for m in messages)
+
+
+@slow
+def test_only_real_receipts_are_stored(fuzzed, stack, http):
+    """After the fuzzing: receipts were counted (once per event of the canary's device), and Redis holds
+    receipts only of the canary's notification and device."""
+    assert RECORD.counted[True] >= 1, f"no receipt was counted: {RECORD.counted}"
+    assert RECORD.counted[True] <= 2  # opened and dismissed, once each
+    cache = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        stored = {k.decode(): cache.smembers(k) for k in cache.scan_iter("notif:receipts:*")}
+    finally:
+        cache.close()
+    canary = {f"{event}:{CANARY_TOKEN}".encode() for event in ("opened", "dismissed")}
+    assert set(stored) == {f"notif:receipts:{CANARY_NOTIFICATION}"}, sorted(stored)[:5]
+    assert stored[f"notif:receipts:{CANARY_NOTIFICATION}"] <= canary
+    status = http.get(f"{stack.url('send')}/{CANARY_NOTIFICATION}", timeout=30).json()
+    assert sum(status["receipts"].values()) == RECORD.counted[True]
 
 
 @slow
@@ -384,8 +493,8 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 
 
 def test_document_agrees_with_the_validators():
-    from shared import jobs, registration
-    from shared.claims import OUTCOME_COUNTS
+    from shared import jobs, receipts, registration
+    from shared.claims import OUTCOME_COUNTS, RECEIPT_EVENTS, USER_COUNTS
     from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
@@ -396,6 +505,8 @@ def test_document_agrees_with_the_validators():
     assert send["properties"]["user_ids"]["maxItems"] == jobs.MAX_USER_IDS
     assert send["properties"]["user_ids"]["items"]["maxLength"] == jobs.MAX_USER_ID_CHARS
     assert send["properties"]["once"]["pattern"] == jobs.ONCE_PATTERN
+    assert send["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
+    assert job_schema["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
     assert components["Accepted"]["properties"]["id"]["pattern"] == jobs.ID_PATTERN
     for name, spec in jobs.OPTION_SPECS.items():
 
@@ -407,12 +518,39 @@ def test_document_agrees_with_the_validators():
         assert send["properties"][name].get("type") == job_schema["properties"][name].get("type", "string"), name
 
     register = components["RegisterRequest"]
-    assert set(register["properties"]) == {"token", "platform"} and register["additionalProperties"] is False
+    assert set(register["properties"]) == {"token", *registration.ATTRIBUTE_CHECKS}
+    assert register["additionalProperties"] is False
     assert register["properties"]["platform"]["enum"] == list(PLATFORMS) == list(jobs.PLATFORMS)
     assert components["DeviceToken"]["maxLength"] == registration.MAX_TOKEN_LENGTH
     removal = components["RemoveRequest"]["oneOf"]
     assert [set(o["properties"]) for o in removal] == [{"token"}, {"all"}]
 
+    from shared import preferences
+
+    prefs = components["PreferencesRequest"]
+    assert set(prefs["properties"]) == set(preferences.FIELDS) and prefs["additionalProperties"] is False
+    assert prefs["properties"]["muted_categories"]["maxItems"] == preferences.MAX_MUTED_CATEGORIES
+    assert components["Category"]["pattern"] == preferences.CATEGORY_PATTERN
+    quiet = components["QuietHours"]
+    assert quiet["required"] == list(preferences.QUIET_FIELDS) == list(quiet["properties"])
+
     status = components["Status"]
     assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
-    assert set(status["required"]) == {"id", "state", "counts", "users", "tokens", "created_at", "updated_at"}
+    assert status["properties"]["users"]["required"] == ["targeted", *USER_COUNTS]
+    assert set(status["required"]) == {
+        "id",
+        "state",
+        "counts",
+        "users",
+        "tokens",
+        "receipts",
+        "created_at",
+        "updated_at",
+    }
+    assert status["properties"]["receipts"]["required"] == list(RECEIPT_EVENTS)
+
+    receipt = components["ReceiptRequest"]
+    assert tuple(receipt["properties"]) == receipts.FIELDS and receipt["required"] == list(receipts.FIELDS)
+    assert receipt["additionalProperties"] is False
+    assert receipt["properties"]["event"]["enum"] == list(RECEIPT_EVENTS)
+    assert receipt["properties"]["notification_id"]["pattern"] == jobs.ID_PATTERN

@@ -154,9 +154,9 @@ def commit_only(store: TokenStore, user_id: str, token: str) -> None:
         store_module._SQL_REGISTER,
         user_id=user_id,
         token=token,
-        platform=None,
         keep=store.max_tokens - 1,
         ttl=store.ttl,
+        **store_module._bound(dict.fromkeys(store_module.ATTRIBUTES, store_module.KEEP)),
     )
 
 

@@ -16,8 +16,8 @@
         // Replace only what changed (a live region would re-announce), never under the keyboard focus.
         if (incoming.innerHTML === el.innerHTML || el.contains(document.activeElement)) return;
         el.innerHTML = incoming.innerHTML;
-        // A notification's status is followed until it is done.
-        if (el.querySelector('[data-state="done"]')) el.removeAttribute("data-fragment");
+        // A notification's status is followed until it is settled (done, or cancelled and every token final).
+        if (el.querySelector("[data-settled]")) el.removeAttribute("data-fragment");
       })
       .catch(function () { /* the stack may be restarting: try again on the next tick */ });
   }
