@@ -132,12 +132,18 @@ def in_process(stack: Stack) -> None:
     bus.plug_in(lambda _settings: QueueBus(stack.queue_url))
 
 
-def warm_register(stack: Stack, load: Any) -> None:
-    """A few registrations (pools, imports), then their rows removed: they must not join the audience."""
+BASELINE_S = 10  # register's load alone, before the send: its p99 without an audience running
+
+
+def register_alone(stack: Stack, load: Any, rate: float) -> common.LoadResult:
+    """A warm-up (pools, imports), then ``BASELINE_S`` s at ``rate`` with no audience running; their rows
+    removed after: devices registered before the expansion's start would join the audience."""
     common.open_loop(stack.register_url + "/", 20, 1, load, 200)
+    alone = common.open_loop(stack.register_url + "/", rate, BASELINE_S, load, 200)
     from shared import instance
 
     instance.database().run("DELETE FROM device_tokens WHERE user_id LIKE 'reg-%'")
+    return alone
 
 
 class RegisterLoad(threading.Thread):
@@ -256,7 +262,8 @@ def measure(env: common.Env, devices: int, register_rate: float, log: Any = prin
     try:
         in_process(stack)
         registrations = Registrations(1000, run=uuid.uuid4().hex[:8])
-        warm_register(stack, registrations)
+        alone = register_alone(stack, registrations, register_rate)
+        r["register_alone"] = {"p50": alone.p(50), "p99": alone.p(99), "ok": alone.ok, "sent": alone.sent}
         start_workers(stack)
         r["redis_before"] = redis_memory(env.redis_url, reset=True)
         cpu0 = {"fake": common.cpu_seconds(stack.procs[0].pid), "redis": common.cpu_seconds(env.redis_pid)}
@@ -343,6 +350,10 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
         (
             f"register p99 during the run (open loop, {reg.get('ok', 0)}/{reg.get('sent', 0)} ok; p50)",
             f"{reg.get('p99', float('nan')):,.1f} ms ({reg.get('p50', float('nan')):,.1f} ms)",
+        ),
+        (
+            f"register p99 alone, {BASELINE_S} s just before the send (same rate; p50)",
+            f"{r['register_alone']['p99']:,.1f} ms ({r['register_alone']['p50']:,.1f} ms)",
         ),
         (
             "deliver CPU (both processes) per message",

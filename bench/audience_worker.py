@@ -7,6 +7,7 @@ bus) and the parts. ``RetryLater`` or any error: the message comes back later, a
 It leaves once the orchestrator asked it to and the queue is empty, printing what it handled, its
 CPU time, its peak RSS (``ru_maxrss``) and the time of each expansion page (one SQL statement,
 timed around ``AudienceStore.page`` in this process: PostgreSQL's time plus one round trip).
+``BENCH_AUDIENCE_PROFILE=prefix`` writes a cProfile (CPU clock) of each process to ``prefix.<pid>``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,15 @@ def main() -> None:
     instance.redis_client().ping()  # clients made before the first message, as on a warm instance
     queue.redis.incr(READY)
     cpu0 = time.process_time()
-    seen = serve(queue)
+    profile = os.environ.get("BENCH_AUDIENCE_PROFILE")  # a file prefix: a cProfile of each process
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile(time.process_time)  # CPU time, not waiting
+        seen = prof.runcall(serve, queue)
+        prof.dump_stats(f"{profile}.{os.getpid()}")
+    else:
+        seen = serve(queue)
     result = {
         "handled": dict(seen),
         "cpu_seconds": time.process_time() - cpu0,

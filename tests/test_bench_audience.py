@@ -22,6 +22,8 @@ FIGURES = (
     "peak deliver RSS",
     "PostgreSQL time per page",
     "register p99 during the run",
+    "register p99 alone",
+    "deliver CPU",
     "every device got exactly one message",
     "load average",
 )
