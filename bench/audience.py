@@ -26,8 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import audience_data, common
+from bench import audience_data, audience_projection, common
 from bench.audience_bus import READY, STOP, QueueBus
+from bench.audience_projection import project
 
 DONE_TIMEOUT_S = 3600
 
@@ -367,6 +368,23 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def measured(r: dict[str, Any]) -> audience_projection.Measured:
+    """The figures a projection scales (see ``bench.audience_projection``)."""
+    n = r["devices"]
+    peak = max(r["redis_after"]["peak"], r["used_memory_max_sampled"])
+    return audience_projection.Measured(
+        devices=n,
+        redis_bytes_per_device=(peak - r["redis_before"]["used"]) / n,
+        deliver_cpu_us_per_message=sum(w["cpu_seconds"] for w in r["workers"]) / n * 1e6,
+        expansion_s=r["expansion"].get("expansion_s", float("nan")),
+    )
+
+
+def projections(r: dict[str, Any]) -> list[tuple[str, str]]:
+    m = measured(r)
+    return [row for target in (10_000_000, 100_000_000) for row in audience_projection.rows(project(m, target))]
+
+
 def _s(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f} s"
 
@@ -383,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     with common.Env() as env:
         r = measure(env, args.devices, args.register_rate, log)
     print("| figure | measured |\n|---|---:|")
-    for name, value in figures(r):
+    for name, value in figures(r) + projections(r):
         print(f"| {name} | {value} |")
     print(
         json.dumps(

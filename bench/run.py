@@ -329,7 +329,7 @@ def run_audience(env: common.Env, table: Table, devices: int, store: dict[str, A
 
     r = audience.measure(env, devices, 50.0, log=log)
     store["audience"] = {k: v for k, v in r.items() if k != "workers"}
-    for name, value in audience.figures(r):
+    for name, value in audience.figures(r) + audience.projections(r):
         table.add(f"audience {{all: true}}, {devices:,} devices: {name}", value)
 
 

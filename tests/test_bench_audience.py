@@ -26,6 +26,8 @@ FIGURES = (
     "deliver CPU",
     "every device got exactly one message",
     "load average",
+    "projected to 10,000,000 devices",
+    "projected to 100,000,000 devices",
 )
 
 
