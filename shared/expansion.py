@@ -12,7 +12,8 @@ platform, locale). After each page its checkpoint advances (``shared.checkpoint`
   the sharded ledger sends each device once however its parts repeat);
 - the start is fixed when a copy first takes the job (PostgreSQL's clock) and stays across copies:
   devices first registered for their user after it are not in the audience;
-- at most two expansions run at once project-wide (a third job waits on the bus);
+- at most two expansions run at once project-wide (a third job waits on the bus); PostgreSQL down or
+  slow (the statement timeout) is an outage like any (``shared.inbound``): the job is redelivered;
 - one invocation expands for at most BUDGET_SECONDS, then publishes the job again to continue in a
   fresh invocation and acknowledges this copy.
 """
@@ -29,7 +30,6 @@ from shared.checkpoint import NotTaken, Taken
 from shared.config import settings
 from shared.errors import REDIS_OUTAGE
 from shared.inbound import RetryLater
-from shared.store import StoreUnavailable
 
 log = logs.get("expansion")
 
@@ -67,30 +67,27 @@ def _pages(job: jobs.Job, taken: Taken) -> str:
     audience = job.audience or {}
     per_part = s.audience_part_tokens
     stop_at = time.monotonic() + BUDGET_SECONDS
-    try:
-        start = taken.start or checkpoints.fix_start(job.id, store.now())
-        cursor, next_part = taken.cursor, taken.next_part
-        while True:
-            if instance.claims().cancelled(job.id):  # no more parts: the expansion ends where it is
-                checkpoints.advance(job.id, taken.owner, list(cursor or FIRST_CURSOR), 0, 0, last=True)
-                log.info("cancelled audience: expansion stopped", extra={"notification_id": job.id, "parts": next_part})
-                return "cancelled"
-            page = store.page(audience, start, cursor, s.audience_page_rows)
-            chunks = [page.devices[i : i + per_part] for i in range(0, len(page.devices), per_part)]
-            for k, chunk in enumerate(chunks):
-                bus.publish(part_message(job, next_part + k, chunk), {"notification_id": job.id, "kind": "part"})
-            matched = len(page.devices)
-            if not checkpoints.advance(job.id, taken.owner, page.cursor, len(chunks), matched, last=page.last):
-                raise RetryLater("another copy of this job took its expansion over")
-            cursor, next_part = page.cursor, next_part + len(chunks)
-            if page.last:
-                instance.claims().sharded().part_done(job.id, None)  # an empty audience is done now
-                log.info("audience expanded", extra={"notification_id": job.id, "parts": next_part})
-                return "expanded"
-            if time.monotonic() >= stop_at:
-                break
-    except StoreUnavailable as exc:
-        raise RetryLater(f"audience expansion paused: {exc}") from None
+    start = taken.start or checkpoints.fix_start(job.id, store.now())
+    cursor, next_part = taken.cursor, taken.next_part
+    while True:
+        if instance.claims().cancelled(job.id):  # no more parts: the expansion ends where it is
+            checkpoints.advance(job.id, taken.owner, list(cursor or FIRST_CURSOR), 0, 0, last=True)
+            log.info("cancelled audience: expansion stopped", extra={"notification_id": job.id, "parts": next_part})
+            return "cancelled"
+        page = store.page(audience, start, cursor, s.audience_page_rows)
+        chunks = [page.devices[i : i + per_part] for i in range(0, len(page.devices), per_part)]
+        for k, chunk in enumerate(chunks):
+            bus.publish(part_message(job, next_part + k, chunk), {"notification_id": job.id, "kind": "part"})
+        matched = len(page.devices)
+        if not checkpoints.advance(job.id, taken.owner, page.cursor, len(chunks), matched, last=page.last):
+            raise RetryLater("another copy of this job took its expansion over")
+        cursor, next_part = page.cursor, next_part + len(chunks)
+        if page.last:
+            instance.claims().sharded().part_done(job.id, None)  # an empty audience is done now
+            log.info("audience expanded", extra={"notification_id": job.id, "parts": next_part})
+            return "expanded"
+        if time.monotonic() >= stop_at:
+            break
     checkpoints.release(job.id, taken.owner)
     bus.publish(jobs.to_v1(job), {"notification_id": job.id})  # a fresh invocation continues
     log.info("audience expansion continues in a new invocation", extra={"notification_id": job.id, "parts": next_part})

@@ -242,3 +242,21 @@ def test_part_messages_carry_the_notification_id_and_devices(recording_bus, db, 
     assert part["job"]["id"] == "aud-msg" and part["job"]["version"] == 2 and part["part"] == 0
     assert part["devices"] == [["and-de", "a", "android", "de-AT"]]
     assert expansion.part_message  # (the one place that writes them)
+
+
+def test_a_cancel_stops_the_expansion_and_its_parts_send_nothing(recording_bus, small_pages, db, fcm) -> None:
+    add_devices(db, many(900))
+    payload = job("aud-cancel", {"all": True})
+    recording_bus.refuse = {3}  # the second page's first part: the expansion stops after one page
+    with pytest.raises(delivery.RetryLater):
+        delivery.handle(pushed(payload, "job"))
+    assert instance.claims().cancel("aud-cancel") == claims_module.CancelResult.CANCELLED
+    assert delivery.handle(pushed(payload, "job")) == "cancelled"  # no more parts
+    parts = [p for p, _ in recording_bus.take()]
+    assert len(parts) == 2
+    for n, part in enumerate(parts):
+        assert delivery.handle(pushed(part, f"p-{n}")) == "delivered"
+    assert fcm.messages() == []
+    status = instance.claims().status("aud-cancel")
+    assert status["state"] == "cancelled" and status["progress"]["parts_total"] == 2
+    assert status["counts"]["cancelled"] == 300 == status["devices_matched"]
