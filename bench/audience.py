@@ -238,6 +238,35 @@ def collect_workers(stack: Stack) -> list[dict[str, Any]]:
     return out
 
 
+def memory_by_family(url: str) -> dict[str, int]:
+    """Bytes held per key family (``notif:ledger``, ``notif:cap``, ...: the first two parts of the name),
+    from ``MEMORY USAGE ... SAMPLES 0`` of every key (read at done, before the ledger's grace ends)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    families: dict[str, int] = {}
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                _measure(client, batch, families)
+                batch = []
+        _measure(client, batch, families)
+    finally:
+        client.close()
+    return families
+
+
+def _measure(client: Any, keys: list[bytes], families: dict[str, int]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.memory_usage(key, samples=0)
+    for key, used in zip(keys, pipe.execute(), strict=True):
+        family = ":".join(key.decode().split(":")[:2])
+        families[family] = families.get(family, 0) + int(used or 0)
+
+
 def redis_memory(url: str, reset: bool = False) -> dict[str, int]:
     import redis
 
@@ -276,6 +305,7 @@ def measure(env: common.Env, devices: int, register_rate: float, log: Any = prin
         wait_done(watch, log)
         reg = load.finish()
         r["redis_after"] = redis_memory(env.redis_url)
+        r["redis_families"] = memory_by_family(env.redis_url)
         r["fake_cpu_s"] = common.cpu_seconds(stack.procs[0].pid) - cpu0["fake"]
         r["redis_cpu_s"] = common.cpu_seconds(env.redis_pid) - cpu0["redis"]
         r["fake"] = common.fake_stats(stack.fcm_url)
@@ -332,6 +362,7 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
     reg = r["register"]
     parts = r["status"].get("progress", {}).get("parts_total")
     rss = max(w["maxrss_mib"] for w in r["workers"])
+    fam = r["redis_families"]
     return [
         (f"devices / users / parts ({n:,} devices)", f"{n:,} / {r['users']:,} / {parts:,}" if parts else f"{n:,} / -"),
         ("load into PostgreSQL (one INSERT ... SELECT, indexes, ANALYZE)", f"{r['seed_s']:.1f} s"),
@@ -343,6 +374,11 @@ def figures(r: dict[str, Any]) -> list[tuple[str, str]]:
             f"{peak / mib:,.1f} MiB ({before['used'] / mib:,.1f} MiB)",
         ),
         ("Redis bytes per device (peak - before) / devices", f"{(peak - before['used']) / n:,.0f} B"),
+        (
+            "Redis at done by key family: ledger per device / daily cap per user / the rest",
+            f"{fam.get('notif:ledger', 0) / n:,.0f} B / {fam.get('notif:cap', 0) / r['users']:,.0f} B / "
+            f"{(sum(fam.values()) - fam.get('notif:ledger', 0) - fam.get('notif:cap', 0)) / mib:,.1f} MiB",
+        ),
         ("peak deliver RSS (ru_maxrss, the larger of the two)", f"{rss:,.0f} MiB"),
         (
             f"PostgreSQL time per page ({len(pages)} pages; median / p99 / max)",

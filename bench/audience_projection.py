@@ -66,7 +66,7 @@ def rows(p: Projection) -> list[tuple[str, str]]:
     at = f"projected to {p.devices:,} devices"
     return [
         (f"{at}: parts / expansion pages", f"{p.parts:,} / {p.pages:,}"),
-        (f"{at}: Redis for the ledger (bytes per device x devices)", f"{p.redis_gib:,.1f} GiB"),
+        (f"{at}: Redis at the peak (bytes per device x devices)", f"{p.redis_gib:,.1f} GiB"),
         (f"{at}: expansion (one process, pages in a row)", f"{p.expansion_min:,.1f} min"),
         (
             f"{at}: deliver instances for FCM's quota (1 vCPU each at {p.per_instance_rate:,.0f} msg/s, from CPU "
