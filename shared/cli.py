@@ -162,8 +162,27 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _audience(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The audience the flags name (None when none does); send validates it."""
+    audience: dict[str, Any] = {}
+    if args.audience_all:
+        audience["all"] = True
+    if args.audience_platform:
+        audience["platforms"] = list(dict.fromkeys(args.audience_platform))
+    if args.audience_locale:
+        audience["locales"] = list(dict.fromkeys(args.audience_locale))
+    if args.min_app_version is not None:
+        audience["app_version"] = {"min": args.min_app_version}
+    return audience or None
+
+
 def _send_body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {"user_ids": args.users}
+    body: dict[str, Any] = {}
+    if args.users:
+        body["user_ids"] = args.users
+    audience = _audience(args)
+    if audience is not None:
+        body["audience"] = audience
     notification = {k: v for k, v in (("title", args.title), ("body", args.body)) if v is not None}
     if notification:
         body["notification"] = notification
@@ -218,12 +237,30 @@ def cmd_cancel(args: argparse.Namespace) -> Result:
             raise CliError(f"{refused.reason}: {args.id}")
 
 
+PROGRESS_WIDTH = 30
+
+
+def progress_bar(progress: dict[str, Any]) -> str:
+    """``[#########.....]  3/10 parts``; while the parts are not all known, the done ones and a ``?``."""
+    done, total = progress["parts_done"], progress["parts_total"]
+    if total is None:
+        return f"[{'?' * PROGRESS_WIDTH}]  {done} parts done, more being published"
+    filled = PROGRESS_WIDTH if not total else PROGRESS_WIDTH * min(done, total) // total
+    return f"[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}]  {done}/{total} parts"
+
+
 def _status_text(body: dict[str, Any]) -> str:
-    users = body["users"]
-    lines = [
-        f"{body['id']}: {body['state']}",
-        f"  users     targeted {users['targeted']}, without tokens {users['without_tokens']}, "
-        f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}",
+    lines = [f"{body['id']}: {body['state']}"]
+    if "users" in body:
+        users = body["users"]
+        lines.append(
+            f"  users     targeted {users['targeted']}, without tokens {users['without_tokens']}, "
+            f"muted {users.get('muted', 0)}, skipped (once) {users['skipped_once']}, capped {users.get('capped', 0)}"
+        )
+    else:
+        lines.append(f"  devices   matched {body['devices_matched']}")
+    lines += [
+        f"  progress  {progress_bar(body['progress'])}",
         f"  tokens    {body['tokens']}",
         "  outcomes  " + ", ".join(f"{k} {v}" for k, v in body["counts"].items()),
         "  receipts  " + ", ".join(f"{k} {v}" for k, v in body["receipts"].items()),
@@ -376,7 +413,7 @@ def _json_flag() -> argparse.ArgumentParser:
 
 def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("send", parents=[common], help="send a notification (as the send function does)")
-    p.add_argument("users", nargs="+", metavar="USER")
+    p.add_argument("users", nargs="*", metavar="USER", help="the users (or an audience flag instead)")
     p.add_argument("--title")
     p.add_argument("--body")
     p.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
@@ -384,7 +421,12 @@ def _add_send(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--once", metavar="KEY", help="send each user this notification at most once per KEY")
     p.add_argument("--category", metavar="NAME", help="users who muted NAME are skipped")
     p.add_argument("--urgent", action="store_true", help="past the daily cap (never past a mute)")
-    p.add_argument("--idempotency-key", metavar="KEY")
+    p.add_argument("--idempotency-key", metavar="KEY", help="required with an audience")
+    audience = p.add_argument_group("audience (instead of USERs; combined filters must all match)")
+    audience.add_argument("--audience-all", action="store_true", help="every live device")
+    audience.add_argument("--audience-platform", action="append", choices=PLATFORMS, default=[], metavar="P")
+    audience.add_argument("--audience-locale", action="append", default=[], metavar="L", help="de matches de-AT")
+    audience.add_argument("--min-app-version", metavar="V", help="devices on app version V or later")
     p.set_defaults(run=cmd_send)
 
 
