@@ -143,7 +143,9 @@ def register_alone(stack: Stack, load: Any, rate: float) -> common.LoadResult:
     alone = common.open_loop(stack.register_url + "/", rate, BASELINE_S, load, 200)
     from shared import instance
 
-    instance.database().run("DELETE FROM device_tokens WHERE user_id LIKE 'reg-%'")
+    instance.database().run(
+        "DELETE FROM device_tokens WHERE user_id >= 'reg-' AND user_id < 'reg.'"
+    )  # (the primary key)
     return alone
 
 
