@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -308,7 +310,13 @@ class LoadResult:
 
 
 async def _open_loop(
-    url: str, rate: float, duration: float, make_request: Any, ok_status: int, timeout: float = 10.0
+    url: str,
+    rate: float,
+    duration: float,
+    make_request: Any,
+    ok_status: int,
+    timeout: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> LoadResult:
     import aiohttp
 
@@ -335,7 +343,10 @@ async def _open_loop(
         # A few warm-up connections so the first arrivals do not pay for TCP handshakes alone.
         start = time.perf_counter() + 0.05
         tasks = []
-        for i in range(n):
+        for i in itertools.count():
+            if i >= n or (stop is not None and stop.is_set()):
+                n = i
+                break
             due = start + i / rate
             delay = due - time.perf_counter()
             if delay > 0:
@@ -346,10 +357,12 @@ async def _open_loop(
     return LoadResult(rate, n, statuses, lat, percentile(late, 99), elapsed)
 
 
-def open_loop(url: str, rate: float, duration: float, make_request: Any, ok_status: int) -> LoadResult:
-    """Fire ``rate`` requests per second for ``duration`` s on a fixed schedule, never waiting for
-    answers; latency runs from each request's scheduled time (no coordinated omission)."""
-    return asyncio.run(_open_loop(url, rate, duration, make_request, ok_status))
+def open_loop(
+    url: str, rate: float, duration: float, make_request: Any, ok_status: int, stop: threading.Event | None = None
+) -> LoadResult:
+    """Fire ``rate`` requests per second for ``duration`` s (or until ``stop`` is set) on a fixed schedule,
+    never waiting for answers; latency runs from each request's scheduled time (no coordinated omission)."""
+    return asyncio.run(_open_loop(url, rate, duration, make_request, ok_status, stop=stop))
 
 
 def step_rates(

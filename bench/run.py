@@ -1,6 +1,6 @@
 """Run the benchmarks and print one Markdown table (figure, target, met?).
 
-    .venv/bin/python -m bench.run [--only delivery|fanout|coldstart|accept|register] [--quick]
+    .venv/bin/python -m bench.run [--only delivery|fanout|coldstart|accept|register|audience] [--quick]
 
 Never part of the test suite: timings on a shared machine are figures to read, not asserts.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import common
 
-NAMES = ("delivery", "fanout", "coldstart", "accept", "register")
+NAMES = ("delivery", "fanout", "coldstart", "accept", "register", "audience")
 RESULTS_FILE = common.ROOT / ".run" / "bench" / "results.json"
 
 
@@ -323,10 +323,23 @@ def run_register(env: common.Env, table: Table, quick: bool, store: dict[str, An
     )
 
 
+def run_audience(env: common.Env, table: Table, devices: int, store: dict[str, Any]) -> None:
+    """Issue 22: ``{"all": true}`` to ``devices`` devices, two deliver processes (bench/audience.py)."""
+    from bench import audience
+
+    r = audience.measure(env, devices, 50.0, log=log)
+    store["audience"] = {k: v for k, v in r.items() if k != "workers"}
+    for name, value in audience.figures(r) + audience.projections(r):
+        table.add(f"audience {{all: true}}, {devices:,} devices: {name}", value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--only", choices=NAMES, action="append", help="run only this part (repeatable)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter loads (a smoke run)")
+    parser.add_argument(
+        "--audience-devices", type=int, default=0, help="devices of the audience run (default 100,000; --quick 10,000)"
+    )
     args = parser.parse_args(argv)
     only = args.only or list(NAMES)
     common.pin_self_to_aux()
@@ -358,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_accept(env, table, args.quick, store, emulator)
             elif name == "register":
                 run_register(env, table, args.quick, store)
+            elif name == "audience":
+                run_audience(env, table, args.audience_devices or (10_000 if args.quick else 100_000), store)
             log(f"   ({time.perf_counter() - t0:.0f} s)")
     finally:
         if emulator is not None:
