@@ -329,7 +329,7 @@ def _deliver_to(
 ) -> str:
     """The part's users' rules (``recipients``), its tokens into the ledger, sent; acknowledged once
     every token is final."""
-    chosen = recipients.choose(job, devices, part)
+    chosen = recipients.choose(job, devices, part, claims)
     unresolved = [u for u in chosen.unresolved if u not in elsewhere]
     holders: dict[str, str] = {}
     for user_id, tokens in chosen.per_user.items():

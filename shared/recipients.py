@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared import instance, jobs
-from shared.claims import LedgerState, now_ms
+from shared.claims import Claims, LedgerState, now_ms
 
 
 @dataclass
@@ -32,20 +32,20 @@ class Recipients:
     unresolved: list[str] = field(default_factory=list)
 
 
-def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], part: int) -> Recipients:
+def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], part: int, claims: Claims) -> Recipients:
     """Apply the per-user rules to the users whose devices were read (``devices``: user -> token ->
-    platform); the job's other users are unresolved."""
+    platform); the job's other users are unresolved. ``claims`` reads the part's own ledger (sharded
+    for an audience part)."""
     chosen = Recipients({}, unresolved=[u for u in job.user_ids if u not in devices])
     for user_id, user_devices in devices.items():
         tokens = [t for t, p in user_devices.items() if not job.platforms or p in job.platforms]
         if tokens:
             chosen.per_user[user_id] = tokens
     chosen.without_tokens = len(devices) - len(chosen.per_user)
-    if instance.claims().part_counted(job.id, part):
-        _as_counted(job, chosen)
+    if claims.part_counted(job.id, part):
+        _as_counted(job, chosen, claims)
     if job.category is not None:
-        _unmuted(job, job.category, chosen)
-    claims = instance.claims()
+        _unmuted(job, job.category, chosen, claims)
     if job.once:
         allowed, skipped = claims.claim_once(job.id, job.once, sorted(chosen.per_user))
         chosen.per_user = {u: chosen.per_user[u] for u in allowed}
@@ -59,17 +59,17 @@ def choose(job: jobs.Job, devices: Mapping[str, Mapping[str, str | None]], part:
     return chosen
 
 
-def _as_counted(job: jobs.Job, chosen: Recipients) -> None:
+def _as_counted(job: jobs.Job, chosen: Recipients, claims: Claims) -> None:
     """A later copy of a part whose users are counted keeps the decisions of the copy that counted them:
     a user none of whose tokens its ledger holds was left out then (under one rule, or without a device)
     and stays out, so an unmute or a freed cap slot since does not count the user twice."""
     tokens = [t for ts in chosen.per_user.values() for t in ts]
-    entries = instance.claims().ledger(job.id, tokens)
+    entries = claims.ledger(job.id, tokens)
     for user_id in [u for u, ts in chosen.per_user.items() if all(entries[t].state is LedgerState.ABSENT for t in ts)]:
         del chosen.per_user[user_id]
 
 
-def _unmuted(job: jobs.Job, category: str, chosen: Recipients) -> None:
+def _unmuted(job: jobs.Job, category: str, chosen: Recipients, claims: Claims) -> None:
     """Leave out the users who muted ``category`` (counted) and those whose preferences are unreadable.
     A user an earlier copy of the part let through (a token of theirs is in the ledger: a retry waits)
     is not muted now: that copy's decision stands, so their tokens finish and the counts add up."""
@@ -77,7 +77,7 @@ def _unmuted(job: jobs.Job, category: str, chosen: Recipients) -> None:
     prefs = instance.preference_store().for_users(users)
     muted = [u for u in users if u in prefs and prefs[u].mutes(category)]
     if muted:
-        entries = instance.claims().ledger(job.id, [t for u in muted for t in chosen.per_user[u]])
+        entries = claims.ledger(job.id, [t for u in muted for t in chosen.per_user[u]])
         muted = [u for u in muted if all(entries[t].state is LedgerState.ABSENT for t in chosen.per_user[u])]
     unread = [u for u in users if u not in prefs]
     for user_id in (*muted, *unread):
