@@ -16,7 +16,10 @@
                            (kept until LEDGER_TTL_SECONDS after send_at)
   notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
                            expires with the status
-  notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
+                           deferred and deferred_parts: tokens and parts waiting for quiet hours to
+                           end (shared/deferrals.py owns notif:deferred:{id})
+  notif:parts:{id}         Set of the job's parts whose tokens are in the ledger (a deferred part's id:
+                           quiet:{minute})
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
   notif:idem:{key}         Idempotency-Key of send: in flight, or the first response (24 h)
@@ -67,6 +70,8 @@ OUTCOME_COUNTS = (
     "cancelled",
     "retrying",
 )
+# The status's counts: the outcomes, and the tokens waiting for quiet hours to end (shared/deferrals.py).
+STATUS_COUNTS = (*OUTCOME_COUNTS, "deferred")
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
@@ -377,7 +382,8 @@ return 1
 
 # KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
 # every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
-# and nothing else. Returns a CancelResult.
+# and turns the tokens deferred by quiet hours into `cancelled` (they count in `tokens`, never final
+# otherwise before their part runs). Returns a CancelResult.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
@@ -385,6 +391,12 @@ local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total')
 local seen = redis.call('SCARD', KEYS[2])
 if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
 redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
+-- tokens waiting for quiet hours to end (shared/deferrals.py) are never sent: cancelled now
+local deferred = tonumber(redis.call('HGET', KEYS[1], 'deferred') or '0')
+if deferred > 0 then
+  redis.call('HINCRBY', KEYS[1], 'cancelled', deferred); redis.call('HINCRBY', KEYS[1], 'final', deferred)
+  redis.call('HSET', KEYS[1], 'deferred', 0)
+end
 return 1
 """
 
@@ -617,7 +629,7 @@ class Claims:
         found = self.redis.hget(status_key(nid), "created_at")
         return int(found) if found is not None else None
 
-    def part_started(self, nid: str, part: int, now: int) -> int:
+    def part_started(self, nid: str, part: int | str, now: int) -> int:
         """When this part was first processed (ms; ``now`` if never before): a job's own expiry never
         cuts into the in-process wait of that first processing, and only of that one."""
         pipe = self.redis.pipeline(transaction=False)
@@ -637,7 +649,7 @@ class Claims:
             return None
         fields = {text(k): int(v) for k, v in raw.items()}
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
-        parts_total = fields.get("parts_total", 1)
+        parts_total = fields.get("parts_total", 1) + fields.get("deferred_parts", 0)
         if "cancelled_at" in fields:
             state = "cancelled"
         elif parts_seen == 0:
@@ -649,7 +661,7 @@ class Claims:
         return {
             "id": nid,
             "state": state,
-            "counts": {name: fields.get(name, 0) for name in OUTCOME_COUNTS},
+            "counts": {name: fields.get(name, 0) for name in STATUS_COUNTS},
             "users": {"targeted": fields.get("targeted", 0), **{name: fields.get(name, 0) for name in USER_COUNTS}},
             "tokens": tokens,
             "receipts": {name: fields.get(name, 0) for name in RECEIPT_EVENTS},
@@ -694,7 +706,7 @@ class Claims:
     def register_part(
         self,
         nid: str,
-        part: int,
+        part: int | str,
         tokens: list[str],
         without_tokens: int,
         skipped_once: int,

@@ -39,9 +39,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from shared import bus, expiry, instance, jobs, logs, recipients, slots
+from shared import bus, deferral, expiry, instance, jobs, logs, recipients, slots
 from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
+from shared.deferral import DeferredPart
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
@@ -66,9 +67,9 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
 def unknown_shape(payload: dict[str, Any]) -> str | None:
     """What in a message this deliver does not know yet (``"job version 3"``), or None."""
     kind = payload.get("kind")
-    if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
+    if isinstance(kind, str) and kind not in ("part", deferral.KIND) and _KIND.match(kind):
         return f"message kind {kind!r}"
-    job = payload.get("job") if kind == "part" else payload
+    job = payload.get("job") if kind in ("part", deferral.KIND) else payload
     version = job.get("version") if isinstance(job, dict) else None
     if isinstance(version, float) and version.is_integer():
         version = int(version)
@@ -77,9 +78,9 @@ def unknown_shape(payload: dict[str, Any]) -> str | None:
     return None
 
 
-def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
-    """(job, part index, parts) of a message; Malformed when it can never be delivered, Unknown when
-    a newer deploy may deliver it."""
+def decode(env: Envelope) -> tuple[jobs.Job, int | DeferredPart, int]:
+    """(job, part index, parts) of a message (a deferred part: (job, its DeferredPart, 1)); Malformed when
+    it can never be delivered, Unknown when a newer deploy may deliver it."""
     payload = json_object(env, "message")
     newer = unknown_shape(payload)
     if newer:
@@ -94,6 +95,9 @@ def decode(env: Envelope) -> tuple[jobs.Job, int, int]:
                 raise Malformed("part message without a valid part/parts")
             job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
             return job, part, parts
+        if kind == deferral.KIND:
+            where = deferral.parse(payload)
+            return jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id)), where, 1
     except jobs.JobError as exc:
         raise Malformed(f"invalid job: {exc.message}") from None
     raise Malformed(f"unknown message kind {kind!r}")
@@ -142,6 +146,8 @@ def handle(event_data: Any) -> str:
         )
         raise RetryLater(f"{exc} unknown to this deliver") from None
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
+        if isinstance(part, DeferredPart):
+            return _part(job, 0, 1, deferred=part)
         if parts == 0 and job.send_at_local is not None and job.send_at is None:
             return _schedule_local(job)
         if parts == 0 and job.send_at is not None and not _due(job, env):
@@ -245,16 +251,26 @@ def _whole_job(job: jobs.Job) -> str:
     return "fanned-out"
 
 
-def _part(job: jobs.Job, part: int, parts: int) -> str:
+def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = None) -> str:
+    """A part's users: the per-user rules (``recipients``), the quiet-hours deferrals recorded (before
+    anything is acknowledged), its tokens in the ledger, sent. A deferred part (``deferred``) is the same
+    with its own part id (its slot), its window opening at its due time, and its users' deferral settled."""
     s = settings()
-    _not_while_paused(job)
+    opens = deferred.due_at if deferred is not None else 0
+    part_id: int | str = deferred.slot if deferred is not None else part
+    _not_while_paused(job, opens)
     store, claims = instance.token_store(), instance.claims()
+    if deferred is not None and claims.cancelled(job.id):  # its tokens were counted cancelled by the cancel
+        claims.register_part(job.id, part_id, [], 0, 0)
+        return "cancelled"
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     in_slot = _in_slot(job, devices)
-    chosen = recipients.choose(job, in_slot)
+    chosen = recipients.choose(job, in_slot, at=max(now_ms(), opens))
     elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
     unresolved = [u for u in chosen.unresolved if u not in elsewhere]
+    if chosen.deferred:
+        deferral.record(job, chosen.deferred)
     holders: dict[str, str] = {}
     for user_id, tokens in chosen.per_user.items():
         for token in tokens:
@@ -262,7 +278,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     tokens = list(holders)
     claims.register_part(
         job.id,
-        part,
+        part_id,
         tokens,
         chosen.without_tokens,
         chosen.skipped_once,
@@ -270,7 +286,10 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
         muted=chosen.muted,
         capped=chosen.capped,
     )
-    deadlines = _deadlines(job, part, devices, claims, s)
+    if deferred is not None:
+        resolved = [u for u in job.user_ids if u not in unresolved]
+        instance.deferrals().settle(job.id, deferred.slot, resolved)
+    deadlines = _deadlines(job, part_id, devices, claims, s, opens)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -296,7 +315,7 @@ def _part(job: jobs.Job, part: int, parts: int) -> str:
     outcome = instance.run(run())
     if job.once:
         _release_undelivered_once(job, chosen.per_user)
-    _log_part(job, part, parts, tokens, outcome, unresolved)
+    _log_part(job, part_id, parts, tokens, outcome, unresolved)
     if unresolved:
         raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
     if outcome.busy:
@@ -330,7 +349,7 @@ def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[s
 
 
 def _log_part(
-    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+    job: jobs.Job, part: int | str, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
 ) -> None:
     """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
     log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
@@ -353,10 +372,15 @@ def _log_part(
 
 
 def _deadlines(
-    job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
+    job: jobs.Job,
+    part: int | str,
+    devices: Mapping[str, Mapping[str, str | None]],
+    claims: Claims,
+    s: Settings,
+    opens: int = 0,
 ) -> expiry.Deadlines:
     """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance (a scheduled
-    one's due time), and the
+    one's due time; a part deferred by quiet hours: its due time, ``opens``), and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
     redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
     now = now_ms()
@@ -364,13 +388,13 @@ def _deadlines(
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=expiry.window_opens(job, claims.accepted_at(job.id) or now),
+        accepted_at=expiry.deferred_window_opens(expiry.window_opens(job, claims.accepted_at(job.id) or now), opens),
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
 
 
-def _not_while_paused(job: jobs.Job) -> None:
+def _not_while_paused(job: jobs.Job, opens: int = 0) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
     or its delivery window has closed (then it expires what is left, and is acknowledged), or the
@@ -380,9 +404,10 @@ def _not_while_paused(job: jobs.Job) -> None:
         if instance.claims().cancelled(job.id):
             return
         accepted = instance.claims().accepted_at(job.id)
-        if accepted is not None and now_ms() >= expiry.window_end(
-            expiry.window_opens(job, accepted), settings().delivery_window_seconds
-        ):
+        opened = (
+            expiry.deferred_window_opens(expiry.window_opens(job, accepted), opens) if accepted is not None else None
+        )
+        if opened is not None and now_ms() >= expiry.window_end(opened, settings().delivery_window_seconds):
             return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")

@@ -22,6 +22,7 @@ from shared.claims import Claims
 from shared.config import settings
 from shared.daily_cap import DailyCap
 from shared.db import Database
+from shared.deferrals import Deferrals
 from shared.preference_store import PreferenceStore
 from shared.schedule import ScheduleStore
 from shared.store import TokenStore
@@ -74,6 +75,11 @@ def preference_store() -> PreferenceStore:
 @functools.cache
 def daily_cap() -> DailyCap:
     return DailyCap(redis_client(), settings().max_per_user_per_day)
+
+
+@functools.cache
+def deferrals() -> Deferrals:
+    return Deferrals(redis_client(), ledger_ttl=settings().ledger_ttl_seconds)
 
 
 @functools.cache
@@ -179,6 +185,7 @@ def reset() -> None:
         schedule,
         preference_store,
         daily_cap,
+        deferrals,
         claims,
         breaker,
         _loop,
