@@ -269,26 +269,8 @@ def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = 
     chosen = recipients.choose(job, in_slot, at=max(now_ms(), opens))
     elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
     unresolved = [u for u in chosen.unresolved if u not in elsewhere]
-    if chosen.deferred:
-        deferral.record(job, chosen.deferred)
-    holders: dict[str, str] = {}
-    for user_id, tokens in chosen.per_user.items():
-        for token in tokens:
-            holders.setdefault(token, user_id)
+    holders = _register(job, part_id, chosen, unresolved, deferred)
     tokens = list(holders)
-    claims.register_part(
-        job.id,
-        part_id,
-        tokens,
-        chosen.without_tokens,
-        chosen.skipped_once,
-        complete=not unresolved,
-        muted=chosen.muted,
-        capped=chosen.capped,
-    )
-    if deferred is not None:
-        resolved = [u for u in job.user_ids if u not in unresolved]
-        instance.deferrals().settle(job.id, deferred.slot, resolved)
     deadlines = _deadlines(job, part_id, devices, claims, s, opens)
     template = MessageTemplate(job)
 
@@ -329,6 +311,38 @@ def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = 
     if outcome.later:
         raise RetryLater(f"{len(outcome.later)} tokens wait for a retry beyond this instance's wait")
     return "delivered"
+
+
+def _register(
+    job: jobs.Job,
+    part_id: int | str,
+    chosen: recipients.Recipients,
+    unresolved: list[str],
+    deferred: DeferredPart | None,
+) -> dict[str, str]:
+    """Record the part's quiet-hours deferrals (PostgreSQL, then their counts), put its tokens in the ledger
+    with its user counts, and, for a deferred part, settle its users' deferral (in that order: the status
+    never looks done meanwhile). Returns token -> its user."""
+    if chosen.deferred:
+        deferral.record(job, chosen.deferred)
+    holders: dict[str, str] = {}
+    for user_id, tokens in chosen.per_user.items():
+        for token in tokens:
+            holders.setdefault(token, user_id)
+    instance.claims().register_part(
+        job.id,
+        part_id,
+        list(holders),
+        chosen.without_tokens,
+        chosen.skipped_once,
+        complete=not unresolved,
+        muted=chosen.muted,
+        capped=chosen.capped,
+    )
+    if deferred is not None:
+        resolved = [u for u in job.user_ids if u not in unresolved]
+        instance.deferrals().settle(job.id, deferred.slot, resolved)
+    return holders
 
 
 def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[str, dict[str, str | None]]:

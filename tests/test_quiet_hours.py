@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 
 from local.bus import plug_in as plug_in_local_bus
+from local.servers import free_port
 from shared import bus, cancel, deferral, delivery, instance, jobs, recipients, tick
 from shared.claims import CancelResult
 from shared.deferrals import slot_name
+from shared.inbound import RetryLater
 from shared.preferences import Preferences, QuietHours
 from tests.test_fanout import RecordingBus
 
@@ -299,3 +301,49 @@ def test_the_delivery_window_of_a_deferred_part_opens_at_its_due_time(fcm, recor
     assert delivery.handle(pushed(message, attributes)) == "delivered"
     assert received(fcm) == Counter({"tok-a": 1, "tok-s1": 1, "tok-s2": 1})
     assert status("qd6")["counts"]["expired"] == 0
+
+
+def test_a_replay_after_the_tick_took_the_record_adds_nobody_to_it_and_sends_once(fcm, recording_bus, store, clock):
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    job = payload("qd7", ["sleeper", "awake"])
+    assert delivery.handle(pushed(job)) == "delivered"
+    assert tick_at(clock, QUIET_END) == 1  # tick's clock has reached the end
+    [(message, attributes)] = recording_bus.take()
+    # a copy of the original part on a deliver whose clock lags: still quiet there, but the row is taken
+    clock.freeze(QUIET_END.timestamp() - 1)
+    with pytest.raises(RetryLater):
+        delivery.handle(pushed(job, message_id="m-2"))
+    assert rows("qd7") == [[slot_name(ms(QUIET_END)), ["sleeper"], True, "published"]]
+    # redelivered once the quiet hours are over there too: sent directly; then the deferred part arrives
+    clock.freeze(QUIET_END.timestamp() + 5)
+    assert delivery.handle(pushed(job, message_id="m-2")) == "delivered"
+    assert delivery.handle(pushed(message, attributes, "m-3")) == "delivered"
+    assert received(fcm) == Counter({"tok-a": 1, "tok-s1": 1, "tok-s2": 1})
+    found = status("qd7")
+    assert found["state"] == "done" and found["tokens"] == 3 and found["counts"]["delivered"] == 3
+    assert found["counts"]["deferred"] == 0
+    assert_counts_add_up(found)
+
+
+def test_postgres_down_nothing_is_sent_or_counted_until_the_deferral_is_recorded(
+    fcm, recording_bus, store, clock, monkeypatch, env
+):
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    job = payload("qd8", ["sleeper", "awake"])
+    store.devices_for_users(["sleeper", "awake"])  # tokens and preferences cached: only the schedule is missing
+    instance.preference_store().for_users(["sleeper", "awake"])
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    instance.reset()
+    with pytest.raises(RetryLater, match="schedule"):
+        delivery.handle(pushed(job))
+    assert received(fcm) == Counter()
+    found = instance.claims().status("qd8")
+    assert found is None or (found["counts"]["deferred"] == 0 and found["tokens"] == 0)
+    monkeypatch.setenv("DATABASE_URL", env["DATABASE_URL"])  # back: the redelivery records it
+    instance.reset()
+    assert delivery.handle(pushed(job)) == "delivered"
+    assert received(fcm) == Counter({"tok-a": 1})
+    assert status("qd8")["counts"]["deferred"] == 2
+    assert rows("qd8") == [[slot_name(ms(QUIET_END)), ["sleeper"], False, None]]
