@@ -615,6 +615,9 @@ class Claims:
             pipe.hsetnx(status_key(nid), "send_at", send_at)
         until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
         pipe.expire(status_key(nid), until_due + self.ledger_ttl)
+        pipe.expire(
+            receipts_key(nid), until_due + self.ledger_ttl
+        )  # the receipts expire with the status (a job's copy)
         pipe.execute()
 
     def mark_due(self, nid: str, now: int) -> None:
