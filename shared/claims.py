@@ -387,9 +387,10 @@ return 1
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
-local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total')
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total', 'deferred_parts')
 local seen = redis.call('SCARD', KEYS[2])
-if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
+local parts = tonumber(f[3] or '1') + tonumber(f[4] or '0')
+if seen > 0 and seen >= parts and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
 redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
 -- tokens waiting for quiet hours to end (shared/deferrals.py) are never sent: cancelled now
 local deferred = tonumber(redis.call('HGET', KEYS[1], 'deferred') or '0')
