@@ -158,7 +158,11 @@ if first == 1 then
   for i = 5, tokens_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end  -- (the receipts expire with the status)
+-- (the receipts expire with the status; a status's longer life, a quiet-hours deferral's, is kept by all)
+local life = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2]))
+for k = 1, #KEYS do
+  if redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+end
 return first
 """
 
@@ -363,7 +367,10 @@ if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
 for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
+local life = math.max(tonumber(ARGV[5]), redis.call('TTL', KEYS[2]))  -- a deferral's longer life is kept
+for _, k in ipairs({KEYS[1], KEYS[2], KEYS[7]}) do
+  if redis.call('TTL', k) < life then redis.call('EXPIRE', k, life) end
+end
 return out
 """
 )
