@@ -230,7 +230,27 @@ def _status_text(body: dict[str, Any]) -> str:
         f"  created   {body['created_at']}",
         f"  updated   {body['updated_at']}",
     ]
+    if "send_at" in body:
+        lines.append(f"  send at   {body['send_at']}")
     return "\n".join(lines)
+
+
+def cmd_scheduled(args: argparse.Namespace) -> Result:
+    """The scheduled sends not published yet (and the slots of local-time sends), the soonest first."""
+    rows = [
+        {"notification_id": d.notification_id, "slot": d.slot, "due_at": jobs.format_time(d.due_at)}
+        for d in instance.schedule().pending(limit=args.max)
+    ]
+    text = "\n".join(f"{r['due_at']}  {r['notification_id']}" for r in rows) or "nothing scheduled"
+    return Result(rows, text)
+
+
+def cmd_tick(args: argparse.Namespace) -> Result:
+    """What the tick function does once: publish the scheduled sends that are due."""
+    from shared import tick
+
+    done = tick.tick()
+    return Result({"published": done.published, "cancelled": done.cancelled}, f"published {done.published}")
 
 
 def cmd_stats(args: argparse.Namespace) -> Result:
@@ -406,12 +426,20 @@ def _add_simple(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         ("rebuild-cache", cmd_rebuild_cache, "reload every user's Redis set from PostgreSQL", ()),
         ("forget", cmd_forget, "account deletion: a user's tokens, preferences and one-time claims", ("user",)),
         ("stats", cmd_stats, "invalid-job and domain-event counters", ()),
+        ("tick", cmd_tick, "publish the scheduled sends that are due (as the tick function does)", ()),
     ]
     for name, run, text, positionals in simple:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         for positional in positionals:
             p.add_argument(positional, metavar=positional.upper())
         p.set_defaults(run=run)
+
+
+def _add_schedule(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    text = "the scheduled sends not published yet, the soonest first"
+    p = sub.add_parser("scheduled", parents=[common], help=text, description=text)
+    p.add_argument("--max", type=int, default=100, metavar="N", help="at most N (default 100)")
+    p.set_defaults(run=cmd_scheduled)
 
 
 def _add_events(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -435,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_send(sub, common)
     _add_replay(sub, common)
     _add_events(sub, common)
+    _add_schedule(sub, common)
     return parser
 
 

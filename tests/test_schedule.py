@@ -320,3 +320,27 @@ def test_postgres_down_deliver_lets_the_bus_redeliver_and_tick_answers_503(recor
     client = functions_framework.create_app(target="tick", source=str(ROOT / "functions" / "main.py")).test_client()
     r = client.post("/")
     assert r.status_code == 503 and "schedule" in r.get_json()["error"]
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_lists_what_is_scheduled_and_ticks(recording_bus, store, clock, capsys):
+    from shared.cli import main
+
+    clock.freeze()
+    soon, _, _ = schedule_one(clock, recording_bus, store, 30, user="ann")
+    later, _, _ = schedule_one(clock, recording_bus, store, 3600, user="bob")
+    assert main(["--json", "scheduled"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(r["notification_id"], r["due_at"]) for r in listed] == [
+        (soon, at(clock, 30)[:19] + listed[0]["due_at"][19:]),
+        (later, at(clock, 3600)[:19] + listed[1]["due_at"][19:]),
+    ]
+    assert main(["scheduled"]) == 0
+    assert soon in capsys.readouterr().out
+    clock.advance(30)
+    assert main(["--json", "tick"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"published": 1, "cancelled": 0}
+    assert main(["--json", "scheduled"]) == 0
+    assert [r["notification_id"] for r in json.loads(capsys.readouterr().out)] == [later]

@@ -539,6 +539,8 @@ def test_document_agrees_with_the_validators():
         == jobs.SEND_AT_PATTERN
         == job_schema["properties"]["send_at"]["pattern"]
     )
+    local = send["properties"]["send_at_local"]["pattern"]
+    assert local == jobs.SEND_AT_LOCAL_PATTERN == job_schema["properties"]["send_at_local"]["pattern"]
     assert send["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
     assert job_schema["properties"]["analytics_label"]["pattern"] == jobs.ANALYTICS_LABEL_PATTERN
     assert components["Accepted"]["properties"]["id"]["pattern"] == jobs.ID_PATTERN
