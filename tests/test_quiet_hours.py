@@ -350,3 +350,10 @@ def test_postgres_down_nothing_is_sent_or_counted_until_the_deferral_is_recorded
     assert received(fcm) == Counter({"tok-a": 1})
     assert status("qd8")["counts"]["deferred"] == 2
     assert rows("qd8") == [[slot_name(ms(QUIET_END)), ["sleeper"], False, None]]
+
+
+def test_a_deferred_part_whose_slot_and_due_time_disagree_is_malformed(fcm, recording_bus, store):
+    message = deferral.message(a_job("qd9", ["sleeper"]), ms(QUIET_END), ["sleeper"])
+    assert delivery.handle(pushed({**message, "slot": "quiet:1"})) == "malformed"
+    assert delivery.handle(pushed({**message, "due_at": "soon"})) == "malformed"
+    assert instance.claims().status("qd9") is None
