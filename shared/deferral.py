@@ -56,4 +56,4 @@ def record(job: jobs.Job, deferred: Mapping[int, Mapping[str, Sequence[str]]]) -
         due_at = datetime.fromtimestamp(due / 1000, UTC)
         if not schedule.record_deferred(job.id, slot_name(due), due_at, message(job, due, sorted(users))):
             raise RetryLater(f"the deferred part {slot_name(due)} is being published: its users are redelivered")
-    return instance.deferrals().defer(job.id, deferred, now_ms())
+    return instance.deferrals().defer(job.id, deferred, now_ms(), job.once)

@@ -8,6 +8,7 @@ This module keeps the counts of the notification's status right while they wait:
   notif:deferred:{id}   Hash, kept as long as the status:
                           u:{user}   "{slot}:{tokens}": the user's tokens wait for that deferred part
                           s:{slot}   1: the deferred part is counted in the status's ``deferred_parts``
+                          once       the job's ``once`` key, if any (a cancel gives the claims back)
 
 ``defer`` (one script) counts a user's tokens once, whatever copy of a part defers them: in the
 status's ``tokens`` and ``deferred`` (so the notification is not ``done`` while they wait); a user
@@ -15,7 +16,8 @@ counted for another slot before (a deferred part that defers them again) moves t
 ``settle`` (one script), run by the deferred part once its tokens are in the ledger, takes its users'
 tokens out of ``deferred`` and ``tokens`` again (the ledger now counts what they really are). A
 cancel turns ``deferred`` into ``cancelled`` (``shared.claims``' cancel script); neither script then
-changes a count: the cancel has accounted for those tokens.
+changes a count: the cancel has accounted for those tokens. ``waiting_users`` then names the users the
+cancel never let it reach, whose ``once`` claim and daily-cap slot ``shared/cancel.py`` gives back.
 """
 
 from __future__ import annotations
@@ -37,15 +39,16 @@ def slot_name(due_ms: int) -> str:
     return f"quiet:{due_ms // 60_000}"
 
 
-# KEYS: status, deferred, ledger, parts, receipts. ARGV: ttl (s), n slots, the slots, then per user: user,
-# slot, tokens. Returns the tokens newly counted as deferred (-1: the notification is cancelled, nothing
-# counted).
+# KEYS: status, deferred, ledger, parts, receipts. ARGV: ttl (s), the once key ("" for none), n slots, the
+# slots, then per user: user, slot, tokens. Returns the tokens newly counted as deferred (-1: the
+# notification is cancelled, nothing counted).
 _DEFER = """
 if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return -1 end
-local slots = tonumber(ARGV[2])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], 'once', ARGV[2]) end
+local slots = tonumber(ARGV[3])
 local new_parts, delta = 0, 0
-for i = 3, 2 + slots do new_parts = new_parts + redis.call('HSETNX', KEYS[2], 's:' .. ARGV[i], 1) end
-for i = 3 + slots, #ARGV, 3 do
+for i = 4, 3 + slots do new_parts = new_parts + redis.call('HSETNX', KEYS[2], 's:' .. ARGV[i], 1) end
+for i = 4 + slots, #ARGV, 3 do
   local field, slot, n = 'u:' .. ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local entry = redis.call('HGET', KEYS[2], field)
   local old_slot, old_n = nil, 0
@@ -99,14 +102,17 @@ class Deferrals:
     def _keys(self, nid: str) -> list[str]:
         return [status_key(nid), deferred_key(nid), ledger_key(nid), parts_key(nid), receipts_key(nid)]
 
-    def defer(self, nid: str, deferred: Mapping[int, Mapping[str, Sequence[str]]], now_ms: int) -> int:
+    def defer(
+        self, nid: str, deferred: Mapping[int, Mapping[str, Sequence[str]]], now_ms: int, once: str | None = None
+    ) -> int:
         """Count ``deferred`` (due minute ms -> user -> tokens) once per user and slot; the notification's
         keys then live until LEDGER_TTL_SECONDS after the latest due time. Returns the tokens newly
         counted (-1: cancelled, nothing counted)."""
         if not deferred:
             return 0
         slots = [slot_name(due) for due in sorted(deferred)]
-        args: list[str | int] = [(max(deferred) - now_ms) // 1000 + 1 + self.ledger_ttl, len(slots), *slots]
+        ttl = (max(deferred) - now_ms) // 1000 + 1 + self.ledger_ttl
+        args: list[str | int] = [ttl, once or "", len(slots), *slots]
         for due, users in sorted(deferred.items()):
             for user_id, tokens in users.items():
                 args += [user_id, slot_name(due), len(tokens)]
@@ -117,6 +123,12 @@ class Deferrals:
         if not users:
             return 0
         return int(self._settle(keys=[status_key(nid), deferred_key(nid)], args=[slot, *users]))
+
+    def waiting_users(self, nid: str) -> tuple[list[str], str | None]:
+        """(the users whose tokens still wait for a deferred part, the job's once key or None)."""
+        waiting = self.waiting(nid)
+        once = self.redis.hget(deferred_key(nid), "once")
+        return sorted(waiting), text(once) if once is not None else None
 
     def waiting(self, nid: str) -> dict[str, str]:
         """user -> the slot their tokens wait for (the console and tests read it)."""

@@ -357,3 +357,21 @@ def test_a_deferred_part_whose_slot_and_due_time_disagree_is_malformed(fcm, reco
     assert delivery.handle(pushed({**message, "slot": "quiet:1"})) == "malformed"
     assert delivery.handle(pushed({**message, "due_at": "soon"})) == "malformed"
     assert instance.claims().status("qd9") is None
+
+
+def test_a_cancel_gives_back_the_once_claim_and_cap_slot_of_users_still_deferred(
+    fcm, recording_bus, store, clock, monkeypatch
+):
+    monkeypatch.setenv("MAX_PER_USER_PER_DAY", "2")
+    instance.reset()
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    assert delivery.handle(pushed(payload("qd10", ["sleeper", "awake"], once="welcome"))) == "delivered"
+    redis = instance.redis_client()
+    assert redis.get("notif:onetime:sleeper:welcome") == b"qd10"
+    assert redis.zscore("notif:cap:sleeper", "qd10") is not None
+    assert isinstance(cancel.cancel("qd10"), cancel.Cancelled)
+    assert redis.get("notif:onetime:sleeper:welcome") is None  # never reached: given back
+    assert redis.zscore("notif:cap:sleeper", "qd10") is None
+    assert redis.get("notif:onetime:awake:welcome") == b"qd10"  # reached: kept
+    assert redis.zscore("notif:cap:awake", "qd10") is not None
