@@ -82,6 +82,7 @@ COUNT_LABELS = {
     "expired": "expired",
     "cancelled": "cancelled",
     "retrying": "retrying",
+    "deferred": "deferred (quiet hours)",
 }
 CANCELLABLE = frozenset({"accepted", "delivering"})
 

@@ -70,4 +70,18 @@ def cancel(nid: str) -> Result:
         return NotFound()
     if answer is CancelResult.CANCELLED:
         log.info("notification cancelled", extra={"notification_id": nid})
+        _give_back_deferred(nid)
     return Cancelled(status)
+
+
+def _give_back_deferred(nid: str) -> None:
+    """Users whose tokens waited for their quiet hours to end were never reached: their ``once`` claim and
+    daily-cap slot go back (as ``deliver`` gives back those of users a cancel stopped). Best effort: a Redis
+    error leaves them to expire (the claim after ONCE_TTL_SECONDS, the slot after 24 h)."""
+    try:
+        users, once = instance.deferrals().waiting_users(nid)
+        if users and once:
+            instance.claims().release_once(nid, once, users)
+        instance.daily_cap().release(nid, users)
+    except REDIS_OUTAGE as exc:
+        log.warning("deferred users' claims not given back", extra={"reason": str(exc), "notification_id": nid})

@@ -20,10 +20,13 @@
                            counted: opened, dismissed; parts_done; an audience send: audience,
                            expanding (when deliver first took it), devices_matched (parts_total once
                            expanded); send_at and due_at (ms) of a scheduled send (kept until
-                           LEDGER_TTL_SECONDS after send_at)
+                           LEDGER_TTL_SECONDS after send_at); deferred and deferred_parts: tokens and
+                           parts waiting for quiet hours to end (shared/deferrals.py owns
+                           notif:deferred:{id})
   notif:receipts:{id}      Set of "{event}:{token}": each device's open receipts, counted once (shared/receipts.py);
                            expires with the status
-  notif:parts:{id}         Set of the job's parts whose tokens are in the ledger
+  notif:parts:{id}         Set of the job's parts whose tokens are in the ledger (a deferred part's id:
+                           quiet:{minute})
   notif:partsdone:{id}     Set of the job's parts all of whose tokens were final (parts_done counts it)
   notif:fanout:{id}        the job's parts are published
   notif:onetime:{user}:{key}  one-time claim (value: the notification id), ONCE_TTL_SECONDS
@@ -77,6 +80,8 @@ OUTCOME_COUNTS = (
     "cancelled",
     "retrying",
 )
+# The status's counts: the outcomes, and the tokens waiting for quiet hours to end (shared/deferrals.py).
+STATUS_COUNTS = (*OUTCOME_COUNTS, "deferred")
 IDEMPOTENCY_IN_FLIGHT_SECONDS = 60  # longer than a publish may take (10 s)
 VALVE_MIN_ANSWERS = 50
 VALVE_PERCENT = 20
@@ -188,8 +193,11 @@ if first == 1 then
   for i = 5, groups_at - 1, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3])
-for k = 1, #KEYS do  -- (the receipts expire with the status)
-  if k ~= 5 then redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+-- (the receipts expire with the status; a status's longer life, a quiet-hours deferral's, is kept by all;
+-- KEYS[5], the done marker, keeps its own)
+local life = math.max(tonumber(ARGV[2]), redis.call('TTL', KEYS[2]))
+for k = 1, #KEYS do
+  if k ~= 5 and redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
 end
 return first
 """
@@ -404,8 +412,10 @@ if finals > 0 then redis.call('HINCRBY', KEYS[2], 'final', finals) end
 for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1] = n end
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[5]); redis.call('EXPIRE', KEYS[2], ARGV[5]); redis.call('EXPIRE', KEYS[7], ARGV[5])
-for k = 8, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
+local life = math.max(tonumber(ARGV[5]), redis.call('TTL', KEYS[2]))  -- a deferral's longer life is kept
+for k = 1, #KEYS do
+  if (k <= 2 or k >= 7) and redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+end
 return out
 """
 )
@@ -424,15 +434,23 @@ return 1
 
 # KEYS: status, parts. ARGV: now. Cancels the notification unless it is done (the rule of Claims.status:
 # every part seen, every token final) or unknown: sets the flag that the lease and confirm scripts read,
-# and nothing else. Returns a CancelResult.
+# and turns the tokens deferred by quiet hours into `cancelled` (they count in `tokens`, never final
+# otherwise before their part runs). Returns a CancelResult.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return 2 end
-local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total', 'audience')
-if f[4] and not f[3] then f[3] = '1e15' end  -- an audience still expanding: its parts are not all known
+local f = redis.call('HMGET', KEYS[1], 'tokens', 'final', 'parts_total', 'deferred_parts', 'audience')
+if f[5] and not f[3] then f[3] = '1e15' end  -- an audience still expanding: its parts are not all known
 local seen = redis.call('SCARD', KEYS[2])
-if seen > 0 and seen >= tonumber(f[3] or '1') and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
+local parts = tonumber(f[3] or '1') + tonumber(f[4] or '0')
+if seen > 0 and seen >= parts and tonumber(f[2] or '0') >= tonumber(f[1] or '0') then return 3 end
 redis.call('HSET', KEYS[1], 'cancelled_at', ARGV[1], 'updated_at', ARGV[1])
+-- tokens waiting for quiet hours to end (shared/deferrals.py) are never sent: cancelled now
+local deferred = tonumber(redis.call('HGET', KEYS[1], 'deferred') or '0')
+if deferred > 0 then
+  redis.call('HINCRBY', KEYS[1], 'cancelled', deferred); redis.call('HINCRBY', KEYS[1], 'final', deferred)
+  redis.call('HSET', KEYS[1], 'deferred', 0)
+end
 return 1
 """
 
@@ -702,7 +720,7 @@ class Claims:
         found = self.redis.hget(status_key(nid), "created_at")
         return int(found) if found is not None else None
 
-    def part_started(self, nid: str, part: int, now: int) -> int:
+    def part_started(self, nid: str, part: int | str, now: int) -> int:
         """When this part was first processed (ms; ``now`` if never before): a job's own expiry never
         cuts into the in-process wait of that first processing, and only of that one."""
         pipe = self.redis.pipeline(transaction=False)
@@ -710,7 +728,7 @@ class Claims:
         pipe.hget(status_key(nid), f"started:{part}")
         return int(pipe.execute()[1] or now)
 
-    def part_counted(self, nid: str, part: int) -> bool:
+    def part_counted(self, nid: str, part: int | str) -> bool:
         """Whether a complete copy of the part has registered it (and counted its users)."""
         return bool(self.redis.sismember(parts_key(nid), str(part)))
 
@@ -728,6 +746,8 @@ class Claims:
         tokens, final = fields.get("tokens", 0), fields.get("final", 0)
         audience = bool(fields.get("audience"))
         parts_total = fields.get("parts_total", None if audience else 1)
+        if parts_total is not None:  # parts deferred by quiet hours join the notification's parts
+            parts_total += fields.get("deferred_parts", 0)
         if "cancelled_at" in fields:
             state = "cancelled"
         elif parts_seen == 0 and "send_at" in fields and "due_at" not in fields:
@@ -741,7 +761,7 @@ class Claims:
         else:
             state = "delivering"
         found: dict[str, Any] = {"id": nid, "state": state}
-        found["counts"] = {name: fields.get(name, 0) for name in OUTCOME_COUNTS}
+        found["counts"] = {name: fields.get(name, 0) for name in STATUS_COUNTS}
         if audience:
             found["devices_matched"] = fields.get("devices_matched", 0)
         else:
@@ -755,7 +775,7 @@ class Claims:
             found["send_at"] = _iso(fields["send_at"])
         return found
 
-    def part_done(self, nid: str, part: int | None) -> bool:
+    def part_done(self, nid: str, part: int | str | None) -> bool:
         """Count ``part`` (all its tokens final) in parts_done, once; None only looks. True when this call
         found the audience send done: its done marker is set, and its ledger dropped after a grace."""
         keys = [parts_done_key(nid), status_key(nid), done_key(nid)]
@@ -808,7 +828,7 @@ class Claims:
     def register_part(
         self,
         nid: str,
-        part: int,
+        part: int | str,
         tokens: list[str],
         without_tokens: int,
         skipped_once: int,

@@ -42,10 +42,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from shared import bus, expansion, expiry, instance, jobs, logs, recipients, slots
+from shared import bus, deferral, expansion, expiry, instance, jobs, logs, recipients, slots
 from shared.audience_store import Device
 from shared.claims import Claims, FinalOutcome, now_ms
 from shared.config import Settings, settings
+from shared.deferral import DeferredPart
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
 from shared.errors import REDIS_OUTAGE
 from shared.fcm_message import MessageTemplate
@@ -89,6 +90,7 @@ class Decoded(NamedTuple):
     part: int = 0
     parts: int = 0
     devices: tuple[Device, ...] | None = None
+    deferred: DeferredPart | None = None  # a part deferred by quiet hours (shared/deferral.py)
 
 
 def decode(env: Envelope) -> Decoded:
@@ -110,6 +112,10 @@ def decode(env: Envelope) -> Decoded:
             if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
                 raise Malformed("part message without a valid part/parts")
             return Decoded(job, part, parts)
+        if kind == deferral.KIND:
+            where = deferral.parse(payload)
+            job = jobs.parse_v1(payload.get("job"), default_id=derived_id(env.attributes, env.message_id))
+            return Decoded(job, 0, 1, deferred=where)
     except jobs.JobError as exc:
         raise Malformed(f"invalid job: {exc.message}") from None
     raise Malformed(f"unknown message kind {kind!r}")
@@ -161,7 +167,7 @@ def handle(event_data: Any) -> str:
     """Process one Pub/Sub message; returns what happened, raises RetryLater to be redelivered."""
     try:
         env = envelope(event_data)
-        job, part, parts, devices = decode(env)
+        job, part, parts, devices, deferred = decode(env)
     except Malformed as exc:
         log.error("malformed message acknowledged without sending", extra={"reason": str(exc)})
         _count("invalid_jobs")
@@ -176,6 +182,8 @@ def handle(event_data: Any) -> str:
     with redelivered_on_outage(redis_note="nothing sent without a claim"):
         if devices is not None:
             return _audience_part_delivery(job, part, devices)
+        if deferred is not None:
+            return _part(job, 0, 1, deferred=deferred)
         if parts == 0 and job.send_at_local is not None and job.send_at is None:
             return _schedule_local(job)
         if parts == 0 and job.send_at is not None and not _due(job, env):
@@ -291,14 +299,22 @@ def _whole_job(job: jobs.Job) -> str:
     return "fanned-out"
 
 
-def _part(job: jobs.Job, part: int, parts: int) -> str:
-    _not_while_paused(job)
-    store = instance.token_store()
+def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = None) -> str:
+    """A part of a user-id job. A deferred part (``deferred``: users whose quiet hours held it back) is
+    the same with its own part id (its slot), its window opening at its due time, and its users'
+    deferral settled."""
+    opens = deferred.due_at if deferred is not None else 0
+    part_id: int | str = deferred.slot if deferred is not None else part
+    _not_while_paused(job, opens)
+    store, claims = instance.token_store(), instance.claims()
+    if deferred is not None and claims.cancelled(job.id):  # its tokens were counted cancelled by the cancel
+        claims.register_part(job.id, part_id, [], 0, 0)
+        return "cancelled"
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     in_slot = _in_slot(job, devices)
     elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
-    return _deliver_to(job, part, parts, in_slot, locales, instance.claims(), elsewhere=elsewhere)
+    return _deliver_to(job, part_id, parts, in_slot, locales, claims, elsewhere=elsewhere, deferred=deferred)
 
 
 def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:
@@ -319,36 +335,25 @@ def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...
 
 def _deliver_to(
     job: jobs.Job,
-    part: int,
+    part: int | str,
     parts: int,
     devices: Mapping[str, Mapping[str, str | None]],
     locales: Mapping[str, str],
     claims: Claims,
     *,
     elsewhere: set[str] | frozenset[str] = frozenset(),
+    deferred: DeferredPart | None = None,
 ) -> str:
-    """The part's users' rules (``recipients``), its tokens into the ledger, sent; acknowledged once
-    every token is final."""
-    chosen = recipients.choose(job, devices, part, claims)
+    """The part's users' rules (``recipients``), the quiet-hours deferrals recorded (before anything is
+    acknowledged), its tokens into the ledger, sent; acknowledged once every token is final."""
+    opens = deferred.due_at if deferred is not None else 0
+    chosen = recipients.choose(job, devices, part, claims, at=max(now_ms(), opens))
     unresolved = [u for u in chosen.unresolved if u not in elsewhere]
-    holders: dict[str, str] = {}
-    for user_id, tokens in chosen.per_user.items():
-        for token in tokens:
-            holders.setdefault(token, user_id)
-    tokens = list(holders)
-    registered = claims.register_part(
-        job.id,
-        part,
-        tokens,
-        chosen.without_tokens,
-        chosen.skipped_once,
-        complete=not unresolved,
-        muted=chosen.muted,
-        capped=chosen.capped,
-    )
-    if registered is None:
+    holders = _register(job, part, chosen, unresolved, deferred, claims)
+    if holders is None:
         return "done-before"
-    outcome = _send(job, part, holders, devices, locales, claims)
+    tokens = list(holders)
+    outcome = _send(job, part, holders, devices, locales, claims, opens)
     _give_back(job, chosen.per_user, claims)
     _log_part(job, part, parts, tokens, outcome, unresolved)
     if unresolved:
@@ -356,19 +361,55 @@ def _deliver_to(
     return _finish(job, part, claims, outcome)
 
 
+def _register(
+    job: jobs.Job,
+    part: int | str,
+    chosen: recipients.Recipients,
+    unresolved: list[str],
+    deferred: DeferredPart | None,
+    claims: Claims,
+) -> dict[str, str] | None:
+    """Record the part's quiet-hours deferrals (PostgreSQL, then their counts), put its tokens in the ledger
+    with its user counts, and, for a deferred part, settle its users' deferral (in that order: the status
+    never looks done meanwhile). Returns token -> its user; None once the notification is done."""
+    if chosen.deferred:
+        deferral.record(job, chosen.deferred)
+    holders: dict[str, str] = {}
+    for user_id, tokens in chosen.per_user.items():
+        for token in tokens:
+            holders.setdefault(token, user_id)
+    registered = claims.register_part(
+        job.id,
+        part,
+        list(holders),
+        chosen.without_tokens,
+        chosen.skipped_once,
+        complete=not unresolved,
+        muted=chosen.muted,
+        capped=chosen.capped,
+    )
+    if registered is None:
+        return None
+    if deferred is not None:
+        resolved = [u for u in job.user_ids if u not in unresolved]
+        instance.deferrals().settle(job.id, deferred.slot, resolved)
+    return holders
+
+
 def _send(
     job: jobs.Job,
-    part: int,
+    part: int | str,
     holders: dict[str, str],
     devices: Mapping[str, Mapping[str, str | None]],
     locales: Mapping[str, str],
     claims: Claims,
+    opens: int = 0,
 ) -> PartOutcome:
     """Send the part's tokens (``holders``: token -> its user; ``locales``: token -> its locale, for
-    localized text) through the send window."""
+    localized text) through the send window (``opens``: a deferred part's window opens at its due time)."""
     s = settings()
     store = instance.token_store()
-    deadlines = _deadlines(job, part, devices, claims, s)
+    deadlines = _deadlines(job, part, devices, claims, s, opens)
     template = MessageTemplate(job)
 
     def remove_dead(dead: list[str]) -> None:
@@ -394,7 +435,7 @@ def _send(
     return instance.run(run())
 
 
-def _finish(job: jobs.Job, part: int, claims: Claims, outcome: PartOutcome) -> str:
+def _finish(job: jobs.Job, part: int | str, claims: Claims, outcome: PartOutcome) -> str:
     """Acknowledge the part once every token is final (and count it done); else RetryLater."""
     if outcome.busy:
         entries = claims.ledger(job.id, list(outcome.busy))
@@ -428,7 +469,7 @@ def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[s
 
 
 def _log_part(
-    job: jobs.Job, part: int, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
+    job: jobs.Job, part: int | str, parts: int, tokens: list[str], outcome: PartOutcome, unresolved: list[str]
 ) -> None:
     """One line per processing of a part: what it sent, and the tokens it made final, per outcome (the
     log-based metrics of infra/monitoring count messages from these fields: README "Dashboard and alerts")."""
@@ -451,10 +492,15 @@ def _log_part(
 
 
 def _deadlines(
-    job: jobs.Job, part: int, devices: Mapping[str, Mapping[str, str | None]], claims: Claims, s: Settings
+    job: jobs.Job,
+    part: int | str,
+    devices: Mapping[str, Mapping[str, str | None]],
+    claims: Claims,
+    s: Settings,
+    opens: int = 0,
 ) -> expiry.Deadlines:
     """The part's delivery deadlines: DELIVERY_WINDOW_SECONDS from the notification's acceptance (a scheduled
-    one's due time), and the
+    one's due time; a part deferred by quiet hours: its due time, ``opens``), and the
     job's own expiry per platform (never inside the in-process wait of the part's first processing: a
     redelivery, after a pause or a retry beyond that wait, gets no grace of its own)."""
     now = now_ms()
@@ -462,13 +508,13 @@ def _deadlines(
     return expiry.deadlines_for(
         job,
         devices,
-        accepted_at=expiry.window_opens(job, claims.accepted_at(job.id) or now),
+        accepted_at=expiry.deferred_window_opens(expiry.window_opens(job, claims.accepted_at(job.id) or now), opens),
         window_seconds=s.delivery_window_seconds,
         grace_until=started + IN_PROCESS_WAIT_MS,
     )
 
 
-def _not_while_paused(job: jobs.Job) -> None:
+def _not_while_paused(job: jobs.Job, opens: int = 0) -> None:
     """A part redelivered while the breaker's pause holds costs a Redis round trip or two: no token
     read, nothing sent, unless its probe is due and nobody else probes (then this copy may be the prober),
     or its delivery window has closed (then it expires what is left, and is acknowledged), or the
@@ -478,9 +524,10 @@ def _not_while_paused(job: jobs.Job) -> None:
         if instance.claims().cancelled(job.id):
             return
         accepted = instance.claims().accepted_at(job.id)
-        if accepted is not None and now_ms() >= expiry.window_end(
-            expiry.window_opens(job, accepted), settings().delivery_window_seconds
-        ):
+        opened = (
+            expiry.deferred_window_opens(expiry.window_opens(job, accepted), opens) if accepted is not None else None
+        )
+        if opened is not None and now_ms() >= expiry.window_end(opened, settings().delivery_window_seconds):
             return
         wait = max(0, pause.next_probe - now_ms()) / 1000
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")

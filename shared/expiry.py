@@ -99,6 +99,12 @@ def window_end(accepted_at: int, window_seconds: int) -> int:
     return accepted_at + window_seconds * 1000
 
 
+def deferred_window_opens(accepted_at: int, due_at: int) -> int:
+    """When the window of a part deferred by quiet hours to ``due_at`` (ms; 0: not deferred) opens: at its
+    due time, or at the notification's acceptance when that is later."""
+    return max(accepted_at, due_at)
+
+
 def deadlines_for(
     job: Job,
     devices: Mapping[str, Mapping[str, str | None]],

@@ -24,6 +24,7 @@ from shared.claims import Claims
 from shared.config import settings
 from shared.daily_cap import DailyCap
 from shared.db import Database
+from shared.deferrals import Deferrals
 from shared.preference_store import PreferenceStore
 from shared.schedule import ScheduleStore
 from shared.store import TokenStore
@@ -76,6 +77,11 @@ def preference_store() -> PreferenceStore:
 @functools.cache
 def daily_cap() -> DailyCap:
     return DailyCap(redis_client(), settings().max_per_user_per_day)
+
+
+@functools.cache
+def deferrals() -> Deferrals:
+    return Deferrals(redis_client(), ledger_ttl=settings().ledger_ttl_seconds)
 
 
 @functools.cache
@@ -192,6 +198,7 @@ def reset() -> None:
         schedule,
         preference_store,
         daily_cap,
+        deferrals,
         claims,
         checkpoints,
         audience_store,

@@ -8,6 +8,9 @@ the same notification and slot changes nothing, finished or not). ``tick`` takes
   again — its job may then be published twice, which the ledger absorbs: same notification id);
 - ``finish`` marks rows ``published`` or ``cancelled`` after the fact: they are never claimed again.
 
+A quiet-hours deferral (``record_deferred``, ``shared/deferral.py``) is a row too, slot ``quiet:{minute}``:
+the copies and parts that defer users to the same minute merge their users into it, until a tick takes it.
+
 "Due" compares ``due_at`` with the clock the caller passes (tick's), without rounding; so do the leases
 (ticks' clocks a few seconds apart only shorten or lengthen a two-minute lease a little). Every
 PostgreSQL failure is ``ScheduleUnavailable``.
@@ -52,6 +55,22 @@ ON CONFLICT (notification_id, slot) DO NOTHING
 RETURNING 1
 """
 
+# A quiet-hours deferral (shared/deferral.py): one row per notification and due minute; the users of every
+# part deferred to that minute are merged into its job (`job.user_ids`, a sorted set), as long as no tick
+# has taken the row. Returns nothing when a tick has taken it already.
+_RECORD_DEFERRED = """
+INSERT INTO scheduled_jobs AS s (notification_id, slot, due_at, job)
+VALUES (:nid, :slot, :due_at, CAST(:job AS jsonb))
+ON CONFLICT (notification_id, slot) DO UPDATE SET job = jsonb_set(s.job, '{job,user_ids}', (
+    SELECT jsonb_agg(u ORDER BY u) FROM (
+        SELECT jsonb_array_elements_text(s.job #> '{job,user_ids}') AS u
+        UNION SELECT jsonb_array_elements_text(EXCLUDED.job #> '{job,user_ids}')
+    ) AS users
+))
+WHERE s.finished_at IS NULL AND s.claimed_until IS NULL
+RETURNING 1
+"""
+
 _CLAIM = """
 UPDATE scheduled_jobs SET claimed_until = CAST(:now AS timestamptz) + make_interval(secs => :lease)
 WHERE (notification_id, slot) IN (
@@ -92,6 +111,13 @@ class ScheduleStore:
     def record(self, nid: str, due_at: datetime, job: dict[str, Any], slot: str = "") -> bool:
         """Keep ``job`` until ``due_at``; False when this notification and slot were recorded before."""
         return bool(self._sql(_RECORD, nid=nid, slot=slot, due_at=due_at, job=json.dumps(job, ensure_ascii=False)))
+
+    def record_deferred(self, nid: str, slot: str, due_at: datetime, message: dict[str, Any]) -> bool:
+        """Keep a deferred part (``message``, its users in ``message["job"]["user_ids"]``) until ``due_at``,
+        merging its users into the row of this notification and slot; False when a tick has taken that row
+        already (it publishes what it read: these users must go another way)."""
+        job = json.dumps(message, ensure_ascii=False)
+        return bool(self._sql(_RECORD_DEFERRED, nid=nid, slot=slot, due_at=due_at, job=job))
 
     def claim_due(self, now: datetime, *, limit: int, lease_seconds: float) -> list[Due]:
         """Lease up to ``limit`` rows due at ``now`` (the oldest first) that nobody holds."""

@@ -89,7 +89,7 @@ def _push_identity(body: bytes) -> tuple[str, str]:
     try:
         message = json.loads(body)["message"]
         payload = json.loads(base64.b64decode(message.get("data") or ""))
-        job = payload.get("job") if payload.get("kind") == "part" else payload
+        job = payload.get("job") if payload.get("kind") in ("part", "deferred") else payload
         message_id = str(message.get("messageId") or message.get("message_id") or "")
         nid = job.get("id") or derived_id(message.get("attributes") or {}, message_id)
         return message_id, str(nid)

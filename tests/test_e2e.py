@@ -273,6 +273,7 @@ def test_local_bus_register_send_deliver(local_bus_stack):
             "expired": 0,
             "cancelled": 0,
             "retrying": 0,
+            "deferred": 0,
         }
         assert dead not in client.store.db_tokens(users[0])
     finally:

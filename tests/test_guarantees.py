@@ -474,6 +474,7 @@ def test_send_status_shape(send_client):
         "expired",
         "cancelled",
         "retrying",
+        "deferred",
     }
     assert all(isinstance(v, int) for v in body["counts"].values())
     assert body["users"] == {"targeted": 2, "without_tokens": 0, "muted": 0, "skipped_once": 0, "capped": 0}

@@ -528,7 +528,7 @@ def _keys(spec: dict, schema: dict, components: dict) -> dict:
 
 def test_document_agrees_with_the_validators():
     from shared import jobs, receipts, registration
-    from shared.claims import OUTCOME_COUNTS, RECEIPT_EVENTS, USER_COUNTS
+    from shared.claims import RECEIPT_EVENTS, STATUS_COUNTS, USER_COUNTS
     from shared.jobs import PLATFORMS
 
     components = _document()["components"]["schemas"]
@@ -577,7 +577,7 @@ def test_document_agrees_with_the_validators():
     assert quiet["required"] == list(preferences.QUIET_FIELDS) == list(quiet["properties"])
 
     status = components["Status"]
-    assert status["properties"]["counts"]["required"] == list(OUTCOME_COUNTS)
+    assert status["properties"]["counts"]["required"] == list(STATUS_COUNTS)
     assert status["properties"]["users"]["required"] == ["targeted", *USER_COUNTS]
     assert set(status["required"]) == {
         "id",
