@@ -7,7 +7,9 @@ job fans out). Returning means "acknowledge"; ``RetryLater`` means "let the bus 
 - a job for more than ``FANOUT_USERS_PER_PART`` users is split into parts published back to the
   topic; the job is acknowledged only after every part is published;
 - a part reads its users' tokens and their locales (Redis, rebuilt from PostgreSQL when wiped), filters platforms,
-  takes one-time claims, puts its tokens in the ledger and sends (``dispatch``);
+  takes one-time claims, puts its tokens in the ledger and sends (``dispatch``); users inside their
+  quiet hours are first recorded as a deferred part (``{"kind": "deferred", ...}``, ``shared/deferral.py``,
+  published by ``tick`` when they end), which is handled like a part when it comes;
 - it acknowledges only when every token is final (``expired`` too: a token whose delivery window
   closed, ``shared.expiry``); tokens leased by another live copy, retries not due within this
   instance's wait, users whose tokens could not be read, and any Redis error
@@ -71,9 +73,9 @@ def derived_id(attributes: Mapping[str, str], message_id: str) -> str:
 def unknown_shape(payload: dict[str, Any]) -> str | None:
     """What in a message this deliver does not know yet (``"job version 3"``), or None."""
     kind = payload.get("kind")
-    if isinstance(kind, str) and kind != "part" and _KIND.match(kind):
+    if isinstance(kind, str) and kind not in ("part", deferral.KIND) and _KIND.match(kind):
         return f"message kind {kind!r}"
-    job = payload.get("job") if kind == "part" else payload
+    job = payload.get("job") if kind in ("part", deferral.KIND) else payload
     version = job.get("version") if isinstance(job, dict) else None
     if isinstance(version, float) and version.is_integer():
         version = int(version)
