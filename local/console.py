@@ -4,7 +4,8 @@
 127.0.0.1 only; every form works without JavaScript (POST, then redirect), and a few lines of
 ``console_static/console.js`` poll the page's fragments for live updates. It adds no second way
 to send or register: users' devices and preferences go through the real ``register`` endpoint with a
-local ID token, notifications through the real ``send`` endpoint; the stores are only read.
+local ID token, notifications through the real ``send`` endpoint; the stores are only read (the
+scheduled sends as the CLI's ``scheduled`` reads them: ``ScheduleStore.pending``).
 
 Environment: CONSOLE_REGISTER_URL, CONSOLE_SEND_URL, CONSOLE_FCM_URL (the stack sets them), and
 REDIS_URL, DATABASE_URL, GOOGLE_CLOUD_PROJECT as the functions read them.
@@ -31,6 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from string import Template
@@ -41,11 +43,12 @@ import aiohttp
 from aiohttp import web
 
 from local.idtoken import emulator_id_token
-from shared import instance
+from shared import instance, jobs
 from shared.config import settings
 from shared.db import DatabaseUnavailable
 from shared.errors import Unavailable
 from shared.jobs import PLATFORMS
+from shared.schedule import Due
 from shared.store import REDIS_ERRORS, TokenStore, text
 
 STATIC = Path(__file__).resolve().parent / "console_static"
@@ -55,6 +58,7 @@ USERS_KEY = "notif:console:users"
 DEVICES_KEY = "notif:console:devices"
 SENT_KEY = "notif:console:sent"
 SENT_KEPT = 20
+SCHEDULED_SHOWN = 20
 MAX_CARDS = 200
 MAX_MESSAGES_PER_CARD = 20
 USER_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -84,7 +88,7 @@ COUNT_LABELS = {
     "retrying": "retrying",
     "deferred": "deferred (quiet hours)",
 }
-CANCELLABLE = frozenset({"accepted", "delivering"})
+CANCELLABLE = frozenset({"scheduled", "accepted", "delivering"})
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,13 @@ def _known_devices() -> dict[str, dict[str, Any]]:
 
 def _sent() -> list[str]:
     return [text(v) for v in instance.redis_client().lrange(SENT_KEY, 0, SENT_KEPT - 1)]
+
+
+def _scheduled() -> tuple[list[Due], set[str]]:
+    """The scheduled work not published yet, the soonest first (what the CLI's ``scheduled`` lists), and which
+    of its notifications are cancelled (their rows stay until the tick that finds them due)."""
+    rows = instance.schedule().pending(limit=SCHEDULED_SHOWN)
+    return rows, instance.claims().cancelled_among(sorted({d.notification_id for d in rows}))
 
 
 def _live_tokens(users: list[str]) -> dict[str, dict[str, str]]:
@@ -410,6 +421,24 @@ def render_stores(user: str, cached: set[str] | None, db: dict[str, str | None])
     )
 
 
+def render_scheduled(rows: list[Due], cancelled: set[str]) -> str:
+    if not rows:
+        return '<p class="empty">Nothing scheduled.</p>'
+    body = "".join(
+        f'<tr data-notification="{_e(d.notification_id)}">'
+        f'<th scope="row"><a href="{_e(_link(n=d.notification_id))}#status">{_e(d.notification_id)}</a></th>'
+        f'<td><time datetime="{_e(jobs.format_time(d.due_at))}">{_time(d.due_at.timestamp())}</time></td>'
+        f"<td>{_e(d.slot) or '<code>send_at</code>'}</td>"
+        f"<td>{'cancelled' if d.notification_id in cancelled else _cancel_form(d.notification_id)}</td></tr>"
+        for d in rows
+    )
+    return (
+        f"<table><caption>Not published yet, the soonest first (at most {SCHEDULED_SHOWN})</caption>"
+        '<thead><tr><th scope="col">Notification</th><th scope="col">Due</th><th scope="col">Slot</th>'
+        f'<th scope="col">Cancel</th></tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
 def preference_fields(user: str, prefs: dict[str, Any] | None) -> dict[str, str]:
     """The preferences panel's stored summary and its fields, filled with what ``user`` has stored."""
     if not user or prefs is None:
@@ -468,6 +497,7 @@ class _Seen:
     db: dict[str, str | None]
     problems: list[str]  # what could not be read
     preferences: dict[str, Any] | None = None  # the current user's, as GET /preferences answers them
+    scheduled: tuple[list[Due], set[str]] = ([], set())
 
 
 async def _look(app: web.Application, page: PageState) -> _Seen:
@@ -494,7 +524,8 @@ async def _look(app: web.Application, page: PageState) -> _Seen:
     cached, db = (await attempt(_blocking(_stores_of, page.user), (None, {}))) if page.user else (None, {})
     current = _current(page, users)
     prefs = await attempt(user_preferences(app, current), None) if current else None
-    return _Seen(users, sent, nid, device_list, status, status_error, cached, db, problems, prefs)
+    scheduled = await attempt(_blocking(_scheduled), ([], set()))
+    return _Seen(users, sent, nid, device_list, status, status_error, cached, db, problems, prefs, scheduled)
 
 
 def _current(page: PageState, users: list[str]) -> str:
@@ -543,6 +574,7 @@ def _controls(page: PageState, users: list[str]) -> dict[str, str]:
         "once": _e(compose.get("once", "")),
         "category": _e(compose.get("category", "")),
         "urgent_checked": " checked" if compose.get("urgent") else "",
+        "send_at": _e(compose.get("send_at", "")),
         "audience_all_checked": " checked" if compose.get("audience_all") else "",
         "audience_locales": _e(compose.get("audience_locales", "")),
         "min_app_version": _e(compose.get("min_app_version", "")),
@@ -575,6 +607,7 @@ def _views(page: PageState, seen: _Seen) -> dict[str, str]:
         "status": render_status(nid, status, seen.status_error),
         "recent": recent,
         "devices": render_devices(seen.devices),
+        "scheduled": render_scheduled(*seen.scheduled),
         "stores_user": _e(page.user),
         "user_options": _options(seen.users, ""),
         "stores_url": _e(stores_url),
@@ -704,6 +737,7 @@ def _compose_values(form: Any) -> dict[str, Any]:
         "once": str(form.get("once", "")).strip(),
         "category": str(form.get("category", "")).strip(),
         "urgent": bool(form.get("urgent")),
+        "send_at": str(form.get("send_at", "")).strip(),
         "audience_all": bool(form.get("audience_all")),
         "audience_locales": str(form.get("audience_locales", "")),
         "min_app_version": str(form.get("min_app_version", "")).strip(),
@@ -751,7 +785,19 @@ def _compose_body(values: dict[str, Any]) -> dict[str, Any]:
         body["category"] = values["category"]
     if values["urgent"]:
         body["urgent"] = True
+    if values["send_at"]:
+        body["send_at"] = _send_at(values["send_at"])
     return body
+
+
+def _send_at(value: str) -> str:
+    """The form's datetime-local value (``2026-12-24T09:00``, no offset: read as UTC) in RFC 3339 for
+    ``send``, which checks its range (its 400 names ``send_at``)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConsoleError(f"send at {value!r} is not a date and time (2026-12-24T09:00, UTC)") from None
+    return jobs.format_time(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 async def _post_send(app: web.Application, body: dict[str, Any]) -> str:
@@ -849,6 +895,13 @@ async def fragment_status(request: web.Request) -> web.Response:
         return _html(render_status(nid, None, str(exc)))
 
 
+async def fragment_scheduled(_request: web.Request) -> web.Response:
+    try:
+        return _html(render_scheduled(*await _blocking(_scheduled)))
+    except ConsoleError as exc:
+        return _html(f'<p class="error">{_e(exc)}</p>')
+
+
 async def fragment_stores(request: web.Request) -> web.Response:
     user = request.query.get("user", "")
     try:
@@ -911,6 +964,7 @@ def make_app(endpoints: Endpoints) -> web.Application:
     app.router.add_get("/fragments/devices", fragment_devices)
     app.router.add_get("/fragments/status", fragment_status)
     app.router.add_get("/fragments/stores", fragment_stores)
+    app.router.add_get("/fragments/scheduled", fragment_scheduled)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static/", STATIC)
     return app

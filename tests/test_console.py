@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,10 @@ def test_console_forms_work_without_javascript(stack) -> None:
     )
     assert refused.status_code == 400 and "data line 1 is not key=value" in refused.text
     assert 'value="x"' in refused.text  # the form keeps what was typed
+    for send_at, reason in (("tomorrow", "is not a date and time"), ("2020-01-01T09:00", "send_at")):
+        late = http.post(f"{console}/send", data={"title": "x", "users": user, "send_at": send_at}, timeout=30)
+        assert late.status_code == 400 and reason in late.text, late.text
+        assert f'value="{send_at}"' in late.text
 
     page = http.get(f"{console}/?user={user}", timeout=30).text
     assert '<meta name="viewport"' in page and 'aria-live="polite"' in page
@@ -235,3 +240,38 @@ def test_console_cancels_through_send(stack) -> None:
     missing = http.post(f"{console}/cancel", data={"n": "no-such-notification"}, allow_redirects=False, timeout=30)
     assert missing.status_code == 303 and "err=" in missing.headers["Location"]
     assert "send refused the cancel (404)" in http.get(console + missing.headers["Location"], timeout=30).text
+
+
+def test_console_schedules_a_send_and_lists_it_until_cancelled(browser, stack) -> None:
+    """Compose with a send-at an hour ahead (UTC): the scheduled list (what the CLI's ``scheduled``
+    reads) shows it with its due time and a link to its status; its Cancel goes through send."""
+    from playwright.sync_api import expect
+
+    user = f"sched-{uuid.uuid4().hex[:8]}"
+    due = (datetime.now(UTC) + timedelta(hours=1)).replace(second=0, microsecond=0)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(stack.url("console") + "/")
+    page.get_by_label("User id", exact=True).fill(user)
+    page.get_by_label("User id", exact=True).press("Enter")
+    expect(page.get_by_role("status")).to_contain_text(f"Created user {user}")
+
+    page.get_by_role("textbox", name="Title").fill("Later")
+    page.get_by_label("Send at (UTC)").fill(due.strftime("%Y-%m-%dT%H:%M"))
+    expect(page.get_by_role("checkbox", name=user)).to_be_checked()
+    page.get_by_role("button", name="Send", exact=True).click()
+    status = page.locator("#status-region")
+    expect(status.locator(".status-state")).to_have_text("scheduled")
+    nid = status.locator("code").first.inner_text()
+
+    # deliver records it in PostgreSQL; the list follows (polling) and shows its due time
+    row = page.locator(f'#scheduled-list tr[data-notification="{nid}"]')
+    expect(row).to_contain_text(due.strftime("%Y-%m-%d %H:%M:%S UTC"))
+    expect(row.get_by_role("link", name=nid)).to_have_attribute("href", f"/?n={nid}#status")
+    row.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_role("status")).to_contain_text(f"Cancelled notification {nid}.")
+    expect(status.locator(".status-state")).to_have_text("cancelled")
+    # the row stays until the tick that finds it due finishes it: shown cancelled, no second cancel
+    expect(row).to_contain_text("cancelled")
+    expect(row.get_by_role("button", name="Cancel")).to_have_count(0)
+    page.close()
