@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -334,6 +335,24 @@ def _cancel_form(nid: str) -> str:
     )
 
 
+def _reach(status: dict[str, Any], users: dict[str, Any]) -> str:
+    """Whom the notification reached: an audience's devices matched and parts, or its users."""
+    progress = status.get("progress") or {}
+    total = progress.get("parts_total")
+    parts = f"{int(progress.get('parts_done', 0))} of {'?' if total is None else int(total)} part(s) done"
+    if "devices_matched" in status:
+        return (
+            f"<p data-audience>{int(status['devices_matched'])} device(s) matched the audience; "
+            f"{int(status.get('tokens', 0))} targeted; {parts}.</p>"
+        )
+    return (
+        f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
+        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('muted', 0))} muted the category, "
+        f"{int(users.get('skipped_once', 0))} skipped (already sent with this <code>once</code> key), "
+        f"{int(users.get('capped', 0))} over the daily cap; {parts}.</p>"
+    )
+
+
 def render_status(nid: str | None, status: dict[str, Any] | None, error: str | None = None) -> str:
     if error:
         return f'<p class="error" data-state="error">{_e(error)}</p>'
@@ -357,10 +376,7 @@ def render_status(nid: str | None, status: dict[str, Any] | None, error: str | N
         f'<p>Notification <code>{_e(nid)}</code>: <strong class="status-state state-{_e(state)}">{_e(state)}</strong>'
         f"{'' if done else ' (updating…)'}</p>"
         f'<ul class="counts">{counts}</ul>'
-        f"<p>{int(status.get('tokens', 0))} device(s) targeted for {int(users.get('targeted', 0))} user(s); "
-        f"{int(users.get('without_tokens', 0))} without devices, {int(users.get('muted', 0))} muted the category, "
-        f"{int(users.get('skipped_once', 0))} skipped (already sent with this <code>once</code> key), "
-        f"{int(users.get('capped', 0))} over the daily cap.</p>"
+        f"{_reach(status, users)}"
         f'<p class="receipts">Open receipts: {opened}.</p>'
         f'<p class="meta">Accepted {_e(status.get("created_at", ""))}, last change {_e(status.get("updated_at", ""))}'
         f' · <a href="{_e(_link(n=nid))}#status">refresh</a></p>'
@@ -526,6 +542,9 @@ def _controls(page: PageState, users: list[str]) -> dict[str, str]:
         "once": _e(compose.get("once", "")),
         "category": _e(compose.get("category", "")),
         "urgent_checked": " checked" if compose.get("urgent") else "",
+        "audience_all_checked": " checked" if compose.get("audience_all") else "",
+        "audience_locales": _e(compose.get("audience_locales", "")),
+        "min_app_version": _e(compose.get("min_app_version", "")),
         "preferences_select": f'<select id="p-user" name="user" required>{_options(users, current)}</select>'
         if users
         else '<select id="p-user" name="user" required disabled><option value="">create a user first</option></select>',
@@ -684,13 +703,32 @@ def _compose_values(form: Any) -> dict[str, Any]:
         "once": str(form.get("once", "")).strip(),
         "category": str(form.get("category", "")).strip(),
         "urgent": bool(form.get("urgent")),
+        "audience_all": bool(form.get("audience_all")),
+        "audience_locales": str(form.get("audience_locales", "")),
+        "min_app_version": str(form.get("min_app_version", "")).strip(),
     }
+
+
+def _audience(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The audience the compose form names (its platforms become the audience's), or None: users."""
+    locales = [x for x in re.split(r"[\s,]+", values.get("audience_locales", "")) if x]
+    audience: dict[str, Any] = {"all": True} if values.get("audience_all") else {}
+    if locales:
+        audience["locales"] = locales
+    if values.get("min_app_version"):
+        audience["app_version"] = {"min": values["min_app_version"]}
+    if audience and values["platforms"]:
+        audience["platforms"] = values["platforms"]
+    return audience or None
 
 
 def _compose_body(values: dict[str, Any]) -> dict[str, Any]:
     """The ``send`` request body the compose form asks for."""
     others = [u for u in re.split(r"[\s,]+", values["other_users"]) if u]
-    body: dict[str, Any] = {"user_ids": list(dict.fromkeys(values["users"] + others))}
+    audience = _audience(values)
+    body: dict[str, Any] = {"audience": audience} if audience else {}
+    if not audience or values["users"] or others:  # both: send answers which is wrong
+        body["user_ids"] = list(dict.fromkeys(values["users"] + others))
     notification = {k: values[k] for k in ("title", "body") if values[k]}
     if notification:
         body["notification"] = notification
@@ -704,7 +742,7 @@ def _compose_body(values: dict[str, Any]) -> dict[str, Any]:
         data[key.strip()] = value.strip()
     if data:
         body["data"] = data
-    if values["platforms"]:
+    if values["platforms"] and not audience:
         body["platforms"] = values["platforms"]
     if values["once"]:
         body["once"] = values["once"]
@@ -718,8 +756,10 @@ def _compose_body(values: dict[str, Any]) -> dict[str, Any]:
 async def _post_send(app: web.Application, body: dict[str, Any]) -> str:
     """POST the body to the real ``send`` endpoint; the notification id it accepted."""
     cfg = app[CONFIG]
+    # an audience needs an Idempotency-Key: one per press of the button
+    headers = {"Idempotency-Key": uuid.uuid4().hex} if "audience" in body else {}
     try:
-        async with app[HTTP].post(f"{cfg.send}/", json=body) as response:
+        async with app[HTTP].post(f"{cfg.send}/", json=body, headers=headers) as response:
             status, text = response.status, await response.text()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise ConsoleError(f"send at {cfg.send} did not answer: {exc}") from exc

@@ -171,16 +171,12 @@ USER_COUNTS = ("without_tokens", "muted", "skipped_once", "capped")
 # some of its users are unreadable), ttl, now, n, then n pairs (user count name, users), then the ledger
 # groups (_WINDOW_LUA), then tokens... Returns -1 (nothing registered) once the notification is done
 # (an audience send's done marker: its ledger may be gone).
-_REGISTER_PART = """
+_REGISTER_PART_LUA = """
 if redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
 local groups_at = 5 + 2 * tonumber(ARGV[4])
-local tokens_at = groups_at + 3 * tonumber(ARGV[groups_at]) + 1
-local ledger_of = {}
-for g = 1, tonumber(ARGV[groups_at]) do
-  for _ = 1, tonumber(ARGV[groups_at + 3 * g]) do ledger_of[#ledger_of + 1] = tonumber(ARGV[groups_at + 3 * g - 1]) end
-end
+local _, ledger_of, tokens_at = deadlines_from(groups_at)
 local added = 0
 for i = tokens_at, #ARGV do
   if redis.call('HSETNX', KEYS[ledger_of[i - tokens_at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
@@ -216,6 +212,8 @@ local function past_window(at, deadline)
   return deadline > 0 and at >= deadline
 end
 """
+
+_REGISTER_PART = _WINDOW_LUA + _REGISTER_PART_LUA
 
 # The FCM budget's scale (issue 20), per mille of FCM_RATE_PER_MINUTE: notif:budget:scale holds it as it
 # was at `at` (ms: the last project-quota answer); it recovers RECOVERY per mille a minute since.
@@ -672,6 +670,7 @@ class Claims:
         if parts_total is not None:
             pipe.hsetnx(status_key(nid), "parts_total", parts_total)
         pipe.expire(status_key(nid), self.ledger_ttl)
+        pipe.expire(receipts_key(nid), self.ledger_ttl)  # the receipts expire with the status (a job's copy)
         pipe.execute()
 
     def delete_status(self, nid: str) -> None:

@@ -56,6 +56,16 @@ class DailyCap:
         capped = [u for u, ok in zip(users, reply, strict=True) if int(ok) != 1]
         return allowed, capped
 
+    def release(self, nid: str, users: list[str]) -> None:
+        """Give back the slot ``nid`` took of each user: a notification cancelled before any of their
+        devices was sent it reached nobody (``shared/delivery.py``)."""
+        if not self.limit or not users:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in users:
+            pipe.zrem(cap_key(user_id), nid)
+        pipe.execute()
+
     def forget(self, user_id: str) -> int:
         """Account deletion: the user's counted notifications."""
         return int(self.redis.delete(cap_key(user_id)))

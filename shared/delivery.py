@@ -239,8 +239,7 @@ def _deliver_to(
     if registered is None:
         return "done-before"
     outcome = _send(job, part, holders, devices, locales, claims)
-    if job.once:
-        _release_undelivered_once(job, chosen.per_user)
+    _give_back(job, chosen.per_user, claims)
     _log_part(job, part, parts, tokens, outcome, unresolved)
     if unresolved:
         raise RetryLater(f"{len(unresolved)} users' tokens or preferences unreadable (PostgreSQL down, not cached)")
@@ -357,18 +356,27 @@ def _not_while_paused(job: jobs.Job) -> None:
         raise RetryLater(f"FCM outage: sending is paused project-wide (next probe in {wait:.1f} s)")
 
 
-def _release_undelivered_once(job: jobs.Job, per_user: dict[str, list[str]]) -> None:
-    """Give back the one-time claim of users none of whose devices got the notification."""
-    claims = instance.claims()
+def _give_back(job: jobs.Job, per_user: dict[str, list[str]], claims: Claims) -> None:
+    """What the notification took from users it did not reach goes back: the one-time claim of a user
+    none of whose devices got it (all final, none delivered), and the daily cap's slot of a user all of
+    whose devices were cancelled (the notification was cancelled before it was sent to any of them)."""
+    cap = instance.daily_cap()
+    cancelled = bool(cap.limit) and not job.urgent and claims.cancelled(job.id)
+    if not job.once and not cancelled:
+        return
     tokens = [t for ts in per_user.values() for t in ts]
     entries = claims.ledger(job.id, tokens)
-    release = []
+    once, slots = [], []
     for user_id, user_tokens in per_user.items():
         finished = all(entries[t].final for t in user_tokens)
         if finished and not any(entries[t].delivered for t in user_tokens):
-            release.append(user_id)
-    if release:
-        claims.release_once(job.id, job.once or "", release)
+            once.append(user_id)
+        if all(entries[t].outcome is FinalOutcome.CANCELLED for t in user_tokens):
+            slots.append(user_id)
+    if job.once and once:
+        claims.release_once(job.id, job.once, once)
+    if cancelled:
+        cap.release(job.id, slots)
 
 
 def _count(name: str) -> None:

@@ -61,7 +61,7 @@ def parse(body: Any) -> Receipt:
         if name not in body:
             raise InvalidReceipt(f"'{name}' is required")
     nid, event = body["notification_id"], body["event"]
-    if not isinstance(nid, str) or not _ID_RE.match(nid):
+    if not isinstance(nid, str) or not _ID_RE.fullmatch(nid):
         raise InvalidReceipt("'notification_id' must be a notification id: 1 to 32 characters of A-Z a-z 0-9 _ -")
     if not isinstance(event, str) or event not in RECEIPT_EVENTS:
         raise InvalidReceipt(f"'event' must be one of {', '.join(RECEIPT_EVENTS)}")

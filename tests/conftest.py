@@ -167,6 +167,25 @@ def e2e_stack(servers: Servers):
     stack.stop()
 
 
+@pytest.fixture(scope="module")
+def e2e_sdk_stack(servers: Servers):
+    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
+    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(params=["http", "sdk"])
+def both_clients(request):
+    """A client of the system on each FCM client path in turn (our HTTP client, firebase-admin's)."""
+    from tests.e2e_client import Client
+
+    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
+    c = Client(stack)
+    yield c
+    c.close()
+
+
 class Clock:
     """The ledger's clock (``shared.claims.wall_clock``: leases, retry times, the FCM budget, delivery
     windows) under a test's control: real time plus an offset the test moves forward, so in-process

@@ -14,7 +14,6 @@ from shared import jobs
 from shared.events import notification_id, render
 from shared.fcm_message import MessageTemplate
 from shared.rules import RulesError, parse_rules
-from tests.conftest import start_stack
 from tests.e2e_client import Client, unique
 
 NOTE = {"notification": {"title": "Hello", "body": "there"}}
@@ -129,22 +128,6 @@ def test_the_label_reaches_fcm_in_every_message_of_the_job_fan_out_parts_too(cli
     messages = client.messages(tokens)
     assert len(messages) == len(tokens) == 90
     assert all(m["fcm_options"] == {"analytics_label": "winter_sale-2026"} for m in messages)
-
-
-@pytest.fixture(scope="module")
-def e2e_sdk_stack(servers):
-    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
-    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(params=["http", "sdk"])
-def both_clients(request):
-    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
-    c = Client(stack)
-    yield c
-    c.close()
 
 
 @pytest.mark.e2e

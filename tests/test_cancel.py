@@ -188,6 +188,25 @@ def test_a_job_cancelled_before_its_fan_out_publishes_no_part(parts_bus, store, 
     assert instance.claims().status("c6")["state"] == "cancelled"
 
 
+def test_users_a_cancelled_notification_never_reached_keep_their_daily_cap_slot(fcm, store, monkeypatch):
+    """The daily cap counts a notification let through to a user's devices; one cancelled before any of
+    them was sent (a part arriving after the cancel, or not yet leased when it landed) reached nobody, so it
+    takes no slot: the user's next notification of the day is not capped because of it."""
+    monkeypatch.setenv("MAX_PER_USER_PER_DAY", "1")
+    instance.reset()
+    store.register("erin", "tok-e1")
+    store.register("frank", "tok-f1")
+    claims = instance.claims()
+    claims.create_status("c20", targeted=2)
+    assert isinstance(cancel.cancel("c20"), cancel.Cancelled)
+    assert delivery.handle(event(job(id="c20", user_ids=["erin", "frank"]))) == "delivered"
+    assert fcm.messages() == []
+    claims.create_status("c21", targeted=2)
+    assert delivery.handle(event(job(id="c21", user_ids=["erin", "frank"]), "m-2")) == "delivered"
+    assert sorted(m["message"]["token"] for m in fcm.messages()) == ["tok-e1", "tok-f1"]
+    assert claims.status("c21")["users"]["capped"] == 0
+
+
 @pytest.fixture
 def send_client(env):
     app = functions_framework.create_app(target="send", source=str(ROOT / "functions" / "main.py"))

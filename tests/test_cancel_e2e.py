@@ -154,7 +154,7 @@ def test_cancel_refuses_what_it_cannot_cancel(stack, probe):
     assert conflict.status_code == 409 and "done" in conflict.json()["error"]
     assert probe.status(nid)["state"] == "done"
     missing = delete(stack, "no-such-notification")
-    assert missing.status_code == 404 and conflict.headers["Content-Type"] == "application/json"
+    assert missing.status_code == 404 and missing.headers["Content-Type"] == "application/json"
     invalid = delete(stack, "not%20an%20id")
     assert invalid.status_code == 400 and "id" in invalid.json()["error"]
     too_long = delete(stack, "x" * 33)

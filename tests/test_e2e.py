@@ -24,21 +24,10 @@ def note(**fields: Any) -> dict:
     return {"notification": {"title": "Hello", "body": "there"}, **fields}
 
 
-@pytest.fixture(scope="module")
-def e2e_sdk_stack(servers):
-    """The same system with FCM_CLIENT=sdk: firebase-admin's send_each path."""
-    stack = start_stack(redis_url=servers.redis_url, database_url=servers.database_url, env={"FCM_CLIENT": "sdk"})
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(params=["http", "sdk"])
-def client(request):
+@pytest.fixture
+def client(both_clients):
     """Every end-to-end test runs on both FCM client paths."""
-    stack = request.getfixturevalue("e2e_stack" if request.param == "http" else "e2e_sdk_stack")
-    c = Client(stack)
-    yield c
-    c.close()
+    return both_clients
 
 
 def test_register_send_deliver(client):

@@ -169,6 +169,7 @@ def sent(nid: str, user: str, tokens: list[str]) -> None:
         ({"notification_id": "n1", "token": "t", "event": 1}, "event"),
         ({"notification_id": "not/an id", "token": "t", "event": "opened"}, "notification_id"),
         ({"notification_id": "x" * 33, "token": "t", "event": "opened"}, "notification_id"),
+        ({"notification_id": "n1\n", "token": "t", "event": "opened"}, "notification_id"),  # $ allows a final \n
         ({"notification_id": 7, "token": "t", "event": "opened"}, "notification_id"),
         ({"notification_id": "n1", "token": "has space", "event": "opened"}, "token"),
         ({"notification_id": "n1", "token": "", "event": "opened"}, "token"),
@@ -260,6 +261,20 @@ def test_receipts_expire_with_the_status(env):
     redis.pexpire(receipts_key("n-ttl"), 100_000)
     claims.confirm("n-ttl", [claims_module.Answered("tok-a", claims_module.AnswerKind.DELIVERED, 0, 1)])
     assert redis.pttl(receipts_key("n-ttl")) > 100_000
+
+
+def test_a_redelivered_job_extends_the_receipts_with_the_status(env):
+    """Every copy of a job restarts its status's life (deliver's whole-job step): the receipts must follow,
+    or the set of who was counted expires first and a repeated receipt is counted again."""
+    claims = instance.claims()
+    sent("n-again", "alice", ["tok-a"])
+    redis = instance.redis_client()
+    assert claims.record_receipt("n-again", "tok-a", "opened") is True
+    for key in ("notif:status:n-again", receipts_key("n-again")):
+        redis.pexpire(key, 100_000)  # a while after the receipt
+    claims.create_status("n-again", targeted=1)  # a copy of the job arrives again
+    assert redis.pttl("notif:status:n-again") > 100_000
+    assert redis.pttl(receipts_key("n-again")) > 100_000
 
 
 def test_targeted_is_what_the_ledger_holds(env):
