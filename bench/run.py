@@ -325,11 +325,11 @@ def run_register(env: common.Env, table: Table, quick: bool, store: dict[str, An
 
 def run_audience(env: common.Env, table: Table, devices: int, store: dict[str, Any]) -> None:
     """Issue 22: ``{"all": true}`` to ``devices`` devices, two deliver processes (bench/audience.py)."""
-    from bench import audience
+    from bench import audience, audience_report
 
     r = audience.measure(env, devices, 50.0, log=log)
     store["audience"] = {k: v for k, v in r.items() if k != "workers"}
-    for name, value in audience.figures(r) + audience.projections(r):
+    for name, value in audience_report.figures(r) + audience_report.projections(r):
         table.add(f"audience {{all: true}}, {devices:,} devices: {name}", value)
 
 

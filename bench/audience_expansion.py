@@ -1,7 +1,7 @@
 """Audience expansion at 100,000 and 1,000,000 devices (issue 22): how long ``deliver`` takes to turn
 ``{"all": true}`` into parts, PostgreSQL's time per page, parts, and the expanding process's peak RSS.
 
-    .venv/bin/python -m bench.expansion [--devices 100000 1000000] [--database-url URL] [--redis-url URL]
+    .venv/bin/python -m bench.audience_expansion [--devices 100000 1000000] [--database-url URL] [--redis-url URL]
 
 It seeds its own database (``PUSHLINE_BENCH_DB``, default ``pushline_audience_bench``: emptied) with
 the devices (5 per user, mixed platforms, locales and app versions), then runs ``shared.expansion``
