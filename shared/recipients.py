@@ -22,11 +22,12 @@ import datetime as dt
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from shared import instance, jobs
+from shared import instance, jobs, logs
 from shared.claims import Claims, LedgerState, now_ms
 from shared.preferences import Preferences, quiet_until
 
 MINUTE_MS = 60_000
+log = logs.get("recipients")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def choose(
     chosen.without_tokens = len(devices) - len(chosen.per_user)
     if claims.part_counted(job.id, part):
         _as_counted(job, chosen, claims)
-    prefs = _preferences(chosen) if job.category is not None or not job.urgent else {}
+    prefs = _preferences(chosen, wait=job.category is not None) if job.category is not None or not job.urgent else {}
     if job.category is not None:
         _unmuted(job, job.category, chosen, prefs, claims)
     if job.once:
@@ -95,12 +96,17 @@ def _let_through(job: jobs.Job, chosen: Recipients, users: Collection[str], clai
     return {u for u in users if any(entries[t].state is not LedgerState.ABSENT for t in chosen.per_user[u])}
 
 
-def _preferences(chosen: Recipients) -> dict[str, Preferences]:
-    """The preferences of the users who have devices; those whose preferences are unreadable are left
-    out of this copy (unresolved)."""
+def _preferences(chosen: Recipients, *, wait: bool) -> dict[str, Preferences]:
+    """The preferences of the users who have devices. With ``wait`` (a job with a category: a mute must
+    never be ignored), those whose preferences are unreadable (PostgreSQL down, not cached) are left out
+    of this copy (unresolved); without (only quiet hours would need them), they are sent as if they had
+    none: a PostgreSQL outage does not hold back every non-urgent notification."""
     users = sorted(chosen.per_user)
     prefs = instance.preference_store().for_users(users)
     unread = [u for u in users if u not in prefs]
+    if unread and not wait:
+        log.warning("preferences unreadable: quiet hours not checked for these users", extra={"users": len(unread)})
+        return prefs
     for user_id in unread:
         del chosen.per_user[user_id]
     chosen.unresolved += unread
@@ -133,7 +139,8 @@ def _defer_quiet(job: jobs.Job, chosen: Recipients, prefs: Mapping[str, Preferen
     at = dt.datetime.fromtimestamp(now / 1000, dt.UTC)
     quiet: dict[str, dt.datetime] = {}
     for user_id in sorted(chosen.per_user):
-        hours = prefs[user_id].quiet_hours
+        found = prefs.get(user_id)
+        hours = found.quiet_hours if found is not None else None
         until = quiet_until(hours, at) if hours is not None else None
         if until is not None:
             quiet[user_id] = until
