@@ -41,7 +41,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from shared import bus, deferral, expansion, expiry, instance, jobs, logs, recipients, slots
@@ -314,7 +314,7 @@ def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = 
         return "cancelled"
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
-    in_slot = _in_slot(job, devices)
+    in_slot = _in_slot(job, devices, deferred)
     elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
     return _deliver_to(job, part_id, parts, in_slot, locales, claims, elsewhere=elsewhere, deferred=deferred)
 
@@ -453,18 +453,27 @@ def _finish(job: jobs.Job, part: int | str, claims: Claims, outcome: PartOutcome
     return "delivered"
 
 
-def _in_slot(job: jobs.Job, devices: dict[str, dict[str, str | None]]) -> dict[str, dict[str, str | None]]:
+def _in_slot(
+    job: jobs.Job, devices: dict[str, dict[str, str | None]], deferred: DeferredPart | None = None
+) -> dict[str, dict[str, str | None]]:
     """A local-time job's slot reaches the devices whose zone (or default_time_zone) maps its wall-clock
     time to this slot's instant: the others wait for their own slot. A user without any device is
-    counted (``without_tokens``) in the first slot only; one whose devices are all elsewhere, in none."""
+    counted (``without_tokens``) in the first slot only; one whose devices are all elsewhere, in none.
+    A deferred part merges the users that every slot's parts deferred to its minute (its job names one
+    of those slots): it reaches their devices of every slot due by then (the ledger sends each once)."""
     if job.send_at_local is None or job.send_at is None:
         return devices
     local, default, at = job.send_at_local, job.default_time_zone or "UTC", job.send_at
     zones = instance.token_store().time_zones([u for u, d in devices.items() if d])
-    first = slot_of_job(job)[0] == 0
+    first = deferred is not None or slot_of_job(job)[0] == 0
+    due = datetime.fromtimestamp(deferred.due_at / 1000, UTC) if deferred is not None else None
+
+    def ours(slot: datetime) -> bool:
+        return slot == at if due is None else slot <= due
+
     kept: dict[str, dict[str, str | None]] = {}
     for user, user_devices in devices.items():
-        mine = {t: p for t, p in user_devices.items() if slots.slot_of(local, zones.get(t), default) == at}
+        mine = {t: p for t, p in user_devices.items() if ours(slots.slot_of(local, zones.get(t), default))}
         if mine or (not user_devices and first):
             kept[user] = mine
     return kept
