@@ -39,6 +39,7 @@ from typing import Any
 
 from shared import audience as audience_rules
 from shared.attributes import AttributeRuleError, canonical_locale, check_time_zone
+from shared.json_types import type_name
 from shared.preferences import CATEGORY_PATTERN
 
 __all__ = [
@@ -178,23 +179,6 @@ def new_id() -> str:
 
 
 # --- small checks ------------------------------------------------------------------------------
-
-
-def type_name(value: object) -> str:
-    """How an error message names a JSON value's type."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
 
 
 def _shown(value: object) -> str:

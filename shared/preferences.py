@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.attributes import AttributeRuleError, check_time_zone
+from shared.json_types import type_name
 
 __all__ = [
     "CATEGORY_PATTERN",
@@ -87,22 +88,6 @@ NOTHING = Preferences()
 # --- validation ---------------------------------------------------------------------------------
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _no_unknown(obj: Mapping, allowed: tuple[str, ...], path: str) -> None:
     unknown = [k for k in obj if k not in allowed]
     if unknown:
@@ -116,13 +101,13 @@ def _no_unknown(obj: Mapping, allowed: tuple[str, ...], path: str) -> None:
 def _categories(value: object) -> tuple[str, ...]:
     path = "muted_categories"
     if not isinstance(value, list):
-        raise InvalidPreferences(path, f"{path} must be a list of category names, got {_kind(value)}")
+        raise InvalidPreferences(path, f"{path} must be a list of category names, got {type_name(value)}")
     if len(value) > MAX_MUTED_CATEGORIES:
         raise InvalidPreferences(path, f"{path} has {len(value)} entries; at most {MAX_MUTED_CATEGORIES}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or not _CATEGORY.fullmatch(item):
             raise InvalidPreferences(
-                f"{path}[{i}]", f"{path}[{i}] must be 1 to 64 characters of a-z 0-9 _ . - (got {_kind(item)})"
+                f"{path}[{i}]", f"{path}[{i}] must be 1 to 64 characters of a-z 0-9 _ . - (got {type_name(item)})"
             )
         if item in value[:i]:
             raise InvalidPreferences(f"{path}[{i}]", f"{path}[{i}] repeats {item!r}")
@@ -135,7 +120,7 @@ def _clock(obj: Mapping, name: str) -> dt.time:
         raise InvalidPreferences(path, f"{path} is required (quiet_hours needs start, end and time_zone)")
     value = obj[name]
     if not isinstance(value, str) or not _TIME.fullmatch(value):
-        raise InvalidPreferences(path, f'{path} must be a 24-hour time "HH:MM" (e.g. "22:00"), got {_kind(value)}')
+        raise InvalidPreferences(path, f'{path} must be a 24-hour time "HH:MM" (e.g. "22:00"), got {type_name(value)}')
     return dt.time(int(value[:2]), int(value[3:]))
 
 
@@ -151,7 +136,7 @@ def _quiet_hours(value: object) -> QuietHours | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise InvalidPreferences("quiet_hours", f"quiet_hours must be an object (or null), got {_kind(value)}")
+        raise InvalidPreferences("quiet_hours", f"quiet_hours must be an object (or null), got {type_name(value)}")
     _no_unknown(value, QUIET_FIELDS, "quiet_hours")
     start, end = _clock(value, "start"), _clock(value, "end")
     if "time_zone" not in value:
@@ -165,7 +150,7 @@ def _quiet_hours(value: object) -> QuietHours | None:
 def parse(body: object) -> Preferences:
     """A PUT body, validated: InvalidPreferences names the first field at fault."""
     if not isinstance(body, Mapping):
-        raise InvalidPreferences("", f"the request body must be a JSON object, got {_kind(body)}")
+        raise InvalidPreferences("", f"the request body must be a JSON object, got {type_name(body)}")
     _no_unknown(body, FIELDS, "")
     muted = _categories(body["muted_categories"]) if "muted_categories" in body else ()
     quiet = _quiet_hours(body.get("quiet_hours"))
