@@ -33,6 +33,17 @@ class Runs:
     def rate(self) -> float:
         return common.median(self.rates)
 
+    @property
+    def cpu_per_message(self) -> list[float]:
+        """CPU seconds per message of each run (the process's CPU share over the send / its rate)."""
+        return [share / rate for share, rate in zip(self.app_cpu_share, self.rates, strict=True) if rate]
+
+
+def pair_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """Run i of ours over run i of theirs: the runs alternate (ours, theirs, ours, ...), so each pair
+    saw about the same machine; issue 21 judges by the median of these."""
+    return [a / b for a, b in zip(ours, theirs, strict=False) if b]
+
 
 def worker(
     mode: str, fcm: str, env: common.Env, fake_pid: int, users: int, limit: int = 0, extra: list[str] | None = None
