@@ -420,6 +420,18 @@ return out
 """
 )
 
+# KEYS: status, then the keys that expire with it (the receipts). ARGV: ttl (s). Each lives at least `ttl`
+# and at least as long as the status does already: a longer life given before (a quiet-hours deferral's,
+# shared/deferrals.py) is never shortened by a copy of the job creating its status again. (A script, not
+# EXPIRE's GT option: that needs Redis 7.0.)
+_KEEP_ALIVE = """
+local life = math.max(tonumber(ARGV[1]), redis.call('TTL', KEYS[1]))
+for k = 1, #KEYS do
+  if redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+end
+return life
+"""
+
 # KEYS: status, receipts. ARGV: event, "{event}:{token}". An open receipt, counted once per device and
 # event: -1 when the notification's status is gone, 0 when counted before, 1 when counted now. The
 # receipts key gets the status's remaining life (and the scripts that extend the status extend it too).
@@ -667,6 +679,7 @@ class Claims:
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
         self._receipt = client.register_script(_RECEIPT)
+        self._keep_alive = client.register_script(_KEEP_ALIVE)
         self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
         self._part_done = client.register_script(_PART_DONE)
 
@@ -689,7 +702,7 @@ class Claims:
     ) -> None:
         """The notification's status, unless it exists; ``audience`` marks an audience send (its parts
         are known once expanded); ``send_at`` (ms) marks a scheduled send, whose status then lives until
-        LEDGER_TTL_SECONDS after it."""
+        LEDGER_TTL_SECONDS after it. It lives at least that long, never shorter than it does already."""
         now = now_ms()
         pipe = self.redis.pipeline()
         fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
@@ -702,10 +715,9 @@ class Claims:
         if send_at is not None:
             pipe.hsetnx(status_key(nid), "send_at", send_at)
         until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
-        pipe.expire(status_key(nid), until_due + self.ledger_ttl)
-        pipe.expire(
-            receipts_key(nid), until_due + self.ledger_ttl
-        )  # the receipts expire with the status (a job's copy)
+        # the receipts expire with the status; a longer life than this (a deferral's) is kept
+        keys = [status_key(nid), receipts_key(nid)]
+        self._keep_alive(keys=keys, args=[until_due + self.ledger_ttl], client=pipe)
         pipe.execute()
 
     def mark_due(self, nid: str, now: int) -> None:

@@ -125,6 +125,22 @@ def test_a_deferral_keeps_the_status_until_ledger_ttl_after_its_due_time(env):
         assert claims.redis.ttl(key) >= 20 * 3600 + claims.ledger_ttl, key
 
 
+def test_a_redelivered_job_never_shortens_a_deferrals_longer_life(env):
+    """Every copy of a whole job creates its status again (deliver's whole-job step): the life a
+    quiet-hours deferral gave it (and the receipts, which expire with it) must not shrink back to
+    LEDGER_TTL_SECONDS, or the status goes before the deferred part has run."""
+    claims, deferrals, redis = instance.claims(), instance.deferrals(), instance.redis_client()
+    claims.create_status("d6", targeted=1, parts_total=1)
+    now = ms(BERLIN_NIGHT)
+    deferrals.defer("d6", {now + 20 * 3_600_000: {"u1": ["a"]}}, now)
+    assert claims.record_receipt("d6", "t", "opened") is True  # the receipts take the status's life
+    keys = ("notif:status:d6", "notif:receipts:d6")
+    ends = [redis.execute_command("PEXPIRETIME", k) for k in keys]
+    assert all(redis.ttl(k) >= 20 * 3600 + claims.ledger_ttl for k in keys)
+    claims.create_status("d6", targeted=1, parts_total=1)  # a copy of the job arrives again
+    assert [redis.execute_command("PEXPIRETIME", k) for k in keys] == ends
+
+
 @pytest.mark.parametrize("nid", ["d5"])
 def test_a_deferred_part_slot_names_its_due_minute(nid):
     assert slot_name(ms(QUIET_END)) == f"quiet:{ms(QUIET_END) // 60_000}"
