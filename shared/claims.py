@@ -324,8 +324,9 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), then
-# the other ledger shards.
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), the
+# done marker (an audience send's), then the other ledger shards. Once the done marker is set the ledger's
+# shards keep the short life part_done gave them (LEDGER_GRACE_SECONDS): a late answer never extends it.
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
@@ -413,8 +414,12 @@ for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 local life = math.max(tonumber(ARGV[5]), redis.call('TTL', KEYS[2]))  -- a deferral's longer life is kept
+local done = redis.call('EXISTS', KEYS[8]) == 1
 for k = 1, #KEYS do
-  if (k <= 2 or k >= 7) and redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+  local ledger = k == 1 or k >= 9
+  if (k == 2 or k == 7 or (ledger and not done)) and redis.call('TTL', KEYS[k]) < life then
+    redis.call('EXPIRE', KEYS[k], life)
+  end
 end
 return out
 """
@@ -916,7 +921,7 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=7)
+        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=8)
         args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
@@ -928,6 +933,7 @@ class Claims:
             VALVE_KEY,
             DEAD_TOKENS_KEY,
             receipts_key(nid),
+            done_key(nid),
             *ledgers[1:],
         ]
         reply = self._confirm(keys=keys, args=args)

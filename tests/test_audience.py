@@ -215,6 +215,19 @@ def test_the_ledger_is_sharded_by_token_and_dropped_after_done(recording_bus, db
     )
 
 
+def test_a_late_confirm_never_keeps_a_done_audiences_ledger_past_its_grace(recording_bus, db, fcm) -> None:
+    add_devices(db, many(50))
+    deliver_all(recording_bus, job("aud-late", {"all": True}))
+    redis = instance.redis_client()
+    assert instance.claims().status("aud-late")["state"] == "done"
+    shards = [k for k in redis.scan_iter(match="notif:ledger:aud-late:*")]
+    late = claims_module.Answered("dev-t7", claims_module.AnswerKind.DELIVERED, 0, 1)  # an answer arriving late
+    instance.claims().sharded().confirm("aud-late", [late])
+    ttls = [redis.ttl(k) for k in shards]
+    assert 0 < min(ttls) and max(ttls) <= claims_module.LEDGER_GRACE_SECONDS  # not LEDGER_TTL_SECONDS again
+    assert redis.ttl("notif:done:aud-late") > claims_module.LEDGER_GRACE_SECONDS
+
+
 def test_at_most_two_expansions_run_at_once(recording_bus, db, fcm) -> None:
     checkpoints = instance.checkpoints()
     assert isinstance(checkpoints.take("other-1"), checkpoint.Taken)
