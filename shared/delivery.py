@@ -393,7 +393,7 @@ def _register(
         return None
     if deferred is not None:
         resolved = [u for u in job.user_ids if u not in unresolved]
-        instance.deferrals().settle(job.id, deferred.slot, resolved)
+        instance.deferrals().settle(job.id, deferred.slot, resolved, entered=chosen.per_user.keys())
     return holders
 
 

@@ -392,3 +392,38 @@ def test_a_cancel_gives_back_the_once_claim_and_cap_slot_of_users_still_deferred
     assert redis.zscore("notif:cap:sleeper", "qd10") is None
     assert redis.get("notif:onetime:awake:welcome") == b"qd10"  # reached: kept
     assert redis.zscore("notif:cap:awake", "qd10") is not None
+
+
+@pytest.mark.parametrize("when", ["before its tokens enter the ledger", "before its users are settled"])
+def test_a_cancel_racing_a_deferred_part_counts_its_tokens_once(fcm, recording_bus, store, clock, monkeypatch, when):
+    """The deferred part has found the notification not cancelled; the cancel lands before the part's
+    tokens enter the ledger, or between that and the settling of its users (the cancel called at that
+    very point, no sleeps): the sleeper's two tokens count once in ``tokens``, ``cancelled``."""
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    assert delivery.handle(pushed(payload("qd11", ["sleeper", "awake"]))) == "delivered"
+    assert tick_at(clock, QUIET_END) == 1
+    [(message, attributes)] = recording_bus.take()
+    claims_type, deferrals_type = type(instance.claims()), type(instance.deferrals())
+    register, settle = claims_type.register_part, deferrals_type.settle
+
+    def register_after_cancel(self, nid, part, *args, **kwargs):
+        if part == message["slot"]:
+            assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+        return register(self, nid, part, *args, **kwargs)
+
+    def settle_after_cancel(self, nid, *args, **kwargs):
+        assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+        return settle(self, nid, *args, **kwargs)
+
+    if when == "before its tokens enter the ledger":
+        monkeypatch.setattr(claims_type, "register_part", register_after_cancel)
+    else:
+        monkeypatch.setattr(deferrals_type, "settle", settle_after_cancel)
+    assert delivery.handle(pushed(message, attributes, "m-2")) == "delivered"
+    assert received(fcm) == Counter({"tok-a": 1})
+    found = status("qd11")
+    assert found["state"] == "cancelled"
+    assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1 and found["counts"]["deferred"] == 0
+    assert found["tokens"] == 3
+    assert_counts_add_up(found)
