@@ -324,8 +324,9 @@ return out
 )
 
 # KEYS: ledger, status, valve window now, valve window before, valve tripped (project-wide), the
-# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), then
-# the other ledger shards.
+# store's owed dead-token removals (notif:deadtokens), the receipts (they expire with the status), the
+# done marker (an audience send's), then the other ledger shards. Once the done marker is set the ledger's
+# shards keep the short life part_done gave them (LEDGER_GRACE_SECONDS): a late answer never extends it.
 # ARGV: now, max_attempts, valve_min, valve_pct, ttl, window seconds, the deadline groups (_WINDOW_LUA),
 # then per token: token, result (delivered|dead|mismatch|payload_rejected|config_error|retry|wait), retry-at
 # ms, attempt. Returns {valve_tripped_now, config_error_first, {tokens expired}, {tokens unheld}, {tokens
@@ -413,12 +414,28 @@ for outcome, n in pairs(by_outcome) do made[#made + 1] = outcome; made[#made + 1
 if waiting > 0 then redis.call('HINCRBY', KEYS[2], 'retrying', waiting) end
 redis.call('HSET', KEYS[2], 'updated_at', now)
 local life = math.max(tonumber(ARGV[5]), redis.call('TTL', KEYS[2]))  -- a deferral's longer life is kept
+local done = redis.call('EXISTS', KEYS[8]) == 1
 for k = 1, #KEYS do
-  if (k <= 2 or k >= 7) and redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+  local ledger = k == 1 or k >= 9
+  if (k == 2 or k == 7 or (ledger and not done)) and redis.call('TTL', KEYS[k]) < life then
+    redis.call('EXPIRE', KEYS[k], life)
+  end
 end
 return out
 """
 )
+
+# KEYS: status, then the keys that expire with it (the receipts). ARGV: ttl (s). Each lives at least `ttl`
+# and at least as long as the status does already: a longer life given before (a quiet-hours deferral's,
+# shared/deferrals.py) is never shortened by a copy of the job creating its status again. (A script, not
+# EXPIRE's GT option: that needs Redis 7.0.)
+_KEEP_ALIVE = """
+local life = math.max(tonumber(ARGV[1]), redis.call('TTL', KEYS[1]))
+for k = 1, #KEYS do
+  if redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
+end
+return life
+"""
 
 # KEYS: status, receipts. ARGV: event, "{event}:{token}". An open receipt, counted once per device and
 # event: -1 when the notification's status is gone, 0 when counted before, 1 when counted now. The
@@ -667,6 +684,7 @@ class Claims:
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
         self._receipt = client.register_script(_RECEIPT)
+        self._keep_alive = client.register_script(_KEEP_ALIVE)
         self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
         self._part_done = client.register_script(_PART_DONE)
 
@@ -689,7 +707,7 @@ class Claims:
     ) -> None:
         """The notification's status, unless it exists; ``audience`` marks an audience send (its parts
         are known once expanded); ``send_at`` (ms) marks a scheduled send, whose status then lives until
-        LEDGER_TTL_SECONDS after it."""
+        LEDGER_TTL_SECONDS after it. It lives at least that long, never shorter than it does already."""
         now = now_ms()
         pipe = self.redis.pipeline()
         fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
@@ -702,10 +720,9 @@ class Claims:
         if send_at is not None:
             pipe.hsetnx(status_key(nid), "send_at", send_at)
         until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
-        pipe.expire(status_key(nid), until_due + self.ledger_ttl)
-        pipe.expire(
-            receipts_key(nid), until_due + self.ledger_ttl
-        )  # the receipts expire with the status (a job's copy)
+        # the receipts expire with the status; a longer life than this (a deferral's) is kept
+        keys = [status_key(nid), receipts_key(nid)]
+        self._keep_alive(keys=keys, args=[until_due + self.ledger_ttl], client=pipe)
         pipe.execute()
 
     def mark_due(self, nid: str, now: int) -> None:
@@ -904,7 +921,7 @@ class Claims:
             self.ledger_ttl,
             VALVE_WINDOW_SECONDS,
         ]
-        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=7)
+        ledgers, groups, answers = self._ledger_groups(nid, deadlines, answers, _token_of, fixed=8)
         args += groups
         for token, kind, retry_at, attempt in answers:
             args += [token, kind, retry_at, attempt]  # (a StrEnum goes to Redis as its value)
@@ -916,6 +933,7 @@ class Claims:
             VALVE_KEY,
             DEAD_TOKENS_KEY,
             receipts_key(nid),
+            done_key(nid),
             *ledgers[1:],
         ]
         reply = self._confirm(keys=keys, args=args)

@@ -15,14 +15,16 @@ status's ``tokens`` and ``deferred`` (so the notification is not ``done`` while 
 counted for another slot before (a deferred part that defers them again) moves to the new one.
 ``settle`` (one script), run by the deferred part once its tokens are in the ledger, takes its users'
 tokens out of ``deferred`` and ``tokens`` again (the ledger now counts what they really are). A
-cancel turns ``deferred`` into ``cancelled`` (``shared.claims``' cancel script); neither script then
-changes a count: the cancel has accounted for those tokens. ``waiting_users`` then names the users the
+cancel turns ``deferred`` into ``cancelled`` (``shared.claims``' cancel script); ``defer`` then changes
+no count: the cancel has accounted for those tokens; ``settle`` takes those of the users whose tokens the
+part put in the ledger (a cancel that landed while the part ran) back out of ``tokens`` and ``cancelled``,
+since the ledger counts them now. ``waiting_users`` then names the users the
 cancel never let it reach, whose ``once`` claim and daily-cap slot ``shared/cancel.py`` gives back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import redis
 
@@ -69,14 +71,18 @@ end
 return delta
 """
 
-# KEYS: status, deferred. ARGV: slot, users... The deferred part `slot` ran: its users' entries that name
-# it are removed and their tokens leave `deferred` and `tokens`. Returns the tokens settled (-1: cancelled).
+# KEYS: status, deferred. ARGV: slot, then per user: user, 1 if the part put their tokens in the ledger (else
+# 0). The deferred part `slot` ran: its users' entries that name it are removed and their tokens leave
+# `deferred` and `tokens`. Once cancelled, the cancel counted every entry's tokens `cancelled` (and
+# final): only the users whose tokens the part put in the ledger (which counts them now, and cancels
+# them) are settled, leaving `cancelled` and `final` too, so a cancel landing while the part ran counts
+# them once; the others stay counted cancelled. Returns the tokens settled (-1: cancelled).
 _SETTLE = """
-if redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1 then return -1 end
+local cancelled = redis.call('HEXISTS', KEYS[1], 'cancelled_at') == 1
 local n = 0
-for i = 2, #ARGV do
+for i = 2, #ARGV, 2 do
   local entry = redis.call('HGET', KEYS[2], 'u:' .. ARGV[i])
-  if entry then
+  if entry and (ARGV[i + 1] == '1' or not cancelled) then
     local slot, count = string.match(entry, '^(.*):(%d+)$')
     if slot == ARGV[1] then
       redis.call('HDEL', KEYS[2], 'u:' .. ARGV[i]); n = n + tonumber(count)
@@ -84,8 +90,14 @@ for i = 2, #ARGV do
   end
 end
 if n > 0 then
-  redis.call('HINCRBY', KEYS[1], 'tokens', -n); redis.call('HINCRBY', KEYS[1], 'deferred', -n)
+  redis.call('HINCRBY', KEYS[1], 'tokens', -n)
+  if cancelled then
+    redis.call('HINCRBY', KEYS[1], 'cancelled', -n); redis.call('HINCRBY', KEYS[1], 'final', -n)
+  else
+    redis.call('HINCRBY', KEYS[1], 'deferred', -n)
+  end
 end
+if cancelled then return -1 end
 return n
 """
 
@@ -118,11 +130,13 @@ class Deferrals:
                 args += [user_id, slot_name(due), len(tokens)]
         return int(self._defer(keys=self._keys(nid), args=args))
 
-    def settle(self, nid: str, slot: str, users: Sequence[str]) -> int:
-        """The deferred part ``slot`` has put its tokens in the ledger: its users wait no more."""
+    def settle(self, nid: str, slot: str, users: Sequence[str], entered: Collection[str] = frozenset()) -> int:
+        """The deferred part ``slot`` has put its tokens in the ledger (those of ``entered``, users it
+        sends to): its users wait no more (once cancelled: only ``entered``, see _SETTLE)."""
         if not users:
             return 0
-        return int(self._settle(keys=[status_key(nid), deferred_key(nid)], args=[slot, *users]))
+        args = [slot, *(x for u in users for x in (u, 1 if u in entered else 0))]
+        return int(self._settle(keys=[status_key(nid), deferred_key(nid)], args=args))
 
     def waiting_users(self, nid: str) -> tuple[list[str], str | None]:
         """(the users whose tokens still wait for a deferred part, the job's once key or None)."""

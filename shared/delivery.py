@@ -197,12 +197,11 @@ def handle(event_data: Any) -> str:
         return _part(job, part, parts)
 
 
-DUE_ATTRIBUTE = "due"  # tick publishes a due job with {"due": "1"}: sent, whatever deliver's clock says
-
-
 def _due(job: jobs.Job, env: Envelope) -> bool:
-    """A scheduled job is due when tick published it, or when its send_at has passed by this clock."""
-    return env.attributes.get(DUE_ATTRIBUTE) == "1" or (jobs.epoch_ms(job.send_at) or 0) <= now_ms()
+    """A scheduled job is due when published due (``jobs.DUE_ATTRIBUTES``: by tick, or by an audience
+    expansion continuing), or when its send_at has passed by this clock."""
+    published_due = jobs.DUE_ATTRIBUTES.items() <= env.attributes.items()
+    return published_due or (jobs.epoch_ms(job.send_at) or 0) <= now_ms()
 
 
 def _schedule(job: jobs.Job) -> str:
@@ -263,7 +262,7 @@ def _schedule_local(job: jobs.Job) -> str:
         else:
             past.append(slot_job)
     for slot_job in past:  # already due where it is that time: at once
-        bus.publish(slot_job, {"notification_id": job.id, DUE_ATTRIBUTE: "1"})
+        bus.publish(slot_job, {"notification_id": job.id, **jobs.DUE_ATTRIBUTES})
     log.info("local-time job recorded", extra={"notification_id": job.id, "slots": len(instants), "now": len(past)})
     return "scheduled"
 
@@ -394,7 +393,7 @@ def _register(
         return None
     if deferred is not None:
         resolved = [u for u in job.user_ids if u not in unresolved]
-        instance.deferrals().settle(job.id, deferred.slot, resolved)
+        instance.deferrals().settle(job.id, deferred.slot, resolved, entered=chosen.per_user.keys())
     return holders
 
 

@@ -15,7 +15,9 @@ platform, locale). After each page its checkpoint advances (``shared.checkpoint`
 - at most two expansions run at once project-wide (a third job waits on the bus); PostgreSQL down or
   slow (the statement timeout) is an outage like any (``shared.inbound``): the job is redelivered;
 - one invocation expands for at most BUDGET_SECONDS, then publishes the job again to continue in a
-  fresh invocation and acknowledges this copy.
+  fresh invocation and acknowledges this copy; a scheduled job (``send_at``) is published again as
+  ``tick`` publishes it, with ``due: "1"``, so a ``deliver`` whose clock is still before ``send_at``
+  continues the expansion instead of recording the job as scheduled again.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def _pages(job: jobs.Job, taken: Taken) -> str:
         if time.monotonic() >= stop_at:
             break
     checkpoints.release(job.id, taken.owner)
-    bus.publish(jobs.to_v1(job), {"notification_id": job.id})  # a fresh invocation continues
+    due = jobs.DUE_ATTRIBUTES if job.send_at is not None else {}  # (whatever the next deliver's clock says)
+    bus.publish(jobs.to_v1(job), {"notification_id": job.id, **due})  # a fresh invocation continues
     log.info("audience expansion continues in a new invocation", extra={"notification_id": job.id, "parts": next_part})
     return "expansion-continues"

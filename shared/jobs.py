@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 from shared import audience as audience_rules
@@ -44,6 +45,7 @@ from shared.preferences import CATEGORY_PATTERN
 
 __all__ = [
     "ANALYTICS_LABEL_PATTERN",
+    "DUE_ATTRIBUTES",
     "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_USER_IDS",
@@ -119,6 +121,9 @@ MAX_SCHEDULE_DAYS = 30  # send_at at most this long after acceptance
 # send_at_local: a wall-clock time without offset, seconds optional (each device's own time zone).
 SEND_AT_LOCAL_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2})?$"
 SEND_AT_PAST_SECONDS = 1  # and at most this far in the past (a clock a little behind the caller's)
+# The bus attribute of a scheduled job published once it is due (tick, a local-time slot already past, an
+# audience expansion continuing): deliver sends it whatever its own clock says, and never records it again.
+DUE_ATTRIBUTES: Mapping[str, str] = MappingProxyType({"due": "1"})
 
 _ID_RE = re.compile(ID_PATTERN)
 _ONCE_RE = re.compile(ONCE_PATTERN)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared import bus, claims, instance, logs
+from shared import bus, claims, instance, jobs, logs
 from shared.config import settings
 from shared.errors import REDIS_OUTAGE, redis_outage
 from shared.schedule import CANCELLED, PUBLISHED, Due
@@ -24,7 +24,6 @@ from shared.schedule import CANCELLED, PUBLISHED, Due
 BATCH = 200  # rows claimed per statement
 MAX_BATCHES = 25  # per tick (5,000 jobs): the next tick takes the rest
 LEASE_SECONDS = 120  # longer than a batch's publishing (10 s per publish at worst, usually milliseconds)
-DUE_ATTRIBUTES = {"due": "1"}
 
 log = logs.get("tick")
 
@@ -54,7 +53,7 @@ def tick(now: datetime | None = None) -> Ticked:
         try:
             for due in batch:
                 if due.notification_id not in cancelled:
-                    bus.publish(due.job, {"notification_id": due.notification_id, **DUE_ATTRIBUTES})
+                    bus.publish(due.job, {"notification_id": due.notification_id, **jobs.DUE_ATTRIBUTES})
                     done.append((due.notification_id, due.slot))
         finally:
             schedule.finish(done, PUBLISHED)  # (if this fails, the lease runs out: published again, absorbed)

@@ -9,12 +9,13 @@ import base64
 import json
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from local.bus import plug_in as plug_in_local_bus
-from shared import bus, checkpoint, delivery, expansion, instance
+from shared import bus, checkpoint, delivery, expansion, instance, jobs
 from shared import claims as claims_module
 from shared.attributes import version_key
 from shared.db import Database
@@ -23,9 +24,10 @@ from tests.test_fanout import RecordingBus
 NOTE = {"title": "Hello", "body": "there"}
 
 
-def pushed(payload: dict, message_id: str) -> dict:
+def pushed(payload: dict, message_id: str, attributes: dict[str, str] | None = None) -> dict:
     data = base64.b64encode(json.dumps(payload).encode()).decode()
-    return {"message": {"data": data, "attributes": {}, "messageId": message_id}, "subscription": "s"}
+    message = {"data": data, "attributes": attributes or {}, "messageId": message_id}
+    return {"message": message, "subscription": "s"}
 
 
 def add_devices(db: Database, rows: list[dict[str, Any]]) -> None:
@@ -213,6 +215,19 @@ def test_the_ledger_is_sharded_by_token_and_dropped_after_done(recording_bus, db
     )
 
 
+def test_a_late_confirm_never_keeps_a_done_audiences_ledger_past_its_grace(recording_bus, db, fcm) -> None:
+    add_devices(db, many(50))
+    deliver_all(recording_bus, job("aud-late", {"all": True}))
+    redis = instance.redis_client()
+    assert instance.claims().status("aud-late")["state"] == "done"
+    shards = [k for k in redis.scan_iter(match="notif:ledger:aud-late:*")]
+    late = claims_module.Answered("dev-t7", claims_module.AnswerKind.DELIVERED, 0, 1)  # an answer arriving late
+    instance.claims().sharded().confirm("aud-late", [late])
+    ttls = [redis.ttl(k) for k in shards]
+    assert 0 < min(ttls) and max(ttls) <= claims_module.LEDGER_GRACE_SECONDS  # not LEDGER_TTL_SECONDS again
+    assert redis.ttl("notif:done:aud-late") > claims_module.LEDGER_GRACE_SECONDS
+
+
 def test_at_most_two_expansions_run_at_once(recording_bus, db, fcm) -> None:
     checkpoints = instance.checkpoints()
     assert isinstance(checkpoints.take("other-1"), checkpoint.Taken)
@@ -260,3 +275,23 @@ def test_a_cancel_stops_the_expansion_and_its_parts_send_nothing(recording_bus, 
     status = instance.claims().status("aud-cancel")
     assert status["state"] == "cancelled" and status["progress"]["parts_total"] == 2
     assert status["counts"]["cancelled"] == 300 == status["devices_matched"]
+
+
+def test_a_scheduled_audience_out_of_time_continues_as_due_whatever_delivers_clock_says(
+    recording_bus, small_pages, db, fcm, clock, monkeypatch
+) -> None:
+    clock.freeze()
+    add_devices(db, many(700))
+    send_at = jobs.format_time(datetime.fromtimestamp(clock(), UTC) + timedelta(seconds=60))
+    payload = job("aud-due", {"all": True}, send_at=send_at)
+    monkeypatch.setattr(expansion, "BUDGET_SECONDS", 0)  # out of time after every page
+    assert delivery.handle(pushed(payload, "job", {"notification_id": "aud-due", "due": "1"})) == "expansion-continues"
+    [(again, attributes)] = [(p, a) for p, a in recording_bus.take() if p.get("kind") is None]
+    assert attributes == {"notification_id": "aud-due", "due": "1"}  # as tick published it
+    # deliver's clock still before send_at: each republished copy continues the expansion
+    while (what := delivery.handle(pushed(again, "again", attributes))) == "expansion-continues":
+        [(again, attributes)] = [(p, a) for p, a in recording_bus.take() if p.get("kind") is None]
+        assert attributes["due"] == "1"
+    assert what == "expanded"
+    assert db.run("SELECT 1 FROM scheduled_jobs WHERE notification_id = 'aud-due'") == []  # never recorded
+    assert instance.claims().status("aud-due")["progress"]["parts_total"] == 5  # pages of 300, 300 and 100 rows

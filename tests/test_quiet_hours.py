@@ -125,6 +125,22 @@ def test_a_deferral_keeps_the_status_until_ledger_ttl_after_its_due_time(env):
         assert claims.redis.ttl(key) >= 20 * 3600 + claims.ledger_ttl, key
 
 
+def test_a_redelivered_job_never_shortens_a_deferrals_longer_life(env):
+    """Every copy of a whole job creates its status again (deliver's whole-job step): the life a
+    quiet-hours deferral gave it (and the receipts, which expire with it) must not shrink back to
+    LEDGER_TTL_SECONDS, or the status goes before the deferred part has run."""
+    claims, deferrals, redis = instance.claims(), instance.deferrals(), instance.redis_client()
+    claims.create_status("d6", targeted=1, parts_total=1)
+    now = ms(BERLIN_NIGHT)
+    deferrals.defer("d6", {now + 20 * 3_600_000: {"u1": ["a"]}}, now)
+    assert claims.record_receipt("d6", "t", "opened") is True  # the receipts take the status's life
+    keys = ("notif:status:d6", "notif:receipts:d6")
+    ends = [redis.execute_command("PEXPIRETIME", k) for k in keys]
+    assert all(redis.ttl(k) >= 20 * 3600 + claims.ledger_ttl for k in keys)
+    claims.create_status("d6", targeted=1, parts_total=1)  # a copy of the job arrives again
+    assert [redis.execute_command("PEXPIRETIME", k) for k in keys] == ends
+
+
 @pytest.mark.parametrize("nid", ["d5"])
 def test_a_deferred_part_slot_names_its_due_minute(nid):
     assert slot_name(ms(QUIET_END)) == f"quiet:{ms(QUIET_END) // 60_000}"
@@ -376,3 +392,38 @@ def test_a_cancel_gives_back_the_once_claim_and_cap_slot_of_users_still_deferred
     assert redis.zscore("notif:cap:sleeper", "qd10") is None
     assert redis.get("notif:onetime:awake:welcome") == b"qd10"  # reached: kept
     assert redis.zscore("notif:cap:awake", "qd10") is not None
+
+
+@pytest.mark.parametrize("when", ["before its tokens enter the ledger", "before its users are settled"])
+def test_a_cancel_racing_a_deferred_part_counts_its_tokens_once(fcm, recording_bus, store, clock, monkeypatch, when):
+    """The deferred part has found the notification not cancelled; the cancel lands before the part's
+    tokens enter the ledger, or between that and the settling of its users (the cancel called at that
+    very point, no sleeps): the sleeper's two tokens count once in ``tokens``, ``cancelled``."""
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    assert delivery.handle(pushed(payload("qd11", ["sleeper", "awake"]))) == "delivered"
+    assert tick_at(clock, QUIET_END) == 1
+    [(message, attributes)] = recording_bus.take()
+    claims_type, deferrals_type = type(instance.claims()), type(instance.deferrals())
+    register, settle = claims_type.register_part, deferrals_type.settle
+
+    def register_after_cancel(self, nid, part, *args, **kwargs):
+        if part == message["slot"]:
+            assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+        return register(self, nid, part, *args, **kwargs)
+
+    def settle_after_cancel(self, nid, *args, **kwargs):
+        assert isinstance(cancel.cancel(nid), cancel.Cancelled)
+        return settle(self, nid, *args, **kwargs)
+
+    if when == "before its tokens enter the ledger":
+        monkeypatch.setattr(claims_type, "register_part", register_after_cancel)
+    else:
+        monkeypatch.setattr(deferrals_type, "settle", settle_after_cancel)
+    assert delivery.handle(pushed(message, attributes, "m-2")) == "delivered"
+    assert received(fcm) == Counter({"tok-a": 1})
+    found = status("qd11")
+    assert found["state"] == "cancelled"
+    assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1 and found["counts"]["deferred"] == 0
+    assert found["tokens"] == 3
+    assert_counts_add_up(found)
