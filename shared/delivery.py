@@ -308,9 +308,10 @@ def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = 
     part_id: int | str = deferred.slot if deferred is not None else part
     _not_while_paused(job, opens)
     store, claims = instance.token_store(), instance.claims()
-    if deferred is not None and claims.cancelled(job.id):  # its tokens were counted cancelled by the cancel
-        claims.register_part(job.id, part_id, [], 0, 0)
+    if deferred is not None and claims.cancelled(job.id) and not claims.part_counted(job.id, part_id):
+        claims.register_part(job.id, part_id, [], 0, 0)  # its tokens were counted cancelled by the cancel
         return "cancelled"
+    # (a copy that put its tokens in the ledger before the cancel goes on: they come back cancelled)
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     in_slot = _in_slot(job, devices, deferred)

@@ -427,3 +427,36 @@ def test_a_cancel_racing_a_deferred_part_counts_its_tokens_once(fcm, recording_b
     assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1 and found["counts"]["deferred"] == 0
     assert found["tokens"] == 3
     assert_counts_add_up(found)
+
+
+def test_a_deferred_part_that_crashed_in_the_ledger_then_was_cancelled_finishes_its_tokens(
+    fcm, recording_bus, store, clock, monkeypatch
+):
+    """A copy of the deferred part put the sleeper's tokens in the ledger and crashed before settling its
+    users; the notification is then cancelled. The next copy must not leave those tokens waiting for
+    ever: they become final ``cancelled``, counted once, nothing is sent to them, and the counts add up."""
+    sleeper_and_awake(store)
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    assert delivery.handle(pushed(payload("qd12", ["sleeper", "awake"]))) == "delivered"
+    assert tick_at(clock, QUIET_END) == 1
+    [(message, attributes)] = recording_bus.take()
+    deferrals_type = type(instance.deferrals())
+    settle = deferrals_type.settle
+
+    def crash(self, nid, *args, **kwargs):
+        raise RuntimeError("the instance died here")
+
+    monkeypatch.setattr(deferrals_type, "settle", crash)
+    with pytest.raises(RuntimeError):
+        delivery.handle(pushed(message, attributes, "m-2"))
+    monkeypatch.setattr(deferrals_type, "settle", settle)
+    assert isinstance(cancel.cancel("qd12"), cancel.Cancelled)
+    delivery.handle(pushed(message, attributes, "m-3"))
+    assert received(fcm) == Counter({"tok-a": 1})
+    entries = instance.claims().ledger("qd12", ["tok-s1", "tok-s2"])
+    assert all(entry.final for entry in entries.values()), entries
+    found = status("qd12")
+    assert found["state"] == "cancelled"
+    assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1, found
+    assert found["tokens"] == 3
+    assert_counts_add_up(found)
