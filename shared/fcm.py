@@ -42,6 +42,7 @@ import google.auth.credentials
 from shared import outcomes
 from shared.config import Settings
 from shared.credentials import AccessTokenProvider, CredentialsAlarm, RefreshGate, fcm_credentials
+from shared.fcm_message import Message
 from shared.outcomes import Cause, Outcome
 
 FCM_DEFAULT_ENDPOINT = "https://fcm.googleapis.com"
@@ -103,8 +104,8 @@ class HttpFcmClient:
 
     async def send(self, message: dict[str, Any]) -> Outcome:
         """POST one FCM v1 ``message`` (it carries its ``token``); map whatever happens to an Outcome."""
-        try:
-            body = json.dumps({"message": message}).encode()
+        try:  # a Message (shared.fcm_message) encodes only its token; any other dict, all of it
+            body = message.request_body() if type(message) is Message else json.dumps({"message": message}).encode()
         except (TypeError, ValueError) as exc:  # not JSON: FCM could never accept it
             return outcomes.from_exception(exc)
         async with self._slots:

@@ -22,18 +22,42 @@ locale shortened subtag by subtag (``zh-Hans-CN`` -> ``zh-Hans`` -> ``zh``), els
 The token-independent part is built once per job (:class:`MessageTemplate`), and once per device
 locale met in it (cached: a part with 500 devices in three locales chooses three times); each
 message is a shallow copy plus the token, so the nested dicts are shared between messages: do not
-mutate them.
+mutate them. Each message is a :class:`Message`, a dict that also knows its HTTP v1 request body:
+the template's JSON is encoded once (per locale), and a message's body is that plus its token (the
+HTTP client sends it; firebase-admin's path sends the dict).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared.attributes import select_variant
 from shared.jobs import Job
 
-__all__ = ["MessageTemplate", "build_message"]
+__all__ = ["Message", "MessageTemplate", "build_message"]
+
+_BODY_HEAD = b'{"message": {"token": '  # a request body up to its message's token, which comes first
+
+
+class Message(dict[str, Any]):
+    """One token's FCM v1 ``message`` (``{"token": ..., **template}``), and its request body
+    ``{"message": ...}`` without encoding the whole message again: the template's part is encoded
+    once. Do not mutate it (the body would no longer say what the dict says)."""
+
+    __slots__ = ("_tail",)
+    _tail: bytes
+
+    def request_body(self) -> bytes:
+        return _BODY_HEAD + json.dumps(self["token"]).encode() + self._tail
+
+
+def _tail(base: dict[str, Any]) -> bytes:
+    """The encoded request body after the token, for messages made of ``base``."""
+    whole = json.dumps({"message": {"token": "", **base}}).encode()
+    assert whole.startswith(_BODY_HEAD + b'""')
+    return whole[len(_BODY_HEAD) + 2 :]
 
 
 def _copy(value: Any) -> Any:
@@ -80,42 +104,39 @@ class MessageTemplate:
             base["fcm_options"] = {"analytics_label": job.analytics_label}
         self.base = base
         self._localized: Mapping[str, dict] = job.localized or {}
-        self._by_locale: dict[str | None, dict[str, Any]] = {None: base}  # device locale -> its base
+        # device locale -> its base and the base's encoded tail (see Message)
+        self._by_locale: dict[str | None, tuple[dict[str, Any], bytes]] = {None: (base, _tail(base))}
 
     def base_for(self, locale: str | None) -> dict[str, Any]:
         """The token-independent message for a device of ``locale`` (canonical, or None)."""
+        return self._entry(locale)[0]
+
+    def _entry(self, locale: str | None) -> tuple[dict[str, Any], bytes]:
         try:
             return self._by_locale[locale]
         except KeyError:
             pass
         chosen = select_variant(locale, self._localized)
         base = self.base if chosen is None else {**self.base, "notification": dict(self._localized[chosen])}
-        self._by_locale[locale] = base
-        return base
+        entry = self._by_locale[locale] = (base, _tail(base))
+        return entry
 
-    def for_token(self, token: str, locale: str | None = None) -> dict[str, Any]:
+    def for_token(self, token: str, locale: str | None = None) -> Message:
         """The FCM v1 ``message`` for one device token (shares nested dicts with the template)."""
-        message = {"token": token}
-        message.update(self.base if locale is None else self.base_for(locale))
+        base, tail = self._by_locale[None] if locale is None else self._entry(locale)
+        message = Message()
+        message["token"] = token
+        message.update(base)
+        message._tail = tail
         return message
 
-    def message_for(self, locales: Mapping[str, str]) -> Callable[[str], dict[str, Any]]:
+    def message_for(self, locales: Mapping[str, str]) -> Callable[[str], Message]:
         """``token -> message`` for a part whose devices have ``locales`` (token -> canonical locale;
         a token without one gets the job's notification). Without localized text, ``for_token``."""
         if not self._localized:
             return self.for_token
-        base, by_locale, get = self.base, self._by_locale, locales.get
-
-        def for_token(token: str) -> dict[str, Any]:
-            locale = get(token)
-            message = {"token": token}
-            if locale is None:
-                message.update(base)
-            else:
-                message.update(by_locale.get(locale) or self.base_for(locale))
-            return message
-
-        return for_token
+        get, for_token = locales.get, self.for_token
+        return lambda token: for_token(token, get(token))
 
 
 def build_message(job: Job, token: str, locale: str | None = None) -> dict[str, Any]:

@@ -232,3 +232,23 @@ def test_localized_variants_are_not_aliased_to_the_job() -> None:
     message = MessageTemplate(job).for_token("tok", "de")
     message["notification"]["title"] = "changed"
     assert to_v1(job) == before
+
+
+# --- the request body -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads, st.text(max_size=40))
+def test_property_a_message_knows_its_request_body_byte_for_byte(payload: dict, token: str) -> None:
+    """The body the HTTP client sends is exactly ``{"message": message}`` encoded, whatever the token holds
+    (quotes, backslashes, non-ASCII, control characters)."""
+    message = MessageTemplate(parse_v1(payload)).for_token(token)
+    assert message.request_body() == json.dumps({"message": message}).encode()
+
+
+@pytest.mark.parametrize("locale", ["de-AT", "zh-Hans-CN", "fr-FR", None])
+def test_a_localized_message_knows_its_request_body(locale: str | None) -> None:
+    message = MessageTemplate(job_of(LOCALIZED)).message_for({'t"\\ö': locale} if locale else {})('t"\\ö')
+    assert message.request_body() == json.dumps({"message": message}).encode()
+    assert json.loads(message.request_body())["message"]["token"] == 't"\\ö'
