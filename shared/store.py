@@ -35,12 +35,13 @@ import enum
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pg8000.native
 import redis
+from redis.commands.core import Script
 
 from shared import attributes, logs
 from shared.db import Database, DatabaseUnavailable
@@ -228,10 +229,28 @@ end
 return 1
 """
 
-# KEYS: keys to slide. ARGV: ttl. (EXPIRE leaves absent keys absent.)
-_TOUCH = """
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-return #KEYS
+# A read of many users' cached keys in one command (not four commands per user: redis-py spends
+# more Python per command than the server spends on it). KEYS: set, platforms, version, locales per
+# user. ARGV: ttl to slide each user's set, platforms and locales to ("" = leave them; EXPIRE leaves
+# absent keys absent, and needs no memory: it runs under OOM). Returns per user the set's members,
+# the platforms and locales hashes (HGETALL's flat pairs; empty when the set is absent) and the version.
+_READ = """
+local out, ttl = {}, ARGV[1]
+for k = 1, #KEYS, 4 do
+  local members = redis.call('SMEMBERS', KEYS[k])
+  local n = #out
+  out[n + 1] = members
+  if #members > 0 then
+    out[n + 2] = redis.call('HGETALL', KEYS[k + 1]); out[n + 4] = redis.call('HGETALL', KEYS[k + 3])
+  else
+    out[n + 2] = {}; out[n + 4] = {}
+  end
+  out[n + 3] = redis.call('GET', KEYS[k + 2])
+  if ttl ~= '' then
+    redis.call('EXPIRE', KEYS[k], ttl); redis.call('EXPIRE', KEYS[k + 1], ttl); redis.call('EXPIRE', KEYS[k + 3], ttl)
+  end
+end
+return out
 """
 
 # --- SQL -----------------------------------------------------------------------------------------
@@ -410,6 +429,18 @@ def text(raw: object) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+def read_per_user(
+    script: Script, users: Sequence[str], keys_of: Callable[[str], list[str]], args: list[Any], width: int
+) -> list[list[Any]]:
+    """One call of a read script over every user's keys (``keys_of``, in order), its flat reply cut into
+    ``width`` items per user. A part's reads are one command, not one or more per user."""
+    if not users:
+        return []
+    keys = [key for user_id in users for key in keys_of(user_id)]
+    reply = script(keys=keys, args=args)
+    return [reply[i : i + width] for i in range(0, len(reply), width)]
+
+
 def _users_of(keys: Iterable[bytes | str]) -> list[str]:
     """The user ids of ``notif:token:{user_id}`` keys (a SCAN may repeat a key: once each)."""
     prefix = len(token_key(""))
@@ -442,7 +473,7 @@ class TokenStore:
         self._register = redis_client.register_script(_REGISTER)
         self._remove = redis_client.register_script(_REMOVE)
         self._rebuild = redis_client.register_script(_REBUILD)
-        self._touch = redis_client.register_script(_TOUCH)
+        self._read = redis_client.register_script(_READ)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -705,28 +736,21 @@ class TokenStore:
     def _read_cached(
         self, users: list[str], extend_ttl: bool
     ) -> tuple[dict[str, dict[str, str | None]], dict[str, dict[str, str]], dict[str, str]]:
-        """(user -> token -> platform for cached users, user -> token -> locale, user -> version)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id in users:
-            pipe.hgetall(platform_key(user_id))
-            pipe.smembers(token_key(user_id))
-            pipe.get(version_key(user_id))
-            pipe.hgetall(locale_key(user_id))
-        if extend_ttl:  # one script call slides every user's keys (not three commands per user)
-            keys = [k for user_id in users for k in (token_key(user_id), platform_key(user_id), locale_key(user_id))]
-            self._touch(keys=keys, args=[self.ttl], client=pipe)
-        replies = pipe.execute()
-        step = 4
+        """(user -> token -> platform for cached users, user -> token -> locale, user -> version), in
+        one script call that also slides the users' keys with ``extend_ttl``."""
         cached: dict[str, dict[str, str | None]] = {}
         locales: dict[str, dict[str, str]] = {}
         versions: dict[str, str] = {}
-        for i, user_id in enumerate(users):
-            platforms, members, version, user_locales = replies[i * step : i * step + step]
+        replies = read_per_user(self._read, users, cache_keys, [self.ttl if extend_ttl else ""], 4)
+        for user_id, (members, platforms, version, user_locales) in zip(users, replies, strict=True):
             versions[user_id] = version.decode() if version is not None else "-"
             if members:
-                cached[user_id] = {m.decode(): (platforms.get(m) or b"").decode() or None for m in members}
+                held = set(members)
+                by_token = dict(zip(platforms[::2], platforms[1::2], strict=True))
+                cached[user_id] = {m.decode(): (by_token.get(m) or b"").decode() or None for m in members}
                 if user_locales:
-                    locales[user_id] = {t.decode(): v.decode() for t, v in user_locales.items() if t in members}
+                    pairs = zip(user_locales[::2], user_locales[1::2], strict=True)
+                    locales[user_id] = {t.decode(): v.decode() for t, v in pairs if t in held}
         return cached, locales, versions
 
     def _write_rebuilt(self, found: _Found, versions: dict[str, str]) -> set[str]:

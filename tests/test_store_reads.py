@@ -1,0 +1,127 @@
+"""Issue 21: what a part reads before its first send. Its users' cached tokens and preferences are
+each one Redis command, not one or more per user (redis-py's Python per command cost more than the
+server's work), with the same answers and the same behaviour under Redis faults.
+
+Commands are counted by a private redis-server's slow log with every command logged: an entry from a
+client's address is a command a client sent (those a script runs inside itself show ``?:0``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from local.servers import RedisServer, wait_until
+from shared import instance
+from shared.preferences import NOTHING, parse
+from shared.store import TokenStore, locale_key, platform_key, token_key
+from tests.test_hardening_errors import out_of_memory, recover
+
+USERS = [f"user-{i:03}" for i in range(200)]
+MUTED = parse({"muted_categories": ["promo"]})
+
+
+@pytest.fixture
+def private_redis(env, monkeypatch) -> Iterator[RedisServer]:
+    server = RedisServer(persistent=False).start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    instance.reset()
+    yield server
+    instance.reset()
+    server.cleanup()
+
+
+def sent_commands(client: redis.Redis, act) -> list[str]:
+    """The names of the commands clients sent while ``act`` ran (the slow log's own excluded)."""
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 100_000)
+    client.slowlog_reset()
+    act()
+    entries = client.execute_command("SLOWLOG", "GET", -1)
+    client.config_set("slowlog-log-slower-than", 10_000)
+    return [e[3][0].decode().upper() for e in reversed(entries) if e[4] != b"?:0" and e[3][0].upper() != b"SLOWLOG"]
+
+
+def seed_tokens() -> dict[str, dict[str, str | None]]:
+    """Two devices for each of ``USERS`` but the last (none), with platforms and a few locales, in
+    PostgreSQL; a first read caches them."""
+    expected: dict[str, dict[str, str | None]] = {}
+    rows = []
+    for i, user_id in enumerate(USERS[:-1]):
+        expected[user_id] = {f"tok-{i}-a": "android", f"tok-{i}-b": None}
+        rows += [
+            [user_id, f"tok-{i}-a", "android", "fr-FR" if i % 3 == 0 else None],
+            [user_id, f"tok-{i}-b", None, None],
+        ]
+    instance.database().run(
+        "INSERT INTO device_tokens (user_id, token, platform, locale, updated_at, created_at) "
+        "SELECT r->>0, r->>1, r->>2, r->>3, now(), now() FROM json_array_elements(CAST(:rows AS json)) AS r",
+        rows=json.dumps(rows),
+    )
+    instance.token_store().devices_for_users(USERS)
+    return expected
+
+
+def test_a_parts_cached_tokens_are_one_command_that_slides_their_ttl(private_redis):
+    expected = seed_tokens()
+    store = instance.token_store()
+    client = redis.Redis(port=private_redis.port)
+    client.expire(token_key(USERS[0]), 60)
+    client.expire(locale_key(USERS[0]), 60)
+    cached = USERS[:-1]  # (the user without devices is looked for in PostgreSQL on every read)
+    found: list = []
+    sent = sent_commands(client, lambda: found.append(store.devices_for_users(cached, extend_ttl=True)))
+    assert sent == ["EVALSHA"]
+    devices, locales = found[0]
+    assert devices == expected
+    assert locales == {f"tok-{i}-a": "fr-FR" for i in range(0, len(USERS) - 1, 3)}
+    assert client.ttl(token_key(USERS[0])) > 60 and client.ttl(locale_key(USERS[0])) > 60
+    assert client.ttl(platform_key(USERS[0])) > 60
+    assert sent_commands(client, lambda: store.devices_for_users(cached)) == ["EVALSHA"]
+    assert store.devices_for_users(USERS, extend_ttl=True)[0] == {**expected, USERS[-1]: {}}
+    assert client.ttl(token_key(USERS[-1])) == -2  # nothing created for a user without devices
+
+
+def test_a_parts_preferences_are_one_command_and_one_parse_per_document(private_redis):
+    prefs_store = instance.preference_store()
+    for user_id in USERS[:10]:
+        prefs_store.replace(user_id, MUTED)
+    prefs_store.for_users(USERS)  # caches the others' "none"
+    client = redis.Redis(port=private_redis.port)
+    found: list = []
+    assert sent_commands(client, lambda: found.append(prefs_store.for_users(USERS))) == ["EVALSHA"]
+    prefs = found[0]
+    assert prefs == {u: MUTED if u in USERS[:10] else NOTHING for u in USERS}
+    assert len({id(p) for p in prefs.values()}) == 2  # one Preferences per distinct document
+
+
+def test_cached_tokens_are_read_and_slid_while_redis_is_out_of_memory(private_redis):
+    expected = seed_tokens()
+    store = instance.token_store()
+    instance.database().run("DELETE FROM device_tokens")  # only the cache can answer now
+    admin = out_of_memory(private_redis)
+    try:
+        admin.expire(token_key(USERS[0]), 60)  # EXPIRE needs no memory
+        assert store.devices_for_users(USERS, extend_ttl=True)[0] == {**expected, USERS[-1]: {}}
+        assert admin.ttl(token_key(USERS[0])) > 60
+    finally:
+        recover(admin)
+
+
+def test_a_read_only_replica_answers_reads_and_a_send_that_slides_ttls_reads_postgresql(private_redis):
+    expected = seed_tokens()
+    replica = RedisServer(persistent=False).start()
+    try:
+        follower = redis.Redis(port=replica.port)
+        follower.replicaof("127.0.0.1", private_redis.port)
+        wait_until(lambda: follower.exists(token_key(USERS[0])), what="the cache to reach the replica")
+        instance.database().run("DELETE FROM device_tokens WHERE user_id = :u", u=USERS[0])
+        store = TokenStore(follower, instance.database(), ttl_seconds=instance.token_store().ttl)
+        assert store.devices_for_users(USERS)[0][USERS[0]] == expected[USERS[0]]  # the replica's cache
+        assert store.devices_for_users(USERS, extend_ttl=True)[0][USERS[0]] == {}  # READONLY: PostgreSQL
+        follower.close()
+    finally:
+        replica.cleanup()
