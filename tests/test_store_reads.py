@@ -18,6 +18,7 @@ import redis
 
 from local.servers import RedisServer, wait_until
 from shared import instance
+from shared import store as store_module
 from shared.db import Database
 from shared.preferences import NOTHING, parse
 from shared.store import TokenStore, locale_key, platform_key, token_key
@@ -148,3 +149,25 @@ def test_a_statement_with_a_parts_users_is_not_held_back_by_nagles_algorithm(env
         assert min(timings) < 0.030, timings  # the delayed ACK costs >= 40 ms every time
     finally:
         database.close()
+
+
+def test_reads_in_batches_and_a_user_with_thousands_of_devices(private_redis, monkeypatch):
+    """A part larger than a batch is one call per ``READ_BATCH_USERS`` users (Redis runs nothing else
+    while a script runs); a user with more devices than one HMGET takes is read whole."""
+    expected = seed_tokens()
+    many = {f"many-{i:04}": ("ios" if i % 2 else None) for i in range(2500)}
+    rows = [["crowded", token, platform] for token, platform in many.items()]
+    instance.database().run(
+        "INSERT INTO device_tokens (user_id, token, platform, updated_at, created_at) "
+        "SELECT r->>0, r->>1, r->>2, now(), now() FROM json_array_elements(CAST(:rows AS json)) AS r",
+        rows=json.dumps(rows),
+    )
+    store = instance.token_store()
+    assert store.devices_for_users(["crowded"])[0] == {"crowded": many}  # rebuilt from PostgreSQL
+    assert store.devices_for_users(["crowded"], extend_ttl=True)[0] == {"crowded": many}  # from the cache
+    monkeypatch.setattr(store_module, "READ_BATCH_USERS", 50)
+    client = redis.Redis(port=private_redis.port)
+    found: list = []
+    sent = sent_commands(client, lambda: found.append(store.devices_for_users(USERS[:-1], extend_ttl=True)))
+    assert sent == ["EVALSHA"] * 4
+    assert found[0][0] == expected
