@@ -183,10 +183,26 @@ local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
 local groups_at = 5 + 2 * tonumber(ARGV[4])
 local _, ledger_of, tokens_at = deadlines_from(groups_at)
-local added = 0
-for i = tokens_at, #ARGV do
-  if redis.call('HSETNX', KEYS[ledger_of[i - tokens_at + 1]], ARGV[i], 'N') == 1 then added = added + 1 end
+-- A ledger that does not exist yet (the part's first copy) takes its tokens with HSET, 1,000 at a time:
+-- the same as one HSETNX per token (HSET answers how many fields are new), with a thousandth of the calls.
+local added, fresh, batch = 0, {}, {}
+local function flush(k)
+  if #batch[k] > 0 then added = added + redis.call('HSET', KEYS[k], unpack(batch[k])); batch[k] = {} end
 end
+for i = tokens_at, #ARGV do
+  local k = ledger_of[i - tokens_at + 1]
+  if fresh[k] == nil then
+    fresh[k] = redis.call('EXISTS', KEYS[k]) == 0; batch[k] = {}
+  end
+  if fresh[k] then
+    local b = batch[k]
+    b[#b + 1] = ARGV[i]; b[#b + 1] = 'N'
+    if #b >= 2000 then flush(k) end
+  elseif redis.call('HSETNX', KEYS[k], ARGV[i], 'N') == 1 then
+    added = added + 1
+  end
+end
+for k in pairs(batch) do flush(k) end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'tokens', added) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])  -- the delivery window counts from here at the latest
 if first == 1 then

@@ -19,6 +19,7 @@ import redis
 from local.servers import RedisServer, wait_until
 from shared import instance
 from shared import store as store_module
+from shared.claims import ledger_key, status_key
 from shared.db import Database
 from shared.preferences import NOTHING, parse
 from shared.store import TokenStore, locale_key, platform_key, token_key
@@ -171,3 +172,25 @@ def test_reads_in_batches_and_a_user_with_thousands_of_devices(private_redis, mo
     sent = sent_commands(client, lambda: found.append(store.devices_for_users(USERS[:-1], extend_ttl=True)))
     assert sent == ["EVALSHA"] * 4
     assert found[0][0] == expected
+
+
+def test_a_parts_first_copy_fills_its_new_ledger_in_a_few_calls_and_a_later_copy_adds_only_new_tokens(
+    private_redis,
+):
+    """Registering a part's tokens ran one HSETNX per token inside the script (Redis runs nothing else
+    meanwhile); a ledger that does not exist yet takes them 1,000 at a time, counted the same."""
+    claims = instance.claims()
+    client = redis.Redis(port=private_redis.port)
+    tokens = [f"tok-{i:05}" for i in range(2500)]
+    client.config_resetstat()
+    assert claims.register_part("n-1", 0, tokens, 3, 0) is True
+    stats = client.info("commandstats")
+    assert stats["cmdstat_hsetnx"]["calls"] == 1  # (the status's created_at)
+    assert stats["cmdstat_hset"]["calls"] <= 5
+    assert client.hlen(ledger_key("n-1")) == 2500 and set(client.hvals(ledger_key("n-1"))) == {b"N"}
+    assert client.hget(status_key("n-1"), "tokens") == b"2500"
+    client.hset(ledger_key("n-1"), tokens[0], "F:delivered")
+    assert claims.register_part("n-1", 0, [*tokens, "tok-new"], 3, 0) is False  # a later copy
+    assert client.hget(status_key("n-1"), "tokens") == b"2501"
+    assert client.hget(ledger_key("n-1"), tokens[0]) == b"F:delivered"  # (never overwritten)
+    assert client.hget(status_key("n-1"), "without_tokens") == b"3"  # counted by the first copy only
