@@ -702,10 +702,12 @@ class Claims:
         *,
         audience: bool = False,
         send_at: int | None = None,
+        decides_parts: bool = False,
     ) -> None:
         """The notification's status, unless it exists; ``audience`` marks an audience send (its parts
         are known once expanded); ``send_at`` (ms) marks a scheduled send, whose status then lives until
-        LEDGER_TTL_SECONDS after it."""
+        LEDGER_TTL_SECONDS after it. With ``decides_parts`` (deliver, whose FANOUT_USERS_PER_PART decides
+        the parts, not send's) ``parts_total`` is set even over an existing status's, in the same round trip."""
         now = now_ms()
         pipe = self.redis.pipeline()
         fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
@@ -714,7 +716,7 @@ class Claims:
         for name, value in fields:
             pipe.hsetnx(status_key(nid), name, value)
         if parts_total is not None:
-            pipe.hsetnx(status_key(nid), "parts_total", parts_total)
+            (pipe.hset if decides_parts else pipe.hsetnx)(status_key(nid), "parts_total", parts_total)
         if send_at is not None:
             pipe.hsetnx(status_key(nid), "send_at", send_at)
         until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
@@ -747,9 +749,6 @@ class Claims:
     def part_counted(self, nid: str, part: int | str) -> bool:
         """Whether a complete copy of the part has registered it (and counted its users)."""
         return bool(self.redis.sismember(parts_key(nid), str(part)))
-
-    def set_parts_total(self, nid: str, parts_total: int) -> None:
-        self.redis.hset(status_key(nid), "parts_total", parts_total)
 
     def status(self, nid: str) -> dict[str, Any] | None:
         pipe = self.redis.pipeline(transaction=False)
