@@ -81,8 +81,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# A read of many users' cached documents in one command (not one HMGET per user). KEYS: the users'
-# hashes. ARGV: none. Returns per user the document (nil: not cached) and the write counter (nil: none).
+# A read of many users' cached documents in one command (``read_per_user``: per 500 users), not one HMGET
+# per user. KEYS: the users' hashes. ARGV: none. Returns per user the document (nil: not cached) and the
+# write counter (nil: none).
 _READ = """
 local out = {}
 for i = 1, #KEYS do
@@ -220,8 +221,8 @@ class PreferenceStore:
         return found[user_id]
 
     def for_users(self, user_ids: Sequence[str]) -> dict[str, Preferences]:
-        """Preferences of many users (one Redis round trip, at most one SQL statement). Users that
-        neither store can answer now are left out of the result."""
+        """Preferences of many users (one Redis script call per 500 users, at most one SQL statement).
+        Users that neither store can answer now are left out of the result."""
         users = list(dict.fromkeys(user_ids))
         if not users:
             return {}

@@ -708,7 +708,7 @@ class TokenStore:
     def devices_for_users(
         self, user_ids: Sequence[str], *, extend_ttl: bool = False
     ) -> tuple[dict[str, dict[str, str | None]], dict[str, str]]:
-        """Devices of many users at once (one Redis round trip, at most one SQL statement):
+        """Devices of many users at once (one Redis script call per 500 users, at most one SQL statement):
         user -> token -> platform, and token -> locale for the devices registered with one.
 
         ``extend_ttl`` slides each user's cached keys to the full TTL (a send keeps them warm).

@@ -1,5 +1,5 @@
 """Issue 21: what a part reads before its first send. Its users' cached tokens and preferences are
-each one Redis command, not one or more per user (redis-py's Python per command cost more than the
+one Redis command per 500 users, not one or more per user (redis-py's Python per command cost more than the
 server's work), with the same answers and the same behaviour under Redis faults.
 
 Commands are counted by a private redis-server's slow log with every command logged: an entry from a
