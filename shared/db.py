@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pg8000.dbapi
@@ -72,7 +73,7 @@ class Database:
         try:
             if self._cloud_sql_instance:
                 return self._connect_cloud_sql(kwargs)
-            return pg8000.native.Connection(**kwargs)
+            return _no_delay(pg8000.native.Connection(**kwargs))
         except (pg8000.native.InterfaceError, OSError) as exc:
             raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
 
@@ -91,7 +92,7 @@ class Database:
             db=kwargs["database"],
         )
         # The connector returns a DB-API connection: give it the same small interface.
-        return _DbApiAdapter(raw)
+        return _DbApiAdapter(_no_delay(raw))
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[pg8000.native.Connection]:
@@ -154,6 +155,19 @@ class Database:
                 return
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+_Conn = TypeVar("_Conn", pg8000.native.Connection, pg8000.dbapi.Connection)
+
+
+def _no_delay(conn: _Conn) -> _Conn:
+    """Turn off Nagle's algorithm on the connection's TCP socket. pg8000 writes a statement through a
+    buffered file in 8 kB pieces: a statement binding a part's users (~30 kB) had its last piece wait
+    for PostgreSQL's delayed ACK, ~40 ms for a statement that takes ~1 ms."""
+    sock = getattr(conn, "_usock", None)
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 def _prepared(conn: pg8000.native.Connection, sql: str) -> pg8000.native.PreparedStatement:

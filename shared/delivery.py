@@ -252,8 +252,8 @@ def _schedule_local(job: jobs.Job) -> str:
         log.info("cancelled scheduled job acknowledged without recording", extra={"notification_id": job.id})
         return "cancelled"
     parts = len(instants) * jobs.part_count(len(job.user_ids), settings().fanout_users_per_part)
-    claims.create_status(job.id, len(job.user_ids), parts, send_at=jobs.epoch_ms(instants[-1]))
-    claims.set_parts_total(job.id, parts)  # every slot's parts (send counted one slot's)
+    # every slot's parts (send counted one slot's)
+    claims.create_status(job.id, len(job.user_ids), parts, send_at=jobs.epoch_ms(instants[-1]), decides_parts=True)
     schedule, past = instance.schedule(), []
     for at in instants:
         slot_job = jobs.to_v1(replace(job, send_at=at))
@@ -281,8 +281,8 @@ def _whole_job(job: jobs.Job) -> str:
     index, count = slot_of_job(job)  # a local-time job's slot numbers its parts after the earlier slots'
     own = jobs.part_count(len(job.user_ids), per_part)
     parts = count * own
-    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=jobs.epoch_ms(_all_due(job)))
-    claims.set_parts_total(job.id, parts)  # deliver's FANOUT_USERS_PER_PART decides, not send's
+    send_at = jobs.epoch_ms(_all_due(job))  # (deliver's FANOUT_USERS_PER_PART decides the parts, not send's)
+    claims.create_status(job.id, targeted=len(job.user_ids), parts_total=parts, send_at=send_at, decides_parts=True)
     if job.send_at is not None:
         claims.mark_due(job.id, now_ms())
     if own <= 1:

@@ -35,7 +35,7 @@ import redis
 from shared import logs
 from shared.db import Database
 from shared.preferences import NOTHING, Preferences, from_document
-from shared.store import StoreUnavailable, check_user_id, run_sql, text
+from shared.store import StoreUnavailable, check_user_id, read_per_user, run_sql, text
 
 log = logs.get("preferences")
 
@@ -51,6 +51,10 @@ class PreferencesUnavailable(StoreUnavailable):
 
 def prefs_key(user_id: str) -> str:
     return f"notif:prefs:{user_id}"
+
+
+def _keys(user_id: str) -> list[str]:
+    return [prefs_key(user_id)]
 
 
 # --- Redis scripts -------------------------------------------------------------------------------
@@ -75,6 +79,18 @@ if (redis.call('HGET', KEYS[1], 'w') or '-') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'v', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
+"""
+
+# A read of many users' cached documents in one command (``read_per_user``: per 500 users), not one HMGET
+# per user. KEYS: the users' hashes. ARGV: none. Returns per user the document (nil: not cached) and the
+# write counter (nil: none).
+_READ = """
+local out = {}
+for i = 1, #KEYS do
+  local found = redis.call('HMGET', KEYS[i], 'doc', 'w')
+  out[2 * i - 1] = found[1]; out[2 * i] = found[2]
+end
+return out
 """
 
 # --- SQL -----------------------------------------------------------------------------------------
@@ -138,6 +154,19 @@ def _encode(prefs: Preferences) -> str:
     return json.dumps(prefs.to_json(), separators=(",", ":"), ensure_ascii=False)
 
 
+def _parsed(documents: dict[str, str]) -> dict[str, Preferences]:
+    """user -> Preferences from user -> document text, each distinct text parsed once (nearly every user
+    has the same document: none). ``Preferences`` is immutable, so users may share one."""
+    by_text: dict[str, Preferences] = {}
+    parsed: dict[str, Preferences] = {}
+    for user_id, document in documents.items():
+        prefs = by_text.get(document)
+        if prefs is None:
+            prefs = by_text[document] = from_document(json.loads(document))
+        parsed[user_id] = prefs
+    return parsed
+
+
 class PreferenceStore:
     """Preferences per user, in PostgreSQL and Redis."""
 
@@ -147,6 +176,7 @@ class PreferenceStore:
         self.ttl = cache_ttl
         self._write = redis_client.register_script(_WRITE)
         self._rebuild = redis_client.register_script(_REBUILD)
+        self._read = redis_client.register_script(_READ)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -191,8 +221,8 @@ class PreferenceStore:
         return found[user_id]
 
     def for_users(self, user_ids: Sequence[str]) -> dict[str, Preferences]:
-        """Preferences of many users (one Redis round trip, at most one SQL statement). Users that
-        neither store can answer now are left out of the result."""
+        """Preferences of many users (one Redis script call per 500 users, at most one SQL statement).
+        Users that neither store can answer now are left out of the result."""
         users = list(dict.fromkeys(user_ids))
         if not users:
             return {}
@@ -206,20 +236,18 @@ class PreferenceStore:
             found = self._read_rows(users, absent)
         except StoreUnavailable:
             log.warning("PostgreSQL unreachable: preferences from the cache", extra={"unanswered": len(absent)})
-            return {u: from_document(json.loads(cached[u])) for u in cached}
+            return _parsed(cached)
         documents = dict(cached)
         for user_id, (_, document) in found.rebuild.items():
             documents[user_id] = document
         self._land(found, counters)
-        return {u: from_document(json.loads(documents[u])) for u in users}
+        return _parsed({u: documents[u] for u in users})
 
     def _read_cached(self, users: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for user_id in users:
-            pipe.hmget(prefs_key(user_id), ["doc", "w"])
         cached: dict[str, str] = {}
         counters: dict[str, str] = {}
-        for user_id, (doc, w) in zip(users, pipe.execute(), strict=True):
+        replies = read_per_user(self._read, users, _keys, [], 2)
+        for user_id, (doc, w) in zip(users, replies, strict=True):
             counters[user_id] = text(w) if w is not None else "-"
             if doc is not None:
                 cached[user_id] = text(doc)
@@ -265,8 +293,7 @@ class PreferenceStore:
             users=users,
         )
         found = {u: NOTHING for u in users}
-        for user_id, document in rows:
-            found[user_id] = from_document(json.loads(document))
+        found.update(_parsed({user_id: document for user_id, document in rows}))
         return found
 
     # --- operations ------------------------------------------------------------------------------
