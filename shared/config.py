@@ -196,7 +196,8 @@ class Settings:
     fcm_client: str = variable(
         "FCM_CLIENT",
         "http",
-        "`http`: our aiohttp FCM HTTP v1 client; `sdk`: firebase-admin's `send_each` in slices of 500",
+        "`http`: our FCM HTTP v1 client (`shared/http1.py`, asyncio HTTP/1.1); `sdk`: firebase-admin's "
+        "`send_each` in slices of 500",
         choices=("http", "sdk"),
         normalise=str.lower,
     )

@@ -1,7 +1,8 @@
 """FCM clients: each ``send(message)`` returns an ``Outcome`` and never raises.
 
-``HttpFcmClient`` (FCM_CLIENT=http, the default) speaks FCM HTTP v1 over one aiohttp session
-with at most ``max_connections`` requests in flight. ``SdkFcmClient`` (FCM_CLIENT=sdk) sends the
+``HttpFcmClient`` (FCM_CLIENT=http, the default) speaks FCM HTTP v1 through ``shared.http1`` (our
+small HTTP/1.1 client on asyncio: keep-alive connections, a request head encoded once per access
+token) with at most ``max_connections`` requests in flight. ``SdkFcmClient`` (FCM_CLIENT=sdk) sends the
 same messages through firebase-admin's ``send_each``, batched into slices of at most 500.
 Retrying is the caller's business (``Kind.RETRY``, ``cause`` and ``retry_after``).
 
@@ -33,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl as ssl_module
 import time
 from typing import Any
 
-import aiohttp
 import google.auth.credentials
 
-from shared import outcomes
+from shared import http1, outcomes
 from shared.config import Settings
 from shared.credentials import AccessTokenProvider, CredentialsAlarm, RefreshGate, fcm_credentials
 from shared.fcm_message import Message
@@ -64,7 +65,7 @@ def _alarm_reason(status: int) -> str:
 
 
 class HttpFcmClient:
-    """Async FCM HTTP v1 client: one session, reused connections, one attempt per ``send``."""
+    """Async FCM HTTP v1 client: one connection pool, reused connections, one attempt per ``send``."""
 
     def __init__(
         self,
@@ -75,32 +76,32 @@ class HttpFcmClient:
         max_connections: int = 500,
         timeout: float = 10.0,
         alarm: CredentialsAlarm | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._url = send_url(endpoint, project_id)
         self._tokens = tokens
         self._alarm = alarm or CredentialsAlarm(project_id)
-        self._max_connections = max_connections
-        # Sends beyond max_connections wait for a slot here (cheaper than queueing in the
-        # connector, and that wait never counts towards the timeout). The clock runs from connecting
-        # (sock_connect) and from the request being written (sock_read: FCM answers in one piece).
+        self._ssl = ssl
+        # Sends beyond max_connections wait for a slot here, and that wait never counts towards the
+        # timeout: the clock runs from taking a connection (connecting included) to the whole answer.
         self._slots = asyncio.Semaphore(max_connections)
         # One request, connect to answer, never outlives `timeout` (the ledger's lease is sized on it).
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout, sock_read=timeout)
         self._timeout_s = timeout
-        self._session: aiohttp.ClientSession | None = None
-        self._headers: dict[str, str] = {}
-        self._headers_token: str | None = None
+        self._pool: http1.Http1Pool | None = None
+        self._head = b""
+        self._head_token: str | None = None
 
-    def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        return self._session
+    def _open(self) -> http1.Http1Pool:
+        self._pool = http1.Http1Pool(self._url, ssl=self._ssl, connect_timeout=self._timeout_s)
+        return self._pool
 
-    def _headers_for(self, access_token: str) -> dict[str, str]:
-        if access_token != self._headers_token:
-            self._headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
-            self._headers_token = access_token
-        return self._headers
+    def _head_for(self, pool: http1.Http1Pool, access_token: str) -> bytes:
+        """The request head, encoded again only when the access token changes."""
+        if access_token != self._head_token:
+            headers = {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
+            self._head = pool.request_head(headers)
+            self._head_token = access_token
+        return self._head
 
     async def send(self, message: dict[str, Any]) -> Outcome:
         """POST one FCM v1 ``message`` (it carries its ``token``); map whatever happens to an Outcome."""
@@ -116,7 +117,7 @@ class HttpFcmClient:
                     access_token = await asyncio.wait_for(self._tokens.token(), self._timeout_s)
                 except Exception as exc:  # the credential cannot produce a token: nothing sent
                     return self._credentials_failed(0, outcomes.from_credentials_error(exc))
-            status, outcome = await self._post(body, access_token, message, self._timeout)
+            status, outcome = await self._post(body, access_token, message, self._timeout_s)
             if outcome.cause is _CREDENTIALS:
                 status, outcome = await self._refused(status, outcome, body, access_token, message, started)
                 if outcome.cause is _CREDENTIALS:
@@ -124,21 +125,17 @@ class HttpFcmClient:
         return outcome
 
     async def _post(
-        self, body: bytes, access_token: str, message: dict[str, Any], timeout: aiohttp.ClientTimeout
+        self, body: bytes, access_token: str, message: dict[str, Any], timeout: float
     ) -> tuple[int, Outcome]:
-        session = self._session or self._open()
+        pool = self._pool or self._open()
         try:
-            async with session.post(
-                self._url, data=body, headers=self._headers_for(access_token), timeout=timeout
-            ) as resp:
-                status = resp.status
-                raw = await resp.read()  # read even on 200 so the connection goes back to the pool
-                if status == 200:
-                    return 200, outcomes.DELIVERED
-                headers = resp.headers
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            response = await pool.post(self._head_for(pool, access_token), body, timeout)
+        except (http1.HttpError, OSError) as exc:
             return 0, outcomes.from_exception(exc)
-        return status, outcomes.from_response(status, raw, headers, token=message.get("token"))
+        status = response.status
+        if status == 200:
+            return 200, outcomes.DELIVERED
+        return status, outcomes.from_response(status, response.body, response.headers, token=message.get("token"))
 
     async def _refused(
         self, status: int, outcome: Outcome, body: bytes, access_token: str, message: dict[str, Any], started: float
@@ -157,17 +154,16 @@ class HttpFcmClient:
         budget = min(started + 2 * self._timeout_s - time.monotonic(), self._timeout_s)
         if budget <= 0:
             return status, outcome
-        timeout = aiohttp.ClientTimeout(total=budget, sock_connect=budget, sock_read=budget)
-        return await self._post(body, fresh, message, timeout)
+        return await self._post(body, fresh, message, budget)
 
     def _credentials_failed(self, status: int, outcome: Outcome) -> Outcome:
         self._alarm.notice(_alarm_reason(status), outcome.message)
         return outcome
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
 
 class SdkFcmClient:

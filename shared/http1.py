@@ -378,6 +378,8 @@ class Http1Pool:
         self.keepalive = keepalive
         self.dns_ttl = dns_ttl
         self.connections_made = 0  # for stats and tests
+        self.lookups = 0
+        self._closed = False
         self._idle: deque[_Connection] = deque()  # oldest on the left
         self._busy: set[_Connection] = set()
         self._addresses: list[Any] = []
@@ -428,6 +430,9 @@ class Http1Pool:
 
     def _release(self, conn: _Connection) -> None:
         self._busy.discard(conn)
+        if self._closed:  # a request that outlived close(): its connection is not kept
+            conn._close()
+            return
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
 
@@ -476,6 +481,7 @@ class Http1Pool:
             return self._addresses
         if self._resolving is None:
             self._resolving = loop.create_future()
+            self.lookups += 1
             try:
                 infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
                 if not infos:
@@ -494,6 +500,7 @@ class Http1Pool:
 
     async def close(self) -> None:
         """Close every connection, idle or busy (a request still running ends with ConnectionLost)."""
+        self._closed = True
         for conn in [*self._idle, *self._busy]:
             conn._close(abort=True)
         self._idle.clear()

@@ -136,7 +136,7 @@ def _tune_gc() -> None:
 
 class _Loop:
     """One event loop per instance, in a daemon thread: the FCM client's connections live on it
-    across invocations (an aiohttp session is bound to the loop that made it)."""
+    across invocations (its connection pool is bound to the loop that made it)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()

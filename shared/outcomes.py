@@ -53,8 +53,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from shared import http1
 
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -246,18 +244,19 @@ def from_credentials_error(exc: BaseException) -> Outcome:
 
 
 def from_exception(exc: BaseException) -> Outcome:
-    """The outcome of a request that got no HTTP answer (aiohttp / asyncio / OS errors)."""
+    """The outcome of a request that got no HTTP answer (``shared.http1`` / asyncio / OS errors)."""
     if isinstance(exc, TypeError | ValueError):  # raised while encoding, before anything was sent
         return Outcome(Kind.PAYLOAD_REJECTED, "INVALID_MESSAGE", f"message cannot be encoded: {exc}"[:_MAX_MESSAGE])
-    if isinstance(exc, aiohttp.ConnectionTimeoutError | http1.ConnectTimeout):
+    if isinstance(exc, http1.ConnectTimeout):
         return Outcome(Kind.RETRY, "TIMEOUT", "timed out connecting to FCM", cause=Cause.TRANSIENT)
     if isinstance(exc, http1.AnswerTimeout | TimeoutError):  # asyncio.TimeoutError is TimeoutError on 3.11
         return Outcome(Kind.RETRY, "TIMEOUT", "no answer from FCM in time", maybe_sent=True, cause=Cause.TRANSIENT)
-    if isinstance(exc, aiohttp.ClientConnectorError | http1.ConnectError | ConnectionRefusedError):
+    if isinstance(exc, http1.ConnectError | ConnectionRefusedError):
+        # DNS, refused, unreachable, TLS handshake: no connection, so nothing was sent.
         text = f"cannot connect to FCM: {type(exc).__name__}"
         return Outcome(Kind.RETRY, "CONNECTION", text, cause=Cause.TRANSIENT)
-    if isinstance(exc, aiohttp.ClientError | http1.HttpError | OSError):
-        # Server disconnected, connection reset, truncated answer: the request may have arrived.
+    if isinstance(exc, http1.HttpError | OSError):
+        # Server disconnected, connection reset, truncated or garbled answer: the request may have arrived.
         text = f"connection to FCM lost: {type(exc).__name__}"
         return Outcome(Kind.RETRY, "CONNECTION", text, maybe_sent=True, cause=Cause.TRANSIENT)
     text = f"unexpected error: {type(exc).__name__}"

@@ -327,6 +327,26 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_dns_is_cached_and_addresses_are_tried_in_order() -> None:
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        async with RawServer(answering(close)) as server:
+            pool = http1.Http1Pool(server.url(host="localhost"), dns_ttl=300)
+            answers = await asyncio.gather(*(post(pool) for _ in range(5)))
+            answers.append(await post(pool))
+            assert [a.status for a in answers] == [200] * 6
+            assert (pool.lookups, server.accepted) == (1, 6)  # one lookup shared by every connection
+            # A refused address first: the next one is tried.
+            good = pool._addresses[0]
+            refused = (good[0], good[1], good[2], good[3], ("127.0.0.1", _closed_port()))
+            pool._addresses = [refused, good]
+            assert (await post(pool)).status == 200
+            await pool.close()
+
+    run(main())
+
+
 def test_connection_refused_and_unknown_host_sent_nothing() -> None:
     async def main() -> None:
         for url in (f"http://127.0.0.1:{_closed_port()}/x", "http://no-such-host.invalid/x"):

@@ -8,7 +8,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
 import pytest
 import requests
 import urllib3.exceptions
@@ -16,6 +15,7 @@ from firebase_admin import exceptions as fb
 from firebase_admin import messaging
 from google.auth import exceptions as auth_exc
 
+from shared import http1
 from shared.outcomes import (
     DELIVERED,
     QUOTA_MIN_RETRY_AFTER,
@@ -349,21 +349,16 @@ def test_retry_after_http_date() -> None:
     assert 0 < outcome.retry_after <= 91
 
 
-def _connector_error() -> aiohttp.ClientConnectorError:
-    key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
-    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
-
-
 @pytest.mark.parametrize(
     ("exc", "code", "maybe_sent"),
     [
         (TimeoutError(), "TIMEOUT", True),
-        (aiohttp.SocketTimeoutError(), "TIMEOUT", True),
-        (aiohttp.ConnectionTimeoutError(), "TIMEOUT", False),
-        (_connector_error(), "CONNECTION", False),
+        (http1.AnswerTimeout("slow"), "TIMEOUT", True),
+        (http1.ConnectTimeout("slow"), "TIMEOUT", False),
+        (http1.ConnectError("refused"), "CONNECTION", False),
         (ConnectionRefusedError(), "CONNECTION", False),
-        (aiohttp.ServerDisconnectedError(), "CONNECTION", True),
-        (aiohttp.ClientPayloadError("truncated"), "CONNECTION", True),
+        (http1.ConnectionLost("closed"), "CONNECTION", True),
+        (http1.ProtocolError("garbled"), "CONNECTION", True),
         (ConnectionResetError(), "CONNECTION", True),
         (RuntimeError("odd"), "UNKNOWN", True),
     ],
