@@ -114,6 +114,10 @@ QUOTA_VIOLATIONS = {
     "PROJECT_QUOTA_EXCEEDED": {"subject": "project", "description": "Send requests per minute exceeded"},
     "DEVICE_QUOTA_EXCEEDED": {"subject": "device", "description": "Device message rate exceeded"},
 }
+# A client opening its FCM_MAX_IN_FLIGHT (500) connections at once overflows aiohttp's default listen
+# backlog of 128: the dropped SYNs come back after a 1 s retransmission, which a benchmark reads as slowness.
+LISTEN_BACKLOG = 1024
+
 # Script-only answers: hold the request this long, or drop the connection without an answer.
 HANG_SECONDS = 30.0
 
@@ -420,7 +424,7 @@ class FakeFcm:
     async def _start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, backlog=LISTEN_BACKLOG)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://{self._host}:{port}"
@@ -485,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     app = make_app(args.delay_ms, record=not args.no_record)
     app[STATE].configure({"fail_rate": args.fail_rate, "seed": args.seed})
     print(f"fake FCM on http://{args.host}:{args.port} (delay {args.delay_ms} ms)", flush=True)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=LISTEN_BACKLOG)
 
 
 if __name__ == "__main__":
