@@ -353,6 +353,12 @@ class _Connection(asyncio.Protocol):
             self._state = _TO_EOF
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a lookup's failure as seen when every caller gave up waiting (no "never retrieved" warning)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Http1Pool:
     """Keep-alive connections to the origin of ``url``; ``post`` sends one request on one of them."""
 
@@ -384,7 +390,7 @@ class Http1Pool:
         self._busy: set[_Connection] = set()
         self._addresses: list[Any] = []
         self._resolved_at = -1e18
-        self._resolving: asyncio.Future[list[Any]] | None = None
+        self._resolving: asyncio.Task[list[Any]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -475,28 +481,27 @@ class Http1Pool:
         raise ConnectError(f"cannot connect to {self.host_header}: " + "; ".join(errors))
 
     async def _resolve(self) -> list[Any]:
-        """The host's addresses, cached for ``dns_ttl``; one lookup at a time shared by every caller."""
-        loop = self.loop
-        if loop.time() - self._resolved_at < self.dns_ttl:
+        """The host's addresses, cached for ``dns_ttl``; one lookup at a time shared by every caller (a task
+        of its own, so a caller that times out or is cancelled does not leave the others waiting)."""
+        if self.loop.time() - self._resolved_at < self.dns_ttl:
             return self._addresses
         if self._resolving is None:
-            self._resolving = loop.create_future()
-            self.lookups += 1
-            try:
-                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-                if not infos:
-                    raise ConnectError(f"no address for {self.host}")
-            except (OSError, ConnectError) as exc:
-                error = exc if isinstance(exc, ConnectError) else ConnectError(f"cannot resolve {self.host}: {exc!r}")
-                self._resolving.set_exception(error)
-                self._resolving.exception()  # retrieved: no "never retrieved" warning when no one waits
-                self._resolving = None
-                raise error from None
-            self._addresses, self._resolved_at = infos, loop.time()
-            self._resolving.set_result(infos)
-            self._resolving = None
-            return infos
+            self._resolving = self.loop.create_task(self._lookup())
+            self._resolving.add_done_callback(_retrieve)
         return await asyncio.shield(self._resolving)
+
+    async def _lookup(self) -> list[Any]:
+        self.lookups += 1
+        try:
+            infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve {self.host}: {exc!r}") from exc
+        finally:
+            self._resolving = None
+        if not infos:
+            raise ConnectError(f"no address for {self.host}")
+        self._addresses, self._resolved_at = infos, self.loop.time()
+        return infos
 
     async def close(self) -> None:
         """Close every connection, idle or busy (a request still running ends with ConnectionLost)."""

@@ -347,6 +347,19 @@ def test_dns_is_cached_and_addresses_are_tried_in_order() -> None:
     run(main())
 
 
+def test_a_caller_cancelled_during_the_lookup_does_not_stall_the_next() -> None:
+    async def main() -> None:
+        async with RawServer(answering(OK)) as server:
+            pool = http1.Http1Pool(server.url(host="localhost"))
+            first = asyncio.ensure_future(post(pool))
+            await until(lambda: pool.lookups == 1)
+            first.cancel()
+            assert (await post(pool, timeout=2.0)).status == 200
+            await pool.close()
+
+    run(main())
+
+
 def test_connection_refused_and_unknown_host_sent_nothing() -> None:
     async def main() -> None:
         for url in (f"http://127.0.0.1:{_closed_port()}/x", "http://no-such-host.invalid/x"):
