@@ -296,6 +296,9 @@ class _Connection(asyncio.Protocol):
         if line is None:
             return False
         if state == _TRAILERS:
+            self._remaining += len(line) + 2  # the trailers' size so far
+            if self._remaining > MAX_HEAD:
+                raise ProtocolError("trailers too long")
             if not line:  # the empty line after the trailers: the answer is whole
                 self._complete(bytes(self._body), keep=True)
             return True

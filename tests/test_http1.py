@@ -220,6 +220,7 @@ def test_http_1_0_keep_alive_and_204_are_reused() -> None:
         b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: a\r\n" * 10000,
     ],
     ids=[
         "head>64k",
@@ -233,6 +234,7 @@ def test_http_1_0_keep_alive_and_204_are_reused() -> None:
         "obs-fold",
         "chunk-size",
         "chunk-crlf",
+        "trailers>64k",
     ],
 )
 def test_garbled_or_oversize_answers_are_errors_and_close_the_connection(reply: bytes) -> None:
