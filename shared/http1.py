@@ -30,7 +30,7 @@ import socket
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024  # status line + headers (and a chunk-size line, and the trailers)
@@ -141,7 +141,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: Http1Pool) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before create_connection returns
         self.closed = False
         self.idle_since = 0.0
         self._buf = bytearray()
@@ -158,7 +158,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._state == _IDLE:  # nothing was asked: the server is confused, drop the connection
@@ -194,7 +194,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter = loop.create_future()
         self._timer = loop.call_at(deadline, self._timed_out)
         self._state = _HEAD
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)
         try:
             return await waiter
         except BaseException:
@@ -225,11 +225,10 @@ class _Connection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.pool._forget(self)
-            if self.transport is not None:
-                if abort:
-                    self.transport.abort()
-                else:
-                    self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _complete(self, body: bytes, keep: bool) -> None:
         waiter, self._waiter = self._waiter, None
@@ -433,7 +432,7 @@ class Http1Pool:
             idle.popleft()._close()
         while idle:
             conn = idle.pop()
-            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+            if not conn.closed and not conn.transport.is_closing():
                 return conn
         return None
 

@@ -7,7 +7,7 @@ import datetime
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,8 @@ async def post(pool: http1.Http1Pool, body: bytes = b'{"message":{}}', timeout: 
     return await pool.post(pool.request_head(HEAD), body, timeout)
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
