@@ -129,7 +129,11 @@ class HttpFcmClient:
     ) -> tuple[int, Outcome]:
         pool = self._pool or self._open()
         try:
-            response = await pool.post(self._head_for(pool, access_token), body, timeout)
+            head = self._head_for(pool, access_token)
+        except ValueError as exc:  # a token that cannot be a header value (CR/LF): never sent, our fault
+            return 0, outcomes.from_credentials_error(exc)
+        try:
+            response = await pool.post(head, body, timeout)
         except (http1.HttpError, OSError) as exc:
             return 0, outcomes.from_exception(exc)
         status = response.status

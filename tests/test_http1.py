@@ -19,7 +19,9 @@ from cryptography.x509.oid import NameOID
 
 from local.fake_fcm import FakeFcm
 from shared import http1
-from shared.outcomes import from_exception, from_response
+from shared.credentials import AccessTokenProvider, StaticTokenCredentials
+from shared.fcm import HttpFcmClient
+from shared.outcomes import Cause, Kind, from_exception, from_response
 
 HEAD = {"Authorization": "Bearer t", "Content-Type": "application/json"}
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"name":1}\n'
@@ -530,5 +532,18 @@ def test_close_ends_a_running_request_and_idle_connections() -> None:
             await pool.close()
             with pytest.raises(http1.ConnectionLost):
                 await task
+
+    run(main())
+
+
+def test_fcm_client_never_sends_an_access_token_that_is_not_a_header_value() -> None:
+    async def main() -> None:
+        async with RawServer(answering(OK)) as server:
+            tokens = AccessTokenProvider(StaticTokenCredentials("tok\r\nX-Injected: 1"))
+            client = HttpFcmClient("p", f"http://127.0.0.1:{server.port}", tokens=tokens, timeout=2.0)
+            outcome = await client.send({"token": "t"})
+            await client.close()
+            assert (outcome.kind, outcome.cause, outcome.maybe_sent) == (Kind.RETRY, Cause.CREDENTIALS, False)
+            assert server.accepted == 0
 
     run(main())
