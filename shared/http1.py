@@ -132,6 +132,11 @@ def _content_length(value: str) -> int:
     return int(text)
 
 
+def _check_body(size: int) -> None:
+    if size > MAX_BODY:
+        raise ProtocolError(f"answer body over {MAX_BODY} bytes")
+
+
 # Reading states of a connection.
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS, _TO_EOF = range(7)
 
@@ -264,8 +269,7 @@ class _Connection(asyncio.Protocol):
                 return
 
     def _take_body(self, size: int) -> None:
-        if len(self._body) + size > MAX_BODY:
-            raise ProtocolError(f"answer body over {MAX_BODY} bytes")
+        _check_body(len(self._body) + size)
         self._body += self._buf[:size]
         del self._buf[:size]
 
@@ -305,8 +309,7 @@ class _Connection(asyncio.Protocol):
         if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
             raise ProtocolError(f"bad chunk size {line[:20]!r}")
         self._remaining = int(size, 16)
-        if len(self._body) + self._remaining > MAX_BODY:
-            raise ProtocolError(f"answer body over {MAX_BODY} bytes")
+        _check_body(len(self._body) + self._remaining)
         self._state = _CHUNK_DATA if self._remaining else _TRAILERS
         return True
 
@@ -314,13 +317,11 @@ class _Connection(asyncio.Protocol):
         """Parse a whole head if it has arrived (skipping 1xx answers); False when more bytes are needed."""
         buf = self._buf
         end = buf.find(_END_OF_HEAD, max(0, self._scanned - 3))
-        if end < 0:
+        if end < 0 or end > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 raise ProtocolError(f"answer head over {MAX_HEAD} bytes")
             self._scanned = len(buf)
             return False
-        if end > MAX_HEAD:
-            raise ProtocolError(f"answer head over {MAX_HEAD} bytes")
         status, http11, headers = _parse_head(bytes(buf[:end]))
         del buf[: end + 4]
         self._scanned = 0
@@ -348,8 +349,7 @@ class _Connection(asyncio.Protocol):
             self._state = _CHUNK_SIZE if codings[-1] == "chunked" else _TO_EOF
         elif length is not None:
             self._remaining = _content_length(length)
-            if self._remaining > MAX_BODY:
-                raise ProtocolError(f"answer body over {MAX_BODY} bytes")
+            _check_body(self._remaining)
             self._state = _LENGTH
         else:
             self._state = _TO_EOF
