@@ -36,13 +36,16 @@ class Runs:
     @property
     def cpu_per_message(self) -> list[float]:
         """CPU seconds per message of each run (the process's CPU share over the send / its rate)."""
-        return [share / rate for share, rate in zip(self.app_cpu_share, self.rates, strict=True) if rate]
+        return [
+            share / rate if rate else float("nan") for share, rate in zip(self.app_cpu_share, self.rates, strict=True)
+        ]
 
 
 def pair_ratios(ours: list[float], theirs: list[float]) -> list[float]:
     """Run i of ours over run i of theirs: the runs alternate (ours, theirs, ours, ...), so each pair
-    saw about the same machine; issue 21 judges by the median of these."""
-    return [a / b for a, b in zip(ours, theirs, strict=False) if b]
+    saw about the same machine; issue 21 judges by the median of these. A pair with a failed run (no
+    figure: 0 or NaN) is left out, and the pairs after it keep their partners."""
+    return [a / b for a, b in zip(ours, theirs, strict=False) if a == a and b == b and a and b]
 
 
 def worker(

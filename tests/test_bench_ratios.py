@@ -9,6 +9,13 @@ from bench.delivery import Runs, pair_ratios
 def test_each_pair_is_one_run_of_ours_over_the_run_beside_it() -> None:
     assert pair_ratios([100.0, 90.0, 120.0], [100.0, 100.0, 100.0]) == [1.0, 0.9, 1.2]
     assert pair_ratios([1.0], [0.0]) == []  # a failed run is no pair
+    nan = float("nan")
+    assert pair_ratios([nan, 2.0, 3.0], [1.0, 1.0, 2.0]) == [2.0, 1.5]  # ... and the others keep their partners
+
+
+def test_a_run_that_sent_nothing_keeps_its_place() -> None:
+    runs = Runs(rates=[0.0, 4000.0], app_cpu_share=[0.5, 0.8])
+    assert runs.cpu_per_message[0] != runs.cpu_per_message[0] and runs.cpu_per_message[1] == 0.0002
 
 
 def test_cpu_per_message_is_the_cpu_share_over_the_rate() -> None:
