@@ -441,11 +441,15 @@ return out
 """
 )
 
-# KEYS: status, then the keys that expire with it (the receipts). ARGV: ttl (s). Each lives at least `ttl`
-# and at least as long as the status does already: a longer life given before (a quiet-hours deferral's,
-# shared/deferrals.py) is never shortened by a copy of the job creating its status again. (A script, not
-# EXPIRE's GT option: that needs Redis 7.0.)
-_KEEP_ALIVE = """
+# KEYS: status, receipts. ARGV: ttl (s), n, then n field/value pairs set unless present (the status's
+# creation), then field/value pairs set whatever is there. Then each key lives at least `ttl` and at least
+# as long as the status does already: a longer life given before (a quiet-hours deferral's,
+# shared/deferrals.py) is never shortened by a copy of the job creating its status again. One script: the
+# fields never stay without a life (a script, not EXPIRE's GT option: that needs Redis 7.0).
+_CREATE_STATUS = """
+local n = tonumber(ARGV[2])
+for i = 3, 2 + 2 * n, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local life = math.max(tonumber(ARGV[1]), redis.call('TTL', KEYS[1]))
 for k = 1, #KEYS do
   if redis.call('TTL', KEYS[k]) < life then redis.call('EXPIRE', KEYS[k], life) end
@@ -700,7 +704,7 @@ class Claims:
         self._project_quota = client.register_script(_PROJECT_QUOTA)
         self._budget_scale = client.register_script(_BUDGET_SCALE)
         self._receipt = client.register_script(_RECEIPT)
-        self._keep_alive = client.register_script(_KEEP_ALIVE)
+        self._create_status = client.register_script(_CREATE_STATUS)
         self.ledger_shards = 0  # 0: one ledger key per notification (user-id sends)
         self._part_done = client.register_script(_PART_DONE)
 
@@ -726,23 +730,21 @@ class Claims:
         are known once expanded); ``send_at`` (ms) marks a scheduled send, whose status then lives until
         LEDGER_TTL_SECONDS after it. It lives at least that long, never shorter than it does already. With
         ``decides_parts`` (deliver, whose FANOUT_USERS_PER_PART decides the parts, not send's) ``parts_total``
-        is set even over an existing status's, in the same round trip."""
+        is set even over an existing status's. One script call: the fields and the life together."""
         now = now_ms()
-        pipe = self.redis.pipeline()
-        fields: tuple[tuple[str, int], ...] = (("created_at", now), ("updated_at", now), ("targeted", targeted))
-        if audience:
-            fields = (("created_at", now), ("updated_at", now), ("audience", 1))
-        for name, value in fields:
-            pipe.hsetnx(status_key(nid), name, value)
+        fields: list[tuple[str, int]] = [("created_at", now), ("updated_at", now)]
+        fields.append(("audience", 1) if audience else ("targeted", targeted))
+        always: list[tuple[str, int]] = []
         if parts_total is not None:
-            (pipe.hset if decides_parts else pipe.hsetnx)(status_key(nid), "parts_total", parts_total)
+            (always if decides_parts else fields).append(("parts_total", parts_total))
         if send_at is not None:
-            pipe.hsetnx(status_key(nid), "send_at", send_at)
+            fields.append(("send_at", send_at))
         until_due = max(0, (send_at - now + 999) // 1000) if send_at is not None else 0
+        args: list[str | int] = [until_due + self.ledger_ttl, len(fields)]
+        for name, value in fields + always:
+            args += [name, value]
         # the receipts expire with the status; a longer life than this (a deferral's) is kept
-        keys = [status_key(nid), receipts_key(nid)]
-        self._keep_alive(keys=keys, args=[until_due + self.ledger_ttl], client=pipe)
-        pipe.execute()
+        self._create_status(keys=[status_key(nid), receipts_key(nid)], args=args)
 
     def mark_due(self, nid: str, now: int) -> None:
         """A scheduled send is due and being delivered: its status leaves ``scheduled``."""

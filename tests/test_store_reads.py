@@ -192,3 +192,19 @@ def test_a_parts_first_copy_fills_its_new_ledger_in_a_few_calls_and_a_later_copy
     assert client.hget(status_key("n-1"), "tokens") == b"2501"
     assert client.hget(ledger_key("n-1"), tokens[0]) == b"F:delivered"  # (never overwritten)
     assert client.hget(status_key("n-1"), "without_tokens") == b"3"  # counted by the first copy only
+
+
+def test_a_notifications_status_is_created_in_one_command_and_never_half(private_redis):
+    """``send`` creates the status on its path to the 202: one script call (its fields and both keys' life
+    together), not a pipeline that redis-py precedes with SCRIPT EXISTS and whose script could fail
+    (NOSCRIPT) inside EXEC after the fields were written without a TTL."""
+    claims = instance.claims()
+    client = redis.Redis(port=private_redis.port)
+    claims.create_status("st-1", targeted=3, parts_total=1)  # (the script is loaded once per process)
+    assert sent_commands(client, lambda: claims.create_status("st-2", targeted=3, parts_total=1)) == ["EVALSHA"]
+    assert sent_commands(
+        client, lambda: claims.create_status("st-2", targeted=3, parts_total=2, decides_parts=True)
+    ) == ["EVALSHA"]
+    found = client.hgetall("notif:status:st-2")
+    assert found[b"targeted"] == b"3" and found[b"parts_total"] == b"2"
+    assert 0 < client.ttl("notif:status:st-2") <= claims.ledger_ttl
