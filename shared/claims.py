@@ -183,7 +183,8 @@ local first = 0
 if ARGV[1] ~= '' then first = redis.call('SADD', KEYS[3], ARGV[1]) end
 local groups_at = 5 + 2 * tonumber(ARGV[4])
 local _, ledger_of, tokens_at = deadlines_from(groups_at)
--- A ledger that does not exist yet (the part's first copy) takes its tokens with HSET, 1,000 at a time:
+-- A ledger (or shard) that does not exist yet (the notification's first registered part) takes its tokens
+-- with HSET, 1,000 at a time:
 -- the same as one HSETNX per token (HSET answers how many fields are new), with a thousandth of the calls.
 local added, fresh, batch = 0, {}, {}
 local function flush(k)

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 from shared import bus, deferral, expansion, expiry, instance, jobs, logs, recipients, slots
 from shared.audience_store import Device
-from shared.claims import Claims, FinalOutcome, now_ms
+from shared.claims import Claims, FinalOutcome, LedgerState, now_ms
 from shared.config import Settings, settings
 from shared.deferral import DeferredPart
 from shared.dispatch import IN_PROCESS_WAIT_MS, PartOutcome, dispatch
@@ -308,15 +308,26 @@ def _part(job: jobs.Job, part: int, parts: int, deferred: DeferredPart | None = 
     part_id: int | str = deferred.slot if deferred is not None else part
     _not_while_paused(job, opens)
     store, claims = instance.token_store(), instance.claims()
-    if deferred is not None and claims.cancelled(job.id) and not claims.part_counted(job.id, part_id):
+    if deferred is not None and claims.cancelled(job.id) and not _entered_before(job, part_id, claims):
         claims.register_part(job.id, part_id, [], 0, 0)  # its tokens were counted cancelled by the cancel
         return "cancelled"
-    # (a copy that put its tokens in the ledger before the cancel goes on: they come back cancelled)
     store.settle_dead_tokens()
     devices, locales = store.devices_for_users(job.user_ids, extend_ttl=True)
     in_slot = _in_slot(job, devices, deferred)
     elsewhere = set(devices) - set(in_slot)  # read, but all their devices are in another slot's zones
     return _deliver_to(job, part_id, parts, in_slot, locales, claims, elsewhere=elsewhere, deferred=deferred)
+
+
+def _entered_before(job: jobs.Job, part_id: int | str, claims: Claims) -> bool:
+    """Whether an earlier copy of a (deferred) part put tokens in the ledger: it counted the part, or it
+    could not read every user (then the part is not counted) and crashed. Such a part goes on after a
+    cancel, so those tokens come back ``cancelled`` instead of waiting for ever (deferrals.settle keeps
+    each counted once)."""
+    if claims.part_counted(job.id, part_id):
+        return True
+    devices, _ = instance.token_store().devices_for_users(job.user_ids)
+    entries = claims.ledger(job.id, [token for user_devices in devices.values() for token in user_devices])
+    return any(entry.state is not LedgerState.ABSENT for entry in entries.values())
 
 
 def _audience_part_delivery(job: jobs.Job, part: int, devices: tuple[Device, ...]) -> str:

@@ -460,3 +460,47 @@ def test_a_deferred_part_that_crashed_in_the_ledger_then_was_cancelled_finishes_
     assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1, found
     assert found["tokens"] == 3
     assert_counts_add_up(found)
+
+
+def test_a_deferred_parts_incomplete_copy_that_crashed_then_a_cancel_finishes_its_tokens(
+    fcm, recording_bus, store, clock, monkeypatch
+):
+    """As above, but the crashed copy could not read one user (PostgreSQL down, not cached): it put the
+    others' tokens in the ledger without counting the part. The next copy, after the cancel, still finishes
+    them (``cancelled``, once each, nothing sent)."""
+    store.register("sleeper", "tok-s1")
+    store.register("sleeper", "tok-s2")
+    store.register("sleeper2", "tok-z")
+    store.register("awake", "tok-a")
+    quiet("sleeper")
+    quiet("sleeper2")
+    clock.freeze(BERLIN_NIGHT.timestamp())
+    assert delivery.handle(pushed(payload("qd13", ["sleeper", "sleeper2", "awake"]))) == "delivered"
+    assert tick_at(clock, QUIET_END) == 1
+    [(message, attributes)] = recording_bus.take()
+    store_type, claims_type = type(instance.token_store()), type(instance.claims())
+    read, register = store_type.devices_for_users, claims_type.register_part
+
+    def sleeper2_unreadable(self, users, **kwargs):
+        devices, locales = read(self, users, **kwargs)
+        devices.pop("sleeper2", None)
+        return devices, locales
+
+    def register_then_crash(self, *args, **kwargs):
+        register(self, *args, **kwargs)
+        raise RuntimeError("the instance died here")
+
+    monkeypatch.setattr(store_type, "devices_for_users", sleeper2_unreadable)
+    monkeypatch.setattr(claims_type, "register_part", register_then_crash)
+    with pytest.raises(RuntimeError):
+        delivery.handle(pushed(message, attributes, "m-2"))
+    monkeypatch.setattr(store_type, "devices_for_users", read)
+    monkeypatch.setattr(claims_type, "register_part", register)
+    assert isinstance(cancel.cancel("qd13"), cancel.Cancelled)
+    delivery.handle(pushed(message, attributes, "m-3"))
+    assert received(fcm) == Counter({"tok-a": 1})
+    entries = instance.claims().ledger("qd13", ["tok-s1", "tok-s2"])
+    assert all(entry.final for entry in entries.values()), entries
+    found = status("qd13")
+    assert found["state"] == "cancelled" and found["counts"]["delivered"] == 1, found
+    assert_counts_add_up(found)
