@@ -441,25 +441,12 @@ def test_a_deferred_part_that_crashed_in_the_ledger_then_was_cancelled_finishes_
     assert tick_at(clock, QUIET_END) == 1
     [(message, attributes)] = recording_bus.take()
     deferrals_type = type(instance.deferrals())
-    settle = deferrals_type.settle
 
     def crash(self, nid, *args, **kwargs):
         raise RuntimeError("the instance died here")
 
-    monkeypatch.setattr(deferrals_type, "settle", crash)
-    with pytest.raises(RuntimeError):
-        delivery.handle(pushed(message, attributes, "m-2"))
-    monkeypatch.setattr(deferrals_type, "settle", settle)
-    assert isinstance(cancel.cancel("qd12"), cancel.Cancelled)
-    delivery.handle(pushed(message, attributes, "m-3"))
-    assert received(fcm) == Counter({"tok-a": 1})
-    entries = instance.claims().ledger("qd12", ["tok-s1", "tok-s2"])
-    assert all(entry.final for entry in entries.values()), entries
-    found = status("qd12")
-    assert found["state"] == "cancelled"
-    assert found["counts"]["cancelled"] == 2 and found["counts"]["delivered"] == 1, found
-    assert found["tokens"] == 3
-    assert_counts_add_up(found)
+    found = crash_cancel_and_redeliver(fcm, monkeypatch, message, attributes, [(deferrals_type, "settle", crash)])
+    assert found["counts"]["cancelled"] == 2 and found["tokens"] == 3, found
 
 
 def test_a_deferred_parts_incomplete_copy_that_crashed_then_a_cancel_finishes_its_tokens(
@@ -490,17 +477,29 @@ def test_a_deferred_parts_incomplete_copy_that_crashed_then_a_cancel_finishes_it
         register(self, *args, **kwargs)
         raise RuntimeError("the instance died here")
 
-    monkeypatch.setattr(store_type, "devices_for_users", sleeper2_unreadable)
-    monkeypatch.setattr(claims_type, "register_part", register_then_crash)
-    with pytest.raises(RuntimeError):
-        delivery.handle(pushed(message, attributes, "m-2"))
-    monkeypatch.setattr(store_type, "devices_for_users", read)
-    monkeypatch.setattr(claims_type, "register_part", register)
-    assert isinstance(cancel.cancel("qd13"), cancel.Cancelled)
+    patches = [
+        (store_type, "devices_for_users", sleeper2_unreadable),
+        (claims_type, "register_part", register_then_crash),
+    ]
+    crash_cancel_and_redeliver(fcm, monkeypatch, message, attributes, patches)
+
+
+def crash_cancel_and_redeliver(fcm, monkeypatch, message: dict, attributes: dict, patches: list) -> dict:
+    """Copy m-2 of the deferred part runs with ``patches`` (owner, name, value) and crashes; the notification
+    is cancelled; copy m-3 runs unpatched: nothing reached the sleepers, their tokens are final, the counts
+    add up. Returns the status."""
+    with monkeypatch.context() as patched:
+        for owner, name, value in patches:
+            patched.setattr(owner, name, value)
+        with pytest.raises(RuntimeError):
+            delivery.handle(pushed(message, attributes, "m-2"))
+    nid = message["job"]["id"]
+    assert isinstance(cancel.cancel(nid), cancel.Cancelled)
     delivery.handle(pushed(message, attributes, "m-3"))
     assert received(fcm) == Counter({"tok-a": 1})
-    entries = instance.claims().ledger("qd13", ["tok-s1", "tok-s2"])
+    entries = instance.claims().ledger(nid, ["tok-s1", "tok-s2"])
     assert all(entry.final for entry in entries.values()), entries
-    found = status("qd13")
+    found = status(nid)
     assert found["state"] == "cancelled" and found["counts"]["delivered"] == 1, found
     assert_counts_add_up(found)
+    return found
