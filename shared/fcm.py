@@ -88,6 +88,7 @@ class HttpFcmClient:
         # One request, connect to answer, never outlives `timeout` (the ledger's lease is sized on it).
         self._timeout_s = timeout
         self._pool: http1.Http1Pool | None = None
+        self._open()  # now: an endpoint that is no http(s) URL fails here, not on every send
         self._head = b""
         self._head_token: str | None = None
 

@@ -6,7 +6,9 @@ path was most of ``deliver``'s CPU. This client does only what FCM HTTP v1 needs
 - a keep-alive pool: idle connections are reused last-in first-out (the warmest socket first, and when
   traffic drops the surplus ones stay unused and age out), closed instead of reused once idle for
   ``keepalive`` seconds (60, aiohttp's keepalive_timeout), dropped when the server closes them;
-- the host resolved once per ``dns_ttl`` (300 s, aiohttp's ttl_dns_cache), its addresses tried in order;
+- the host resolved once per ``dns_ttl`` (300 s, aiohttp's ttl_dns_cache), its addresses tried in order,
+  each but the last for at most ``ATTEMPT_SECONDS`` of the connect budget (one that never answers does not
+  hold back the others), the one that answered first from then on;
   TLS with the given ``ssl.SSLContext`` (default: ``ssl.create_default_context()``, certificate and host
   name checked, SNI sent);
 - ``POST`` with a request head the caller encodes once (``request_head``: it changes only with the
@@ -37,6 +39,7 @@ MAX_HEAD = 64 * 1024  # status line + headers (and a chunk-size line, and the tr
 MAX_BODY = 1024 * 1024
 KEEPALIVE_SECONDS = 60.0
 DNS_TTL_SECONDS = 300.0
+ATTEMPT_SECONDS = 2.0  # at most this of the connect budget for an address when another one is left to try
 USER_AGENT = "pushline-fcm/1 (+asyncio http1)"
 
 _CRLF = b"\r\n"
@@ -127,7 +130,7 @@ def _content_length(value: str) -> int:
     if len(values) != 1:
         raise ProtocolError("conflicting Content-Length values")
     [text] = values
-    if not text.isdigit() or not text.isascii():
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
         raise ProtocolError(f"bad Content-Length {text[:20]!r}")
     return int(text)
 
@@ -457,30 +460,45 @@ class Http1Pool:
             budget = min(budget, self.connect_timeout)
         try:
             async with asyncio.timeout(max(budget, 0.0)):
-                return await self._open()
+                addresses = await self._resolve()
         except TimeoutError:
-            raise ConnectTimeout(f"could not connect to {self.host_header} in time") from None
+            raise ConnectTimeout(f"could not resolve {self.host} in time") from None
+        return await self._open(addresses, self.loop.time() + max(budget, 0.0))
 
-    async def _open(self) -> _Connection:
+    async def _open(self, addresses: list[Any], give_up_at: float) -> _Connection:
+        """Try the addresses in order; each but the last gets at most ATTEMPT_SECONDS (and its share) of the
+        budget, so one that never answers does not hold back the others; the one that answers comes first
+        from then on. None answering: the host is resolved again next time."""
         errors: list[str] = []
-        for family, _, proto, _, address in await self._resolve():
+        timed_out = False
+        for i, (family, _, proto, _, address) in enumerate(addresses):
+            left = give_up_at - self.loop.time()
+            share = left if i == len(addresses) - 1 else min(ATTEMPT_SECONDS, left / (len(addresses) - i))
             try:
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self),
-                    host=address[0],
-                    port=address[1],
-                    family=family,
-                    proto=proto,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                async with asyncio.timeout(max(share, 0.0)):
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Connection(self),
+                        host=address[0],
+                        port=address[1],
+                        family=family,
+                        proto=proto,
+                        ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None,
+                    )
+            except TimeoutError:
+                timed_out = True
+                errors.append(f"{address[0]}: no answer in {share:.1f} s")
+                continue
             except (OSError, ssl_module.SSLError) as exc:
                 errors.append(f"{address[0]}: {exc!r}")
                 continue
+            if i and self._addresses is addresses:
+                self._addresses = addresses[i:] + addresses[:i]
             self.connections_made += 1
             return conn
         self._resolved_at = -1e18  # resolve again next time: the addresses may have changed
-        raise ConnectError(f"cannot connect to {self.host_header}: " + "; ".join(errors))
+        error = ConnectTimeout if timed_out else ConnectError
+        raise error(f"cannot connect to {self.host_header}: " + "; ".join(errors))
 
     async def _resolve(self) -> list[Any]:
         """The host's addresses, cached for ``dns_ttl``; one lookup at a time shared by every caller (a task
@@ -496,7 +514,7 @@ class Http1Pool:
         self.lookups += 1
         try:
             infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # (a host name IDNA cannot encode: UnicodeError)
             raise ConnectError(f"cannot resolve {self.host}: {exc!r}") from exc
         finally:
             self._resolving = None
@@ -509,6 +527,6 @@ class Http1Pool:
         """Close every connection, idle or busy (a request still running ends with ConnectionLost)."""
         self._closed = True
         for conn in [*self._idle, *self._busy]:
-            conn._close(abort=True)
+            conn._fail(ConnectionLost("the pool was closed"))  # settled first: never a cut answer as whole
         self._idle.clear()
         self._busy.clear()

@@ -223,6 +223,7 @@ def test_http_1_0_keep_alive_and_204_are_reused() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: a\r\n" * 10000,
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
     ],
     ids=[
         "head>64k",
@@ -237,6 +238,7 @@ def test_http_1_0_keep_alive_and_204_are_reused() -> None:
         "chunk-size",
         "chunk-crlf",
         "trailers>64k",
+        "length-digits",
     ],
 )
 def test_garbled_or_oversize_answers_are_errors_and_close_the_connection(reply: bytes) -> None:
@@ -315,7 +317,7 @@ def test_server_that_never_answers_times_out_within_the_budget_and_is_not_reused
             started = loop.time()
             with pytest.raises(http1.AnswerTimeout) as err:
                 await post(pool, timeout=0.3)
-            assert 0.3 <= loop.time() - started < 1.0
+            assert loop.time() - started >= 0.3  # (no upper bound: timings are never asserted)
             assert (await post(pool)).status == 200
             await pool.close()
             assert server.accepted == 2
@@ -349,6 +351,35 @@ def test_dns_is_cached_and_addresses_are_tried_in_order() -> None:
             await pool.close()
 
     run(main())
+
+
+def test_an_address_that_never_answers_does_not_hold_back_the_next_one() -> None:
+    """A first address that silently drops connection attempts (an AAAA record without IPv6 egress) gets only
+    its share of the connect budget, the next address is tried within it, and the one that answered is tried
+    first from then on (the request succeeds twice; the second makes no attempt on the dead address)."""
+    silent = socket.socket()  # a listener whose accept queue is full drops further SYNs: no answer at all
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    filler = socket.create_connection(silent.getsockname())
+
+    async def main() -> None:
+        async with RawServer(answering(OK)) as server:
+            pool = http1.Http1Pool(server.url(host="localhost"), connect_timeout=3.0)
+            assert (await post(pool)).status == 200  # (resolves the host: its address)
+            good = pool._addresses[0]
+            dead = (good[0], good[1], good[2], good[3], silent.getsockname())
+            await pool.close()
+            pool = http1.Http1Pool(server.url(host="localhost"), connect_timeout=3.0)
+            pool._addresses, pool._resolved_at = [dead, good], asyncio.get_running_loop().time()
+            assert (await post(pool, timeout=5.0)).status == 200
+            assert pool._addresses[0] == good  # the address that answered comes first now
+            await pool.close()
+
+    try:
+        run(main())
+    finally:
+        filler.close()
+        silent.close()
 
 
 def test_a_caller_cancelled_during_the_lookup_does_not_stall_the_next() -> None:
@@ -532,6 +563,42 @@ def test_close_ends_a_running_request_and_idle_connections() -> None:
             await pool.close()
             with pytest.raises(http1.ConnectionLost):
                 await task
+
+    run(main())
+
+
+def test_close_during_an_answer_read_to_its_end_is_no_answer() -> None:
+    """An answer without a length ends with the connection; closing the pool while it is read must not turn
+    the part read so far into an answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n{"error": {"co')
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with RawServer(handler) as server:
+            pool = http1.Http1Pool(server.url())
+            task = asyncio.ensure_future(post(pool))
+            await until(lambda: any(conn._body for conn in pool._busy))
+            await pool.close()
+            with pytest.raises(http1.ConnectionLost):
+                await task
+
+    run(main())
+
+
+def test_fcm_client_refuses_an_endpoint_that_is_no_url_at_once_and_never_raises_on_a_bad_host() -> None:
+    tokens = AccessTokenProvider(StaticTokenCredentials("tok"))
+    with pytest.raises(ValueError, match="not an http"):
+        HttpFcmClient("p", "localhost:8080", tokens=tokens, timeout=2.0)
+
+    async def main() -> None:
+        client = HttpFcmClient("p", "http://a..b:1", tokens=tokens, timeout=2.0)  # IDNA cannot encode it
+        outcome = await client.send({"token": "t"})
+        await client.close()
+        assert (outcome.code, outcome.maybe_sent) == ("CONNECTION", False)
 
     run(main())
 
