@@ -614,3 +614,70 @@ def test_fcm_client_never_sends_an_access_token_that_is_not_a_header_value() -> 
             assert server.accepted == 0
 
     run(main())
+
+
+def test_bytes_after_a_whole_answer_end_the_connection() -> None:
+    """More than one answer to one request (a confused server): the first is the answer, and the connection
+    is not reused, so the stray bytes are never read as the next request's answer."""
+
+    async def main() -> None:
+        async with RawServer(answering(OK + b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", OK)) as server:
+            pool = http1.Http1Pool(server.url())
+            assert (await post(pool)).status == 200
+            assert (await post(pool)).status == 200
+            await pool.close()
+            assert server.accepted == 2
+
+    run(main())
+
+
+def test_bytes_on_an_idle_connection_drop_it() -> None:
+    """A server that writes while no request is open: the connection is dropped, never read as an answer."""
+
+    answered = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await answered.wait()  # the client has its answer: the connection is idle now
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with RawServer(per_connection(handler, answering(OK))) as server:
+            pool = http1.Http1Pool(server.url())
+            assert (await post(pool)).status == 200
+            assert len(pool._idle) == 1
+            answered.set()
+            await until(lambda: not pool._idle)  # dropped once the stray answer arrived
+            assert (await post(pool)).status == 200
+            await pool.close()
+            assert server.accepted == 2
+
+    run(main())
+
+
+def test_a_request_cancelled_while_waiting_for_its_answer_leaves_no_connection_to_reuse() -> None:
+    """A caller cancelled after its request went out: its connection is aborted (a late answer would
+    otherwise be read as the next request's), the next request gets a new connection."""
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    async def main() -> None:
+        async with RawServer(per_connection(never, answering(OK))) as server:
+            pool = http1.Http1Pool(server.url())
+            task = asyncio.ensure_future(post(pool))
+            await until(lambda: server.accepted == 1 and bool(pool._busy))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not pool._idle and not pool._busy
+            assert (await post(pool)).status == 200
+            await pool.close()
+            assert server.accepted == 2
+
+    run(main())
