@@ -10,6 +10,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from google.auth import crypt
 from google.auth import jwt as google_jwt
 
 from local.idtoken import emulator_id_token
-from local.servers import wait_until
+from local.servers import free_port, wait_until
 from shared import auth, config, delivery, instance, logs
 from tests.conftest import ORIGIN, PROJECT, ROOT, bearer, start_stack
 
@@ -601,6 +602,43 @@ def _http(method: str, url: str, body: object = None, headers: dict | None = Non
     return requests.request(
         method, url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, timeout=30
     )
+
+
+def test_functions_on_one_machine_write_only_json_lines(tmp_path: Path) -> None:
+    """Two functions served by functions-framework on one machine (as `emulator.sh` and the e2e stacks
+    run them) write nothing but their own JSON lines: the web server under them opens no control socket
+    in the user's home and logs no plain-text error when another one holds it (gunicorn 25+ does both)."""
+    source = tmp_path / "hello.py"
+    source.write_text("import functions_framework\n\n\n@functions_framework.http\ndef hello(_):\n    return 'hi'\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    servers = []
+    for n in range(2):
+        port = free_port()
+        stderr = (tmp_path / f"stderr{n}").open("wb")
+        command = [str(Path(sys.executable).parent / "functions-framework"), "--source", str(source)]
+        command += ["--target", "hello", "--host", "127.0.0.1", "--port", str(port)]
+        process = subprocess.Popen(command, env={**os.environ, "HOME": str(home)}, stdout=stderr, stderr=stderr)
+        servers.append((process, port, stderr))
+    try:
+        for process, port, _ in servers:
+            wait_until(lambda p=process, n=port: _answers(n) or p.poll() is not None, 30, what="functions-framework")
+            assert process.poll() is None, (tmp_path / "stderr0").read_text()
+        assert not (home / ".gunicorn").exists()
+    finally:
+        for process, _, stderr in servers:
+            process.terminate()
+            process.wait(timeout=30)
+            stderr.close()
+    for n in range(2):
+        assert (tmp_path / f"stderr{n}").read_text().splitlines() == []
+
+
+def _answers(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=2).text == "hi"
+    except requests.ConnectionError:
+        return False
 
 
 @pytest.mark.e2e
