@@ -198,6 +198,21 @@ def test_register_succeeds_and_marks_the_user_dirty_while_redis_is_out_of_memory
     assert dirty_users(store) == set()
 
 
+def test_register_is_not_rate_limited_while_redis_is_out_of_memory(env, private_redis, register_client, monkeypatch):
+    """The minute's counter cannot be written: registrations go on unlimited (PostgreSQL is the source)."""
+    monkeypatch.setenv("REDIS_URL", private_redis.url)
+    monkeypatch.setenv("REGISTER_RATE_PER_MINUTE", "1")
+    instance.reset()
+    assert register(register_client, "alice", "tok-before").status_code == 200
+    admin = out_of_memory(private_redis)
+    assert [register(register_client, "alice", f"tok-{i}").status_code for i in range(3)] == [200, 200, 200]
+    store = instance.token_store()
+    assert set(store.db_tokens("alice")) == {"tok-before", "tok-0", "tok-1", "tok-2"}
+    assert dirty_users(store) == {"alice"}
+    recover(admin)
+    assert set(store.tokens("alice")) == {"tok-before", "tok-0", "tok-1", "tok-2"}
+
+
 def test_register_succeeds_on_a_read_only_replica_and_the_promoted_replica_sees_the_device(
     env, private_redis, replica, register_client, monkeypatch
 ):

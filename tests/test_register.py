@@ -233,6 +233,51 @@ def test_register_rate_limit(register_client, store, monkeypatch):
     assert post(register_client, uid="bob", body={"token": "b1"}).status_code == 200  # per user
 
 
+def rate_counts(store, user: str) -> dict[int, tuple[int, int]]:
+    """minute -> (registrations counted, TTL) of the user's rate-limit keys."""
+    prefix = f"notif:ratelimit:register:{user}:"
+    return {
+        int(k.decode().removeprefix(prefix)): (int(store.redis.get(k)), store.redis.ttl(k))
+        for k in store.redis.keys(prefix + "*")
+    }
+
+
+def test_rate_limit_counts_in_the_minute_key_for_120_s(register_client, store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("REGISTER_RATE_PER_MINUTE", "5")
+    instance.reset()
+    first = int(time.time() // 60)
+    assert [post(register_client, body={"token": f"t{i}"}).status_code for i in range(2)] == [200, 200]
+    last = int(time.time() // 60)
+    counts = rate_counts(store, "alice")
+    assert set(counts) <= {first, last} and sum(n for n, _ in counts.values()) == 2
+    assert all(0 < ttl <= 120 for _, ttl in counts.values())
+
+
+def test_rate_limit_survives_a_script_flush(register_client, store, monkeypatch):
+    """Redis forgot its scripts (SCRIPT FLUSH, a restart, a failover): each is loaded again, the count
+    goes on, and the cached set is still updated."""
+    monkeypatch.setenv("REGISTER_RATE_PER_MINUTE", "3")
+    instance.reset()
+    assert post(register_client, body={"token": "t0"}).status_code == 200
+    store.redis.script_flush()
+    codes = [post(register_client, body={"token": f"t{i}"}).status_code for i in range(1, 5)]
+    assert codes[:2] == [200, 200] and 429 in codes[2:]  # the first registration still counts
+    assert {"t0", "t1", "t2"} <= store.cached_tokens("alice")
+    assert store.cached_tokens("alice") == set(store.db_tokens("alice"))
+
+
+def test_redis_down_registrations_are_not_rate_limited(register_client, store, monkeypatch):
+    from local.servers import free_port
+
+    monkeypatch.setenv("REGISTER_RATE_PER_MINUTE", "1")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    instance.reset()
+    assert [post(register_client, body={"token": f"t{i}"}).status_code for i in range(3)] == [200, 200, 200]
+    assert sorted(r[1] for r in db_rows(store)) == ["t0", "t1", "t2"]
+
+
 def test_tokens_per_user_are_capped_evicting_least_recently_refreshed(register_client, store, monkeypatch):
     monkeypatch.setenv("MAX_TOKENS_PER_USER", "3")
     instance.reset()
