@@ -8,7 +8,6 @@ that fails is dropped, not returned. Every failure to reach PostgreSQL is ``Data
 from __future__ import annotations
 
 import contextlib
-import queue
 import socket
 import ssl
 import threading
@@ -26,6 +25,9 @@ _CONNECT_TIMEOUT = 5
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL could not be reached or failed mid-statement."""
+
+
+_BROKEN = (pg8000.native.InterfaceError, OSError, ConnectionError)  # the connection is unusable
 
 
 def connect_kwargs(url: str) -> dict[str, Any]:
@@ -63,7 +65,7 @@ class Database:
     def __init__(self, url: str, *, cloud_sql_instance: str | None = None, size: int = 8) -> None:
         self._url = url
         self._cloud_sql_instance = cloud_sql_instance
-        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue()
+        self._idle: list[pg8000.native.Connection] = []  # the most recently returned last (taken first)
         self._size = size
         self._lock = threading.Lock()
         self._connector: Any = None
@@ -94,37 +96,52 @@ class Database:
         # The connector returns a DB-API connection: give it the same small interface.
         return _DbApiAdapter(_no_delay(raw))
 
+    def _borrow(self) -> pg8000.native.Connection:
+        try:
+            return self._idle.pop()  # atomic: list.pop and append need no lock of ours
+        except IndexError:
+            return self._connect()
+
+    def _give_back(self, conn: pg8000.native.Connection, ok: bool) -> None:
+        if ok and len(self._idle) < self._size:
+            self._idle.append(conn)
+        else:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[pg8000.native.Connection]:
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = self._connect()
+        conn = self._borrow()
         ok = False
         try:
             yield conn
             ok = True
-        except (pg8000.native.InterfaceError, OSError, ConnectionError) as exc:
+        except _BROKEN as exc:
             raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
         finally:
-            if ok and self._idle.qsize() < self._size:
-                self._idle.put(conn)
-            else:
-                with contextlib.suppress(Exception):
-                    conn.close()
+            self._give_back(conn, ok)
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
-        """Run one statement (autocommit) and return its rows."""
-        with self.connection() as conn:
-            try:
-                if isinstance(conn, _DbApiAdapter) or not params:
-                    return conn.run(sql, **params) or []
-                return _prepared(conn, sql).run(**params) or []
-            except pg8000.native.DatabaseError:
-                # A statement error leaves the connection usable only after a rollback.
-                with contextlib.suppress(Exception):
-                    conn.run("ROLLBACK")
-                raise
+        """Run one statement (autocommit) and return its rows. (``connection()``'s handling, without a
+        generator-based context manager: this runs once per registration.)"""
+        conn = self._borrow()
+        ok = False
+        try:
+            if isinstance(conn, _DbApiAdapter) or not params:
+                rows = conn.run(sql, **params) or []
+            else:
+                rows = _prepared(conn, sql).run(**params) or []
+            ok = True
+            return rows
+        except pg8000.native.DatabaseError:
+            # A statement error leaves the connection usable only after a rollback.
+            with contextlib.suppress(Exception):
+                conn.run("ROLLBACK")
+            raise
+        except _BROKEN as exc:
+            raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
+        finally:
+            self._give_back(conn, ok)
 
     def run_limited(self, sql: str, timeout_ms: int, **params: Any) -> list[list[Any]]:
         """Run one statement (autocommit) under a ``statement_timeout`` of ``timeout_ms``: PostgreSQL
@@ -150,8 +167,8 @@ class Database:
             self._connector = None
         while True:
             try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
+                conn = self._idle.pop()
+            except IndexError:
                 return
             with contextlib.suppress(Exception):
                 conn.close()
