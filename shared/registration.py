@@ -56,7 +56,7 @@ ATTRIBUTE_CHECKS: dict[str, Callable[[object], str]] = {
 }
 
 
-def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+def _check_fields(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRegistration("request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
@@ -87,10 +87,14 @@ def _user(user_id: str) -> str:
         raise InvalidRegistration(f"the signed-in user's id (the ID token's subject) is unusable: {exc}") from None
 
 
+_DEVICE_FIELDS = frozenset({"token", *ATTRIBUTE_CHECKS})
+_REMOVAL_FIELDS = frozenset({"token", "all"})
+
+
 def parse_device(body: Any) -> Device:
     """A POST body: ``{"token": "...", "platform": ..., "locale": ..., "time_zone": ..., "app_version": ...}``
     (every attribute optional: left out keeps the stored value, null clears it)."""
-    body = _check_fields(body, {"token", *ATTRIBUTE_CHECKS})
+    body = _check_fields(body, _DEVICE_FIELDS)
     token = _token(body)
     given: dict[str, str | None] = {}
     for name, check in ATTRIBUTE_CHECKS.items():
@@ -106,7 +110,7 @@ def parse_device(body: Any) -> Device:
 
 def parse_removal(body: Any) -> str | None:
     """A DELETE body: exactly one of ``{"token": "..."}`` or ``{"all": true}``; None means all."""
-    body = _check_fields(body, {"token", "all"})
+    body = _check_fields(body, _REMOVAL_FIELDS)
     if ("token" in body) == ("all" in body):
         raise InvalidRegistration("give exactly one of 'token' or 'all': true")
     if "all" in body:

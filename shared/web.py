@@ -32,13 +32,11 @@ class HttpError(Exception):
         self.headers = dict(headers or {})
 
 
+_to_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps with separators builds an encoder per call
+
+
 def respond(status: int, body: Any, headers: Mapping[str, str] | None = None) -> flask.Response:
-    return flask.Response(
-        json.dumps(body, separators=(",", ":")),
-        status=status,
-        headers=dict(headers or {}),
-        mimetype="application/json",
-    )
+    return flask.Response(_to_json(body), status=status, headers=headers or None, content_type="application/json")
 
 
 JSON_TYPES = "application/json (or application/*+json)"
@@ -92,8 +90,11 @@ def cors_headers(request: flask.Request, allowed: tuple[str, ...]) -> dict[str, 
     }
 
 
-def _routes_of_path(request: flask.Request, paths: Mapping[str, Routes]) -> Routes | None:
-    return paths.get("/" + request.path.strip("/"))
+def _routes_of_path(request: flask.Request, root: Routes, paths: Mapping[str, Routes]) -> Routes | None:
+    path = "/" + request.path.strip("/")
+    if path in paths:
+        return paths[path]
+    return root if path == "/" else None
 
 
 def serve(
@@ -113,7 +114,7 @@ def serve(
             return respond(403, {"error": "origin not allowed"})
         return flask.Response(status=204, headers=cors)
     if paths is not None:
-        routes = _routes_of_path(request, {"/": routes, **paths}) or {}
+        routes = _routes_of_path(request, routes, paths) or {}
         if not routes:
             known = ", ".join(sorted({"/", *paths}))
             return respond(404, {"error": f"no such path {request.path[:100]!r}; use {known}"}, cors)
@@ -136,5 +137,4 @@ def serve(
         log.exception("unexpected error", extra={"event": "http_5xx", "status": 500})
         return respond(500, {"error": "internal error"}, cors)
     status, body, *rest = result
-    headers = {**(rest[0] if rest else {}), **cors}
-    return respond(status, body, headers)
+    return respond(status, body, {**rest[0], **cors} if rest else cors)
