@@ -46,6 +46,7 @@ from redis.commands.core import Script
 from shared import attributes, logs
 from shared.db import Database, DatabaseUnavailable
 from shared.errors import Unavailable
+from shared.redis_calls import ScriptCalls
 
 log = logs.get("store")
 
@@ -525,7 +526,13 @@ class TokenStore:
         check_user_id(user_id)
         check_token(token)
         given = {"platform": platform, "locale": locale, "time_zone": time_zone, "app_version": app_version}
-        expected = self._before_register(user_id)
+        with ScriptCalls(self.redis) as calls:  # one Redis connection for the call before and the call after
+            return self._register_device(calls, user_id, token, given)
+
+    def _register_device(
+        self, calls: ScriptCalls, user_id: str, token: str, given: Mapping[str, str | Keep | None]
+    ) -> Registration:
+        expected = self._before_register(calls, user_id)
         if expected == _CACHED:  # the set is there: the script adds the token, or leaves a vanished set absent
             expected = ""
         rebuild = expected != ""  # the user's other devices are only needed to rebuild a set that is not cached
@@ -565,20 +572,20 @@ class TokenStore:
             *result.evicted,
         ]
         try:
-            self._register(keys=keys, args=args)
+            calls.run(self._register, keys, args)
         except REDIS_ERRORS:
             result.cached = False
             self._mark_dirty([user_id])  # the users it moved from are marked by the statement
         return result
 
-    def _before_register(self, user_id: str) -> str:
+    def _before_register(self, calls: ScriptCalls, user_id: str) -> str:
         """One Redis call: the rate limit, and the user's cache version for the script (``_CACHED``
         when the user's set is cached: the script needs no snapshot to rebuild it)."""
         keys = [token_key(user_id), version_key(user_id)]
         if self.rate:
             keys.append(rate_key(user_id, int(time.time() // 60)))
         try:
-            count, cached, *version = self._before(keys=keys)
+            count, cached, *version = calls.run(self._before, keys)
         except REDIS_ERRORS:
             # Redis down: registrations go on (PostgreSQL is the source); the limit is not enforced.
             return ""

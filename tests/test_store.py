@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from local.servers import RedisServer
 from shared import instance
+from shared.redis_calls import ScriptCalls
 from shared.store import TokenStore
 
 
@@ -189,8 +190,14 @@ def test_registering_to_a_cached_set_sends_no_snapshot(store, monkeypatch):
     for i in range(5):
         store.register("alice", f"t{i}", "android")
     sent: list[list] = []
-    script = store._register
-    monkeypatch.setattr(store, "_register", lambda keys, args: sent.append(args) or script(keys=keys, args=args))
+    run = ScriptCalls.run
+
+    def spy(calls, script, keys, args=()):
+        if script is store._register:
+            sent.append(list(args))
+        return run(calls, script, keys, args)
+
+    monkeypatch.setattr(ScriptCalls, "run", spy)
     store.register("alice", "t5", "ios")
     assert len(sent[0]) == 6  # ttl, token, platform, locale, expected version, snapshot size: no triples
     assert set_of(store, "alice") == {f"t{i}" for i in range(6)}
