@@ -72,21 +72,27 @@ def _caller(request: flask.Request) -> str:
         raise web.HttpError(401, str(exc), {"WWW-Authenticate": "Bearer"}) from None
 
 
-@contextlib.contextmanager
-def _invalid_registration_is_400() -> Iterator[None]:
-    from shared import registration
+class _InvalidRegistrationIs400:
+    """``with _InvalidRegistrationIs400():`` an InvalidRegistration raised inside is a 400 (a class, not a
+    generator-based context manager: it runs on every registration)."""
 
-    try:
-        yield
-    except registration.InvalidRegistration as exc:
-        raise web.HttpError(400, str(exc)) from None
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        from shared import registration
+
+        if isinstance(exc, registration.InvalidRegistration):
+            raise web.HttpError(400, str(exc)) from None
 
 
 def _register_device(request: flask.Request) -> tuple[int, dict]:
     from shared import registration
 
     user_id = _caller(request)
-    with _invalid_registration_is_400():
+    with _InvalidRegistrationIs400():
         device = registration.parse_device(web.read_json(request, REGISTER_MAX_BODY))
         result = registration.register(user_id, device)
     return 200, {
@@ -103,7 +109,7 @@ def _unregister_device(request: flask.Request) -> tuple[int, dict]:
     from shared import registration
 
     user_id = _caller(request)
-    with _invalid_registration_is_400():
+    with _InvalidRegistrationIs400():
         removed = registration.unregister(
             user_id, registration.parse_removal(web.read_json(request, REGISTER_MAX_BODY))
         )

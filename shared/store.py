@@ -430,12 +430,15 @@ class _Found:
         return found
 
 
+_KEEP_NAMES = tuple((name, f"keep_{name}") for name in ATTRIBUTES)
+
+
 def _bound(given: Mapping[str, str | Keep | None]) -> dict[str, object]:
     """``_SQL_REGISTER``'s attribute parameters: keep_<name> and <name>, plus app_version_key."""
     bound: dict[str, object] = {}
-    for name in ATTRIBUTES:
+    for name, keep_name in _KEEP_NAMES:
         value = given[name]
-        bound[f"keep_{name}"] = value is KEEP
+        bound[keep_name] = value is KEEP
         bound[name] = None if value is KEEP else value
     version = bound["app_version"]
     bound["app_version_key"] = str(attributes.version_key(version)) if isinstance(version, str) else None
