@@ -14,6 +14,11 @@ Redis answered (``ResponseError``: OOM, READONLY, a script's error) is raised wi
 in step, and a script Redis does not know (``NOSCRIPT``: a restart, a failover, ``SCRIPT FLUSH``) is
 loaded and called again, once, as ``Script.__call__`` does. No retries, as the client is configured
 (``shared.instance``): a script that ran but whose answer was lost must not run twice.
+
+What it leaves out of redis-py's per-command path: the client's operation metrics (duration, error
+counts; we do not use them), and the reconnect after a command that a server maintenance notice asked
+for (RESP3 ``MOVING``), which redis-py then does when the connection is given back to the pool, after
+the block's last call.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -73,6 +78,12 @@ class ScriptCalls:
 
 def _evalsha(conn: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
     command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-    # hiredis packs the command in C (redis-py's packer first walks the arguments in Python); same bytes
-    conn.send_packed_command([_pack(command)] if _pack is not None else conn.pack_command(*command))
+    if _pack is None:
+        packed = conn.pack_command(*command)
+    else:  # hiredis packs the command in C (redis-py's packer first walks the arguments in Python); same bytes
+        try:
+            packed = [_pack(command)]
+        except TypeError as exc:  # (None, a bool...: redis-py's packer raises DataError, a RedisError)
+            raise DataError(f"cannot send an argument to Redis: {exc}") from None
+    conn.send_packed_command(packed)
     return conn.read_response()

@@ -1,4 +1,6 @@
-"""shared/db.py's pool on a real PostgreSQL: a failed connection is dropped, a failed statement is not."""
+"""shared/db.py's pool on a real PostgreSQL: a connection is reused; a statement's error is raised and the next
+statement runs (on a new connection: the one it failed on is closed); a connection killed under the pool is
+dropped."""
 
 from __future__ import annotations
 

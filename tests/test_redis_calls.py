@@ -55,9 +55,12 @@ def test_an_error_redis_answers_is_raised_and_the_connection_stays_in_step(serve
     client = client_of(server)
     fail, echo = client.register_script(FAIL), client.register_script(ECHO)
     with ScriptCalls(client) as calls:
+        calls.run(echo, ["k"], ["before", 0])
+        sock = calls._conn._sock
         with pytest.raises(redis.ResponseError, match="refused by the script"):
             calls.run(fail, ["k"])
         assert calls.run(echo, ["k"], ["after", 0])[:3] == [b"k", b"after", 1]
+        assert calls._conn._sock is sock  # the same connection: no reconnect after an answer
 
 
 def test_a_timed_out_call_never_hands_its_late_answer_to_the_next(server):
@@ -101,3 +104,35 @@ def test_one_connection_for_a_block_given_back_to_the_pool(server):
             calls.run(echo, ["k"], [str(i), 0])
             calls.run(echo, ["k"], [str(i), 1])
     assert len(client.client_list()) == 1  # (this command took the same connection from the pool)
+
+
+def test_a_call_that_fails_before_reading_its_answer_never_hands_it_to_the_next(server):
+    """Anything that interrupts a call between its write and its read (not only redis-py's own errors)
+    leaves the answer unread on the socket: the connection is dropped, never given to the next call."""
+    client = client_of(server)
+    echo = client.register_script(ECHO)
+    with ScriptCalls(client) as calls:
+        calls.run(echo, ["k"], ["first", 0])
+        conn = calls._conn
+
+        def interrupted(*args: object, **kwargs: object) -> object:
+            del conn.read_response  # once
+            raise RuntimeError("interrupted before the read")
+
+        conn.read_response = interrupted
+        with pytest.raises(RuntimeError):
+            calls.run(echo, ["k"], ["unread", 0])
+        assert calls.run(echo, ["k"], ["own", 0])[:3] == [b"k", b"own", 1]
+    with ScriptCalls(client) as calls:
+        assert calls.run(echo, ["k"], ["next block", 0])[:3] == [b"k", b"next block", 1]
+
+
+def test_an_argument_redis_cannot_take_is_a_redis_error(server):
+    """As redis-py's own call: a DataError (a RedisError, which the callers treat as Redis unusable), not
+    a TypeError that would escape them."""
+    client = client_of(server)
+    echo = client.register_script(ECHO)
+    with ScriptCalls(client) as calls:
+        with pytest.raises(redis.DataError):
+            calls.run(echo, ["k"], [None, 0])
+        assert calls.run(echo, ["k"], ["after", 0])[:3] == [b"k", b"after", 1]
