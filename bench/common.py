@@ -268,14 +268,16 @@ def ensure_topic(emulator: Any, topic: str = "pushline-jobs") -> None:
             raise
 
 
-def function(name: str, target: str, env: dict[str, str]) -> tuple[Proc, str]:
+def function(
+    name: str, target: str, env: dict[str, str], source: Path = ROOT / "functions" / "main.py"
+) -> tuple[Proc, str]:
     """A function under functions-framework (gunicorn, as deployed), pinned to the app core."""
     port = free_port()
     cmd = on_app_core(
         [
             FF,
             "--source",
-            str(ROOT / "functions" / "main.py"),
+            str(source),
             "--target",
             target,
             "--host",

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench import common
@@ -316,7 +317,7 @@ def cold_start(
 
 
 def register_cpu(
-    env: common.Env, rate: float, duration: float, users: int, log: Any = print
+    env: common.Env, rate: float, duration: float, users: int, log: Any = print, source: Path | None = None
 ) -> tuple[common.LoadResult, float]:
     """(the open-loop run, µs of CPU per registration) with ``users`` ID tokens used round robin.
 
@@ -324,7 +325,11 @@ def register_cpu(
     cache holds, every measured request carries a token this instance has already verified; with
     more, none does). CPU: user + system time of the function's process group over the run, divided
     by the requests sent."""
-    proc, url = common.function("register", "register", env.function_env(REGISTER_RATE_PER_MINUTE="0"))
+    fenv = env.function_env(REGISTER_RATE_PER_MINUTE="0")
+    if source is None:
+        proc, url = common.function("register", "register", fenv)
+    else:  # another function served the same way, with the same requests (bench/register_floor.py)
+        proc, url = common.function(source.stem, source.stem, fenv, source)
     try:
         common.wait_http(url + "/healthz", proc=proc)
         load = RegisterLoad(users, run=f"{int(time.time() * 1000)}")

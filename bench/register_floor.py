@@ -27,40 +27,22 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
 
 import requests
 
 from bench import common, http
 from local.servers import wait_until
 
+TRIVIAL = common.ROOT / "bench" / "trivial_function.py"
 SOURCES = {"register": (str(common.ROOT / "functions" / "main.py"), "register")}
-SOURCES["trivial"] = (str(common.ROOT / "bench" / "trivial_function.py"), "trivial")
+SOURCES["trivial"] = (str(TRIVIAL), TRIVIAL.stem)
 SMALL, LARGE = 50, 850
 
 
-def _serve(name: str, wrap: Any = common.on_app_core) -> tuple[list[str], int]:
-    source, target = SOURCES[name]
-    port = common.free_port()
-    cmd = wrap([common.FF, "--source", source, "--target", target, "--host", "127.0.0.1", "--port", str(port)])
-    return cmd, port
-
-
 def cpu_per_request(env: common.Env, name: str, rate: float, duration: float) -> dict[str, float]:
-    """One open-loop run: µs of CPU a request, p99 (ms), answers."""
-    cmd, port = _serve(name)
-    proc = common.spawn(f"{name}-{port}", cmd, env.function_env(REGISTER_RATE_PER_MINUTE="0"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        common.wait_http(url + "/healthz", proc=proc)
-        load = http.RegisterLoad(1000, run=f"{int(time.time() * 1000)}")
-        common.open_loop(url + "/", 250, 4, load, 200)  # each ID token once; pools and caches warm
-        cpu0 = common.group_cpu_seconds(proc.pid)
-        r = common.open_loop(url + "/", rate, duration, load, 200)
-        us = (common.group_cpu_seconds(proc.pid) - cpu0) * 1e6 / max(1, r.sent)
-        return {"us_per_request": round(us), "p99_ms": round(r.p(99), 1), "ok": r.ok, "sent": r.sent}
-    finally:
-        proc.stop()
+    """One open-loop run (bench/http.py's register_cpu, 1,000 users): µs of CPU a request, p99 (ms), answers."""
+    r, us = http.register_cpu(env, rate, duration, 1000, lambda _line: None, TRIVIAL if name == "trivial" else None)
+    return {"us_per_request": round(us), "p99_ms": round(r.p(99), 1), "ok": r.ok, "sent": r.sent}
 
 
 def instructions(env: common.Env, name: str, n: int) -> int:
@@ -70,8 +52,9 @@ def instructions(env: common.Env, name: str, n: int) -> int:
     db = Database(env.database_url)
     db.run("TRUNCATE device_tokens")
     db.close()
-    out = f"/tmp/pushline-floor-{os.getpid()}"
-    cmd, port = _serve(name, lambda c: ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", *c])
+    out, (source, target), port = f"/tmp/pushline-floor-{os.getpid()}", SOURCES[name], common.free_port()
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", common.FF, "--source", source]
+    cmd += ["--target", target, "--host", "127.0.0.1", "--port", str(port)]
     fenv = {**env.function_env(REGISTER_RATE_PER_MINUTE="0"), "PYTHONHASHSEED": "0", "THREADS": "1"}
     proc = subprocess.Popen(cmd, env=fenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -11,6 +11,6 @@ import functions_framework
 
 
 @functions_framework.http
-def trivial(request: flask.Request) -> flask.Response:
+def trivial_function(request: flask.Request) -> flask.Response:
     request.get_data()
     return flask.Response('{"ok":true}', status=200, mimetype="application/json")
