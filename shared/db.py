@@ -11,7 +11,6 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -109,53 +108,22 @@ class Database:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[pg8000.native.Connection]:
-        conn = self._borrow()
-        ok = False
-        try:
-            yield conn
-            ok = True
-        except _BROKEN as exc:
-            raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
-        finally:
-            self._give_back(conn, ok)
+    def connection(self) -> contextlib.AbstractContextManager[pg8000.native.Connection]:
+        """``with db.connection() as conn``: a pooled connection, given back unless the block failed."""
+        return _Borrowed(self)
 
     def run(self, sql: str, **params: Any) -> list[list[Any]]:
-        """Run one statement (autocommit) and return its rows. (``connection()``'s handling, without a
-        generator-based context manager: this runs once per registration.)"""
-        conn = self._borrow()
-        ok = False
-        try:
-            if isinstance(conn, _DbApiAdapter) or not params:
-                rows = conn.run(sql, **params) or []
-            else:
-                rows = _prepared(conn, sql).run(**params) or []
-            ok = True
-            return rows
-        except pg8000.native.DatabaseError:
-            # A statement error leaves the connection usable only after a rollback.
-            with contextlib.suppress(Exception):
-                conn.run("ROLLBACK")
-            raise
-        except _BROKEN as exc:
-            raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
-        finally:
-            self._give_back(conn, ok)
+        """Run one statement (autocommit) and return its rows."""
+        with _Borrowed(self) as conn:
+            return _statement(conn, sql, params)
 
     def run_limited(self, sql: str, timeout_ms: int, **params: Any) -> list[list[Any]]:
         """Run one statement (autocommit) under a ``statement_timeout`` of ``timeout_ms``: PostgreSQL
         cancels it beyond that (SQLSTATE 57014); the connection's own timeout is restored after."""
-        with self.connection() as conn:
+        with _Borrowed(self) as conn:
             conn.run(f"SET statement_timeout = {int(timeout_ms)}")
             try:
-                if isinstance(conn, _DbApiAdapter):
-                    return conn.run(sql, **params) or []
-                return _prepared(conn, sql).run(**params) or []
-            except pg8000.native.DatabaseError:
-                with contextlib.suppress(Exception):
-                    conn.run("ROLLBACK")
-                raise
+                return _statement(conn, sql, params)
             finally:
                 with contextlib.suppress(Exception):
                     conn.run("RESET statement_timeout")
@@ -172,6 +140,40 @@ class Database:
                 return
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class _Borrowed:
+    """A connection borrowed from ``db``'s pool for a ``with`` block: given back when the block ends well,
+    closed when it fails; a connection that broke is ``DatabaseUnavailable``. (A class, not a
+    generator-based context manager: it runs once per registration.)"""
+
+    __slots__ = ("_conn", "_db")
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._conn: Any = None
+
+    def __enter__(self) -> pg8000.native.Connection:
+        self._conn = self._db._borrow()
+        return self._conn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._db._give_back(self._conn, exc is None)
+        if isinstance(exc, _BROKEN):
+            raise DatabaseUnavailable(f"PostgreSQL failed: {type(exc).__name__}") from exc
+
+
+def _statement(conn: pg8000.native.Connection, sql: str, params: dict[str, Any]) -> list[list[Any]]:
+    """One statement on ``conn`` (prepared once per connection when it has parameters) and its rows."""
+    try:
+        if isinstance(conn, _DbApiAdapter) or not params:
+            return conn.run(sql, **params) or []
+        return _prepared(conn, sql).run(**params) or []
+    except pg8000.native.DatabaseError:
+        # A statement error leaves the connection usable only after a rollback.
+        with contextlib.suppress(Exception):
+            conn.run("ROLLBACK")
+        raise
 
 
 _Conn = TypeVar("_Conn", pg8000.native.Connection, pg8000.dbapi.Connection)
